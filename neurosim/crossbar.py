@@ -1,0 +1,330 @@
+"""Crossbar arrays: a weight matrix stored as conductances in tiles, read by Ohm's and Kirchhoff's laws.
+
+Orientation: inputs drive rows, outputs are column currents, so a layer's weight matrix W has shape
+(in_features, out_features) = (rows, cols) and the ideal read is y = x·W. Tiles of at most
+tile_rows × tile_cols cells hold the matrix; each tile's column currents pass their own ADC and the partial
+sums are added digitally, as on real chips. A weight is a differential pair w ∝ G⁺ − G⁻ centred in the
+conductance window, or one device against a reference column at mid-window.
+
+Units inside a read: inputs are normalized by ``input_max`` and become voltages ``x/input_max·read_voltage``;
+currents are normalized by the current of one full-scale weight at full-scale input, so the ADC range
+(``adc_range``) is in units of "sum of normalized input × normalized weight" and does not depend on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from neurosim.backend import make_generator
+from neurosim.config import ConfigError, setting
+from neurosim.device import DeviceArray, DeviceSpec
+
+
+@dataclass(frozen=True)
+class CrossbarConfig:
+    """Array organisation and periphery of one crossbar (one layer)."""
+
+    tile_rows: int = setting(256, "rows per tile (inputs summed in one analog partial sum)", ge=1)
+    tile_cols: int = setting(256, "columns per tile", ge=1)
+    mapping: str = setting("differential", "weight mapping: 'differential' pair G+ − G−, or 'reference' "
+                           "(one device against a mid-window reference column)",
+                           choices=("differential", "reference"))
+    w_max: float = setting(1.0, "weight magnitude mapped onto the full conductance window", gt=0.0)
+    input_max: float = setting(1.0, "input magnitude mapped onto the full read voltage (inputs are clipped)",
+                               gt=0.0)
+    read_voltage: float = setting(0.2, "read voltage at full-scale input (V)", gt=0.0)
+    dac_bits: int | None = setting(None, "input DAC resolution in bits (none: ideal)", ge=1, le=24)
+    adc_bits: int | None = setting(None, "output ADC resolution in bits (none: ideal, no saturation)", ge=1, le=24)
+    adc_range: float = setting(12.0, "ADC full scale, in normalized units of Σ x̂·ŵ per tile column "
+                               "(cf. aihwkit's out_bound = 12)", gt=0.0)
+    read_noise: bool = setting(True, "apply the device card's read noise on every read")
+    wire_resistance: str = setting("none", "'none', or 'nodal': exact solve of the resistive network per tile "
+                                   "(small arrays only; see docs/wires.md)", choices=("none", "nodal"))
+    r_wire: float = setting(1.0, "resistance of one wire segment between neighbouring cells (ohm)", ge=0.0)
+    rounding: str = setting("deterministic", "pulse count of an update: 'deterministic' (nearest count) or "
+                            "'stochastic' (floor + Bernoulli of the remainder: an unbiased pulse train)",
+                            choices=("deterministic", "stochastic"))
+    backward_dac_bits: int | None = setting(None, "DAC bits of the transposed read (none: as dac_bits)",
+                                            ge=1, le=24)
+    backward_adc_bits: int | None = setting(None, "ADC bits of the transposed read (none: as adc_bits)",
+                                            ge=1, le=24)
+    noise_management: bool = setting(True, "transposed read scales each error vector by its max |value| "
+                                     "to use the DAC range, and scales back digitally")
+
+
+def quantize(x: torch.Tensor, bits: int | None, limit: float) -> torch.Tensor:
+    """Clip to ±limit and round to a signed mid-tread grid of 2^(bits−1) − 1 positive levels.
+
+    The rounding passes gradients straight through (autograd sees the clipped identity), which is what a
+    linearized model of a converter can use."""
+    if bits is None:
+        return x
+    x = x.clamp(-limit, limit)
+    step = limit / (2 ** (bits - 1) - 1)
+    return x + ((x / step).round() * step - x).detach()
+
+
+class Crossbar:
+    """The conductances of one layer's weight matrix, in tiles, with read, transposed read and programming."""
+
+    def __init__(self, spec: DeviceSpec, in_features: int, out_features: int,
+                 config: CrossbarConfig | None = None, seed: int = 0, name: str = "layer",
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.spec = spec
+        self.config = config or CrossbarConfig()
+        self.in_features, self.out_features = in_features, out_features
+        self.name = name
+        self.device = torch.device(device)
+        self.dtype = dtype
+        c = self.config
+        self.n_row_tiles = math.ceil(in_features / c.tile_rows)
+        self.n_col_tiles = math.ceil(out_features / c.tile_cols)
+        self.tiles = self.n_row_tiles * self.n_col_tiles
+        self.tile_rows = min(c.tile_rows, in_features)
+        self.tile_cols = min(c.tile_cols, out_features)
+        shape = (self.n_row_tiles * self.tile_rows, self.n_col_tiles * self.tile_cols)
+        self.padded_shape = shape
+        noise = make_generator(seed, self.device, name, "noise")
+        self.plus = DeviceArray(spec, shape, make_generator(seed, self.device, name, "plus"), self.device,
+                                dtype, noise)
+        self.minus = None
+        if c.mapping == "differential":
+            self.minus = DeviceArray(spec, shape, make_generator(seed, self.device, name, "minus"), self.device,
+                                     dtype, noise)
+        self.noise_generator = noise
+        span = spec.g_max - spec.g_min
+        self.g_mid = 0.5 * (spec.g_max + spec.g_min)
+        # Conductance per unit weight: a pair spans ±span, a single device ±span/2 around the reference.
+        self.k = span / c.w_max if c.mapping == "differential" else span / (2 * c.w_max)
+        # Nominal weight change of one update pulse (a pair moves both devices, oppositely).
+        self.dw_pulse = 2 * c.w_max / spec.pulses_ltp
+        self.believed = torch.zeros(in_features, out_features, device=self.device, dtype=dtype)
+        self._cache_key = None
+        self._cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._solvers = None
+        self.set_weights(self.believed)
+
+    # -- mapping ------------------------------------------------------------------------------------------
+    def _pad(self, w: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(self.padded_shape, device=self.device, dtype=self.dtype)
+        out[: self.in_features, : self.out_features] = w
+        return out
+
+    def _arrays(self) -> list[DeviceArray]:
+        return [self.plus] if self.minus is None else [self.plus, self.minus]
+
+    def target_conductances(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """Conductances that store ``w``: a pair centred at mid-window, or one device around the reference."""
+        w = self._pad(w.clamp(-self.config.w_max, self.config.w_max))
+        if self.minus is None:
+            return [self.g_mid + self.k * w]
+        return [self.g_mid + 0.5 * self.k * w, self.g_mid - 0.5 * self.k * w]
+
+    def set_weights(self, w: torch.Tensor) -> None:
+        """Place the weights directly (an idealized write; see ``write_verify`` for the physical one)."""
+        w = torch.as_tensor(w, device=self.device, dtype=self.dtype)
+        self._check_shape(w)
+        for array, g in zip(self._arrays(), self.target_conductances(w), strict=True):
+            array.set_conductance(g)
+        self.believed = w.clamp(-self.config.w_max, self.config.w_max).clone()
+
+    def _check_shape(self, w: torch.Tensor) -> None:
+        if tuple(w.shape) != (self.in_features, self.out_features):
+            raise ValueError(f"{self.name}: weights of shape {tuple(w.shape)}, expected "
+                             f"({self.in_features}, {self.out_features})")
+
+    def conductance_difference(self) -> torch.Tensor:
+        """G⁺ − G⁻ (or G − G_ref) of every padded cell, drift included, noise-free."""
+        g = self.plus.conductance()
+        return g - (self.minus.conductance() if self.minus is not None else self.g_mid)
+
+    def weights(self) -> torch.Tensor:
+        """The weights the conductances really hold now (noise-free): what the chip computes with."""
+        return (self.conductance_difference() / self.k)[: self.in_features, : self.out_features]
+
+    def _read_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalized weights ŵ = (G⁺ − G⁻)/(k·w_max) and, for read noise, Σ G², both padded; cached until a
+        write or drift changes the conductances."""
+        key = tuple((a.version, a.time_s) for a in self._arrays())
+        if key != self._cache_key:
+            w_hat = self.conductance_difference() / (self.k * self.config.w_max)
+            gsq = None
+            if self.config.read_noise and self.spec.read_noise > 0:
+                gsq = sum(a.conductance() ** 2 for a in self._arrays())
+            self._cache, self._cache_key, self._solvers = (w_hat, gsq), key, None
+        return self._cache
+
+    def input_voltages(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs after the DAC, normalized (x̂ in [−1, 1]), padded and split per row tile: (nr, B, R)."""
+        c = self.config
+        xn = quantize(x.to(self.dtype) / c.input_max, c.dac_bits, 1.0)
+        pad = self.padded_shape[0] - self.in_features
+        if pad:
+            xn = torch.nn.functional.pad(xn, (0, pad))
+        return xn.reshape(xn.shape[0], self.n_row_tiles, self.tile_rows).transpose(0, 1)
+
+    def partial_sums(self, xt: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Analog column sums of every row tile before the ADCs, read noise included: (nr, B, padded cols),
+        in normalized units. ``w`` (in, out) replaces the stored weights, for autograd (linearized DGC)."""
+        c = self.config
+        w_hat, gsq = self._read_tensors()
+        if w is not None:
+            w_hat = self._pad(w / c.w_max) if w.shape != w_hat.shape else w / c.w_max
+        if c.wire_resistance == "nodal" and w is None:
+            part = self._nodal_partials(xt * c.read_voltage) / (c.read_voltage * self.k * c.w_max)
+        else:
+            part = torch.bmm(xt, w_hat.reshape(self.n_row_tiles, self.tile_rows, -1))
+        if gsq is not None:
+            # Read noise of every cell summed per column: Gaussian of variance Σ V²·(σ·G)², drawn at the output
+            # (the same distribution as one draw per cell, at the cost of one more matmul instead of B·R·C draws).
+            var = torch.bmm(xt * xt, gsq.reshape(self.n_row_tiles, self.tile_rows, -1))
+            sigma = (self.spec.read_noise / (self.k * c.w_max)) * var.clamp(min=0).sqrt()
+            part = part + sigma * torch.randn(part.shape, generator=self.noise_generator, device=part.device,
+                                              dtype=part.dtype)
+        return part
+
+    def convert(self, part: torch.Tensor) -> torch.Tensor:
+        """ADC of every tile column, digital sum over row tiles, back to weight × input units: (B, out)."""
+        c = self.config
+        y = quantize(part, c.adc_bits, c.adc_range).sum(0)[:, : self.out_features]
+        return y * (c.input_max * c.w_max)
+
+    def read(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward read y ≈ x·W of a batch (B, in) → (B, out), through DAC, tiles, read noise and ADCs."""
+        return self.convert(self.partial_sums(self.input_voltages(x), w))
+
+    def read_transposed(self, d: torch.Tensor) -> torch.Tensor:
+        """Transposed read d·Wᵀ of a batch (B, out) → (B, in): columns driven, rows sensed (BP's backward path).
+
+        With noise management each error vector is divided by its largest magnitude before the DAC and
+        multiplied back after the ADC, as chips do to keep small errors above the converters' resolution."""
+        c = self.config
+        w_hat, gsq = self._read_tensors()
+        dac_bits = c.backward_dac_bits or c.dac_bits
+        adc_bits = c.backward_adc_bits or c.adc_bits
+        d = d.to(self.dtype)
+        scale = d.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) if c.noise_management else \
+            torch.full((d.shape[0], 1), c.input_max, device=d.device, dtype=d.dtype)
+        dn = quantize(d / scale, dac_bits, 1.0)
+        B = dn.shape[0]
+        cols = self.padded_shape[1]
+        if cols > self.out_features:
+            dn = torch.cat([dn, dn.new_zeros(B, cols - self.out_features)], dim=1)
+        dt = dn.reshape(B, self.n_col_tiles, self.tile_cols).transpose(0, 1)       # (nc, B, C)
+        unit = c.read_voltage * self.k * c.w_max
+        if c.wire_resistance == "nodal":
+            part = self._nodal_partials(dt * c.read_voltage, transposed=True) / unit
+        else:
+            w = w_hat.reshape(-1, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
+            part = torch.bmm(dt, w)                                                 # (nc, B, rows)
+        if gsq is not None:
+            g2 = gsq.reshape(-1, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
+            var = torch.bmm(dt * dt, g2)
+            sigma = (self.spec.read_noise / (self.k * c.w_max)) * var.clamp(min=0).sqrt()
+            part = part + sigma * torch.randn(part.shape, generator=self.noise_generator, device=part.device,
+                                              dtype=part.dtype)
+        # Row partial sums of one column tile pass one ADC, then add digitally across column tiles.
+        part = quantize(part, adc_bits, c.adc_range)
+        y = part.sum(0)[:, : self.in_features]
+        return y * scale * c.w_max
+
+    def _nodal_partials(self, v: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """Per-tile currents with wire resistance (exact nodal solve), as (tiles along the summed axis, B, ·)."""
+        from neurosim.wires import NodalSolver
+
+        if self._solvers is None:
+            self._solvers = {}
+        R, C = self.tile_rows, self.tile_cols
+        outs = []
+        n_sum, n_other = (self.n_col_tiles, self.n_row_tiles) if transposed else (self.n_row_tiles,
+                                                                                 self.n_col_tiles)
+        for s in range(n_sum):
+            pieces = []
+            for o in range(n_other):
+                r, cc = (o, s) if transposed else (s, o)
+                current = 0
+                for sign, array in zip((1.0, -1.0), self._arrays(), strict=False):
+                    key = (r, cc, id(array))
+                    if key not in self._solvers:
+                        g = array.conductance()[r * R:(r + 1) * R, cc * C:(cc + 1) * C]
+                        self._solvers[key] = NodalSolver(g, self.config.r_wire, self.config.r_wire)
+                    solver = self._solvers[key]
+                    current = current + sign * (solver.read_transposed(v[s]) if transposed else solver.read(v[s]))
+                if self.minus is None:  # reference column: ideal, no wire resistance
+                    ref = v[s].sum(1, keepdim=True) * self.g_mid
+                    current = current - ref
+                pieces.append(current)
+            outs.append(torch.cat(pieces, dim=1))
+        return torch.stack(outs)
+
+    # -- programming --------------------------------------------------------------------------------------
+    def pulses_for_delta(self, dw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Signed pulse counts (in, out) that the controller issues for a requested weight change."""
+        n = dw / self.dw_pulse
+        if self.config.rounding == "stochastic":
+            g = generator or self.noise_generator
+            low = torch.floor(n)
+            u = torch.rand(n.shape, generator=g, device=n.device, dtype=n.dtype)
+            return low + (u < (n - low)).to(n.dtype)
+        return torch.round(n)
+
+    def apply_pulses(self, n: torch.Tensor) -> dict[str, int]:
+        """Fire signed pulse counts (in, out) at the weights: a pair moves both devices oppositely. Returns the
+        pulse count and the sequential pulse slots (rows one after another, a row's cells in parallel, tiles
+        in parallel), which the engine turns into time and energy."""
+        n_pad = self._pad(n)
+        for sign, array in zip((1.0, -1.0), self._arrays(), strict=False):
+            array.program(sign * n_pad)
+        self.believed = (self.believed + n * self.dw_pulse).clamp(-self.config.w_max, self.config.w_max)
+        mag = n_pad.abs().reshape(self.n_row_tiles, self.tile_rows, self.n_col_tiles, self.tile_cols)
+        slots = mag.amax(dim=3).sum(dim=1).amax()
+        return {"pulses": int(mag.sum().item()) * len(self._arrays()), "pulse_slots": int(slots.item())}
+
+    def program_delta(self, dw: torch.Tensor) -> dict[str, int]:
+        """Update by a requested weight change: pulses through the device model (not an exact write)."""
+        self._check_shape(dw)
+        return self.apply_pulses(self.pulses_for_delta(dw))
+
+    def write_verify(self, w: torch.Tensor, tolerance: float = 0.01, max_iterations: int = 20) -> dict:
+        """Program a weight matrix by write-and-verify: read every device (with read noise), pulse the ones
+        further than ``tolerance``·w_max from their target towards it, repeat. All cells in parallel.
+        With cycle-to-cycle noise a few devices may still be outside after ``max_iterations``: the count of
+        devices outside at the last verify is reported as ``unconverged``."""
+        w = torch.as_tensor(w, device=self.device, dtype=self.dtype)
+        self._check_shape(w)
+        if tolerance <= 0:
+            raise ConfigError("tolerance", tolerance, "must be > 0")
+        targets = self.target_conductances(w)
+        tol_g = tolerance * self.config.w_max * self.k / len(targets)
+        total, slots, iterations, pending = 0, 0, 0, 0
+        for iterations in range(1, max_iterations + 1):  # noqa: B007 - the count is reported
+            pending = 0
+            for array, target in zip(self._arrays(), targets, strict=True):
+                seen = array.read() if self.config.read_noise else array.conductance()
+                off = ((seen - target).abs() > tol_g) & ~array.stuck
+                n = torch.where(off, torch.round(array.pulses_for(target)), torch.zeros_like(target))
+                # A cell that needs less than one pulse still gets one in the needed direction.
+                n = torch.where(off & (n == 0), torch.sign(target - seen), n)
+                array.program(n)
+                mag = n.abs().reshape(self.n_row_tiles, self.tile_rows, self.n_col_tiles, self.tile_cols)
+                total += int(mag.sum().item())
+                slots += int(mag.amax(dim=3).sum(dim=1).amax().item())
+                pending += int(off.sum().item())
+            if pending == 0:
+                break
+        self.believed = w.clamp(-self.config.w_max, self.config.w_max).clone()
+        error = (self.weights() - self.believed).abs()
+        return {"iterations": iterations, "pulses": total, "pulse_slots": slots,
+                "unconverged": pending, "max_error": float(error.max()), "mean_error": float(error.mean())}
+
+    # -- bookkeeping --------------------------------------------------------------------------------------
+    def advance(self, seconds: float) -> None:
+        for a in self._arrays():
+            a.advance(seconds)
+
+    def footprint(self) -> dict[str, int]:
+        """Plain numbers the engine needs to time this layer."""
+        return {"tiles": self.tiles, "tile_rows": self.tile_rows, "tile_cols": self.tile_cols}

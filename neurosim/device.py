@@ -1,0 +1,299 @@
+"""Synaptic devices: a validated card (``DeviceSpec``) and a tensor of cells built from it (``DeviceArray``).
+
+Pulse response (the exponential model used by NeuroSim and most device benchmarks):
+potentiation from g_min by p pulses gives G(p) = g_min + B·(1 − exp(−p/A)), B = (g_max − g_min)/(1 − exp(−P/A)),
+P = states − 1; depression is the same curve mirrored from g_max with its own A and pulse count. A pulse applied
+to a cell at conductance G first finds G on the curve of that pulse's polarity (inverting the closed form),
+moves along it, and reads the new G -- so potentiation and depression can differ (asymmetry), and every cell has
+a finite number of levels between its bounds. All cells of an array live in tensors; no Python loop over cells.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neurosim.config import ConfigError, build, load_toml, setting
+
+# Fields that carry a number of the card; each one set away from its default must cite a source.
+_NUMERIC_FIELDS = (
+    "g_min", "g_max", "states", "states_ltd", "nl_ltp", "nl_ltd", "a_ltp", "a_ltd", "c2c", "read_noise",
+    "g_min_dtod", "g_max_dtod", "nl_dtod", "step_dtod", "stuck_at_gmin", "stuck_at_gmax", "drift_nu",
+    "drift_nu_dtod", "drift_t0", "pulse_voltage_ltp", "pulse_voltage_ltd", "pulse_width",
+)
+
+# A normalized A above this is treated as linear (the curve then deviates from a line by < 1e-7 of the range).
+_LINEAR_A = 1e6
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device card: every field documented, every number with its source."""
+
+    name: str = setting(doc="display name of the device")
+    g_min: float = setting(doc="lowest programmable conductance (S)", gt=0.0)
+    g_max: float = setting(doc="highest programmable conductance (S)", gt=0.0)
+    states: int = setting(doc="distinct conductance levels on the potentiation curve, g_min..g_max", ge=2)
+    technology: str = setting("unknown", "RRAM, PCM, FeFET, ECRAM, ideal, ...")
+    description: str = setting("", "one sentence on the device")
+    states_ltd: int | None = setting(None, "levels on the depression curve (default: states)", ge=2)
+    nl_ltp: float = setting(0.0, "NeuroSim nonlinearity label of potentiation (0 = linear)")
+    nl_ltd: float = setting(0.0, "NeuroSim nonlinearity label of depression (sign as published; |label| used)")
+    a_ltp: float | None = setting(None, "A of potentiation normalized by its pulse count (overrides nl_ltp)", gt=0.0)
+    a_ltd: float | None = setting(None, "A of depression normalized by its pulse count (overrides nl_ltd)", gt=0.0)
+    c2c: float = setting(0.0, "cycle-to-cycle sigma of one pulse's conductance change, fraction of g_max-g_min",
+                         ge=0.0)
+    read_noise: float = setting(0.0, "sigma of one read, fraction of the cell's conductance", ge=0.0)
+    g_min_dtod: float = setting(0.0, "device-to-device relative sigma of g_min", ge=0.0)
+    g_max_dtod: float = setting(0.0, "device-to-device relative sigma of g_max", ge=0.0)
+    nl_dtod: float = setting(0.0, "device-to-device relative sigma of A (nonlinearity)", ge=0.0)
+    step_dtod: float = setting(0.0, "device-to-device relative sigma of the step per pulse", ge=0.0)
+    stuck_at_gmin: float = setting(0.0, "fraction of cells stuck at g_min", ge=0.0, le=1.0)
+    stuck_at_gmax: float = setting(0.0, "fraction of cells stuck at g_max", ge=0.0, le=1.0)
+    drift_nu: float = setting(0.0, "drift exponent: G(t) = G(t0)·(t/t0)^-nu", ge=0.0)
+    drift_nu_dtod: float = setting(0.0, "device-to-device relative sigma of the drift exponent", ge=0.0)
+    drift_t0: float = setting(1.0, "reference time of drift (s)", gt=0.0)
+    pulse_voltage_ltp: float | None = setting(None, "potentiation pulse amplitude (V), for energy estimates")
+    pulse_voltage_ltd: float | None = setting(None, "depression pulse amplitude (V), for energy estimates")
+    pulse_width: float | None = setting(None, "programming pulse width (s)", gt=0.0)
+    notes: str = setting("", "free text: how numbers were derived, what is unknown")
+    source: dict = setting(default_factory=dict, doc="citation for each numeric field (key 'default' covers zeros)")
+
+    def validate(self) -> None:
+        if self.g_max <= self.g_min:
+            raise ConfigError("g_max", self.g_max, f"must be greater than g_min ({self.g_min})")
+        if self.stuck_at_gmin + self.stuck_at_gmax > 1.0:
+            raise ConfigError("stuck_at_gmax", self.stuck_at_gmax, "stuck_at_gmin + stuck_at_gmax must be <= 1")
+        for key, text in self.source.items():
+            if not isinstance(text, str) or not text.strip():
+                raise ConfigError(f"source.{key}", text, "must be a non-empty citation string")
+            if key != "default" and key not in _NUMERIC_FIELDS:
+                raise ConfigError(f"source.{key}", text, "cites a field the card does not have")
+
+    # -- derived quantities -------------------------------------------------------------------------------
+    @property
+    def pulses_ltp(self) -> int:
+        """Pulses that take a nominal cell from g_min to g_max."""
+        return self.states - 1
+
+    @property
+    def pulses_ltd(self) -> int:
+        return (self.states_ltd or self.states) - 1
+
+    @property
+    def on_off_ratio(self) -> float:
+        return self.g_max / self.g_min
+
+    def a_norm(self, polarity: str) -> float:
+        """A divided by the pulse count; math.inf for a linear response."""
+        a, label = (self.a_ltp, self.nl_ltp) if polarity == "ltp" else (self.a_ltd, self.nl_ltd)
+        if a is not None:
+            return a
+        if label == 0:
+            return math.inf
+        from neurosim.nonlinearity import a_from_label
+
+        return float(a_from_label(abs(label)))
+
+    def curve(self, pulses: torch.Tensor, polarity: str = "ltp") -> torch.Tensor:
+        """Closed-form nominal conductance after ``pulses`` pulses from the start of a curve (reference for
+        tests and plots)."""
+        p_max = self.pulses_ltp if polarity == "ltp" else self.pulses_ltd
+        frac = normalized_response(pulses / p_max, torch.full_like(pulses, self.a_norm(polarity)))
+        span = self.g_max - self.g_min
+        return self.g_min + span * frac if polarity == "ltp" else self.g_max - span * frac
+
+
+def normalized_response(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """(1 − exp(−x/a)) / (1 − exp(−1/a)) for x in [0, 1] pulses-fractions: 0 → 0, 1 → 1; linear as a → ∞."""
+    linear = a >= _LINEAR_A
+    a = a.clamp(max=_LINEAR_A)
+    return torch.where(linear, x, torch.expm1(-x / a) / torch.expm1(-1.0 / a))
+
+
+def inverse_response(y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The fraction of pulses x whose normalized_response is y (y in [0, 1])."""
+    linear = a >= _LINEAR_A
+    a = a.clamp(max=_LINEAR_A)
+    return torch.where(linear, y, -a * torch.log1p(y * torch.expm1(-1.0 / a)))
+
+
+def load_card(path_or_name: str | Path) -> DeviceSpec:
+    """A card from a file path, or a shipped card by name (``"ag_asi"``); errors name the file and field."""
+    path = Path(path_or_name)
+    if not path.suffix and not path.exists():
+        shipped = shipped_card_paths()
+        if str(path_or_name) not in shipped:
+            names = ", ".join(sorted(shipped))
+            raise ConfigError("device", str(path_or_name), f"no such shipped device card (shipped: {names})")
+        path = shipped[str(path_or_name)]
+    data = load_toml(path)
+    spec = build(DeviceSpec, data, source=str(path))
+    _check_sources(data, spec, str(path))
+    return spec
+
+
+def _check_sources(data: dict, spec: DeviceSpec, where: str) -> None:
+    """Every number written in a card file cites a source; 'default' may cover numbers left at zero."""
+    for name in _NUMERIC_FIELDS:
+        if name not in data or name in spec.source:
+            continue
+        if data[name] == 0 and "default" in spec.source:
+            continue
+        raise ConfigError(f"source.{name}", None, f"the number in '{name}' ({data[name]!r}) cites no source",
+                          where)
+
+
+def shipped_card_paths() -> dict[str, Path]:
+    """name -> path of every card installed with the package (the repository's devices/ folder)."""
+    from importlib import resources
+
+    folder = resources.files("neurosim.cards")
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".toml")}
+
+
+def shipped_cards() -> dict[str, DeviceSpec]:
+    return {name: load_card(path) for name, path in sorted(shipped_card_paths().items())}
+
+
+class DeviceArray:
+    """A (rows, cols) array of cells of one card: conductances plus per-cell parameters sampled once.
+
+    The generator is used once at construction (device-to-device sampling and faults); cycle-to-cycle and read
+    noise draw from a second generator, so that the same seed gives the same chip whatever is done with it.
+    """
+
+    def __init__(self, spec: DeviceSpec, shape: tuple[int, int], generator: torch.Generator,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 noise_generator: torch.Generator | None = None):
+        self.spec = spec
+        self.shape = tuple(shape)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.noise_generator = noise_generator or generator
+        kw = {"device": self.device, "dtype": dtype}
+        g = generator
+
+        def spread(nominal: float, sigma: float, floor: float) -> torch.Tensor:
+            # Relative Gaussian spread, truncated at a small positive floor so no cell is unphysical.
+            if sigma == 0:
+                return torch.full(self.shape, nominal, **kw)
+            return (nominal * (1.0 + sigma * torch.randn(self.shape, generator=g, **kw))).clamp(min=floor)
+
+        self.g_min = spread(spec.g_min, spec.g_min_dtod, 0.01 * spec.g_min)
+        g_max = spread(spec.g_max, spec.g_max_dtod, 0.0)
+        # A cell's window stays open: at least 1% of the nominal range above its own g_min.
+        self.g_max = torch.maximum(g_max, self.g_min + 0.01 * (spec.g_max - spec.g_min))
+        a_ltp, a_ltd = spec.a_norm("ltp"), spec.a_norm("ltd")
+        self.a_ltp = spread(min(a_ltp, _LINEAR_A), spec.nl_dtod if math.isfinite(a_ltp) else 0.0, 1e-3)
+        self.a_ltd = spread(min(a_ltd, _LINEAR_A), spec.nl_dtod if math.isfinite(a_ltd) else 0.0, 1e-3)
+        self.step = spread(1.0, spec.step_dtod, 0.05)
+        self.drift_nu = spread(spec.drift_nu, spec.drift_nu_dtod, 0.0)
+        u = torch.rand(self.shape, generator=g, **kw)
+        self.stuck_low = u < spec.stuck_at_gmin
+        self.stuck_high = (u >= spec.stuck_at_gmin) & (u < spec.stuck_at_gmin + spec.stuck_at_gmax)
+        self.stuck = self.stuck_low | self.stuck_high
+        self.g = self.g_min.clone()
+        self.g = self._apply_stuck(self.g)
+        self.t_programmed = torch.zeros(self.shape, **kw)
+        self.time_s = 0.0  # the chip's clock, advanced by whoever owns the timeline (drift)
+        self.version = 0  # bumped on every write, so readers can cache derived tensors
+
+    # -- state --------------------------------------------------------------------------------------------
+    def _apply_stuck(self, g: torch.Tensor) -> torch.Tensor:
+        if not bool(self.stuck.any()):
+            return g
+        return torch.where(self.stuck_low, self.g_min, torch.where(self.stuck_high, self.g_max, g))
+
+    def set_conductance(self, g: torch.Tensor) -> None:
+        """Place every cell at a conductance directly (clipped to its window; stuck cells stay stuck). This is
+        an idealized write; ``program`` and write-and-verify are the physical paths."""
+        g = torch.as_tensor(g, device=self.device, dtype=self.dtype).expand(self.shape)
+        self.g = self._apply_stuck(torch.clamp(g, self.g_min, self.g_max))
+        self.t_programmed.fill_(self.time_s)
+        self.version += 1
+
+    def levels(self, polarity: str = "ltp") -> int:
+        return self.spec.pulses_ltp if polarity == "ltp" else self.spec.pulses_ltd
+
+    def pulse_position(self, g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each cell sits on its potentiation and depression curves, in nominal pulses."""
+        g = self.g if g is None else g
+        span = self.g_max - self.g_min
+        y = ((g - self.g_min) / span).clamp(0.0, 1.0)
+        p = inverse_response(y, self.a_ltp) * self.spec.pulses_ltp
+        q = inverse_response(1.0 - y, self.a_ltd) * self.spec.pulses_ltd
+        return p, q
+
+    def after_pulses(self, pulses: torch.Tensor, noise: bool = True) -> torch.Tensor:
+        """Conductances that signed pulse counts (> 0 potentiation, < 0 depression) would give, without
+        changing the array: each cell moves along the curve of the pulses' polarity by |n| times its own step,
+        stops at its bounds, and gets cycle-to-cycle noise of sigma c2c·(g_max − g_min)·sqrt(|n|)
+        (independent noise per pulse). Stuck cells stay where they are."""
+        n = torch.as_tensor(pulses, device=self.device, dtype=self.dtype).expand(self.shape)
+        spec = self.spec
+        span = self.g_max - self.g_min
+        y = ((self.g - self.g_min) / span).clamp(0.0, 1.0)
+        moved = n.abs() * self.step
+        # Potentiation: along the LTP curve from g_min.
+        p = inverse_response(y, self.a_ltp) * spec.pulses_ltp
+        y_up = normalized_response(((p + moved) / spec.pulses_ltp).clamp(max=1.0), self.a_ltp)
+        # Depression: along the LTD curve from g_max.
+        q = inverse_response(1.0 - y, self.a_ltd) * spec.pulses_ltd
+        y_down = 1.0 - normalized_response(((q + moved) / spec.pulses_ltd).clamp(max=1.0), self.a_ltd)
+        y_new = torch.where(n > 0, y_up, torch.where(n < 0, y_down, y))
+        g_new = self.g_min + span * y_new
+        if noise and spec.c2c > 0:
+            draw = torch.randn(self.shape, generator=self.noise_generator, device=self.device, dtype=self.dtype)
+            g_new = g_new + draw * (spec.c2c * (spec.g_max - spec.g_min)) * n.abs().sqrt()
+        g_new = torch.clamp(g_new, self.g_min, self.g_max)
+        return self._apply_stuck(torch.where(n != 0, g_new, self.g))
+
+    def program(self, pulses: torch.Tensor) -> None:
+        """Apply signed pulse counts to every cell at once (see ``after_pulses``)."""
+        n = torch.as_tensor(pulses, device=self.device, dtype=self.dtype).expand(self.shape)
+        self.g = self.after_pulses(n)
+        self.t_programmed = torch.where(n != 0, torch.full_like(self.t_programmed, self.time_s),
+                                        self.t_programmed)
+        self.version += 1
+
+    def pulses_for(self, g_target: torch.Tensor) -> torch.Tensor:
+        """Nominal (fractional) signed pulse counts that would move each cell to ``g_target`` along the curve
+        of the needed polarity, as a controller that knows the nominal device would compute them."""
+        p, q = self.pulse_position()
+        p_t, q_t = self.pulse_position(torch.clamp(g_target, self.g_min, self.g_max))
+        up = (p_t - p) / self.step
+        down = -(q_t - q) / self.step
+        return torch.where(g_target >= self.g, up.clamp(min=0), down.clamp(max=0))
+
+    # -- reading ------------------------------------------------------------------------------------------
+    def conductance(self) -> torch.Tensor:
+        """Noise-free conductance now, drift included: G·((t − t_prog)/t0)^-nu once t − t_prog exceeds t0."""
+        if self.spec.drift_nu == 0:
+            return self.g
+        age = (self.time_s - self.t_programmed).clamp(min=self.spec.drift_t0)
+        return self.g * (age / self.spec.drift_t0).pow(-self.drift_nu)
+
+    def read(self) -> torch.Tensor:
+        """Conductance as one read sees it: drift plus read noise of relative sigma read_noise."""
+        g = self.conductance()
+        if self.spec.read_noise == 0:
+            return g
+        noise = torch.randn(self.shape, generator=self.noise_generator, device=self.device, dtype=self.dtype)
+        return (g * (1.0 + self.spec.read_noise * noise)).clamp(min=0.0)
+
+    def advance(self, seconds: float) -> None:
+        """Move the array's clock forward (drift)."""
+        if seconds < 0:
+            raise ValueError(f"advance: seconds must be >= 0, got {seconds}")
+        self.time_s += seconds
+        if self.spec.drift_nu > 0:
+            self.version += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("g", "g_min", "g_max", "a_ltp", "a_ltd", "step", "drift_nu",
+                                              "stuck_low", "stuck_high", "t_programmed")}

@@ -1,0 +1,230 @@
+"""Device model: pulse response, finite states, bounds, spreads, faults, drift, determinism, card validation."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from neurosim.backend import make_generator
+from neurosim.cli import main
+from neurosim.config import ConfigError
+from neurosim.device import DeviceArray, load_card, shipped_card_paths, shipped_cards
+from neurosim.nonlinearity import a_from_label
+
+
+def array(spec, shape=(64, 64), seed=0, dtype=torch.float64):
+    return DeviceArray(spec, shape, make_generator(seed, "cpu", "cells"), dtype=dtype,
+                       noise_generator=make_generator(seed, "cpu", "noise"))
+
+
+@pytest.mark.parametrize("a_ltp,a_ltd", [(None, None), (0.25, 0.6), (2.0, 0.1)])
+def test_distinct_levels_equal_states_and_stay_in_bounds(spec_factory, a_ltp, a_ltd):
+    spec = spec_factory(states=33, a_ltp=a_ltp, a_ltd=a_ltd)
+    cells = array(spec, (1, 1))
+    seen = [float(cells.g)]
+    for _ in range(spec.states + 10):  # 10 more pulses than needed: the top is a bound, not a new level
+        cells.program(torch.ones(1, 1))
+        seen.append(float(cells.g))
+    span = spec.g_max - spec.g_min
+    levels = {round((g - spec.g_min) / span * 1e9) for g in seen}
+    assert len(levels) == spec.states
+    assert min(seen) >= spec.g_min and max(seen) <= spec.g_max * (1 + 1e-12)
+    # Random pulse trains of both polarities never leave the window either.
+    many = array(spec, (32, 32), seed=3)
+    g = make_generator(5, "cpu", "pulses")
+    for _ in range(50):
+        many.program(torch.randint(-8, 9, (32, 32), generator=g).double())
+        assert bool((many.g >= many.g_min).all()) and bool((many.g <= many.g_max).all())
+
+
+@pytest.mark.parametrize("label", [0.5, 1.0, 2.4, 4.88])
+def test_potentiation_curve_matches_closed_form(spec_factory, label):
+    """G(p) = B(1 − exp(−p/A)) + Gmin with B = (Gmax − Gmin)/(1 − exp(−P/A)), A from the label."""
+    spec = spec_factory(states=97, nl_ltp=label, nl_ltd=-label)
+    P = spec.states - 1
+    A = a_from_label(label) * P
+    B = (spec.g_max - spec.g_min) / (1 - math.exp(-P / A))
+    cells = array(spec, (1, 1))
+    for p in range(1, P + 1):
+        cells.program(torch.ones(1, 1))
+        expected = B * (1 - math.exp(-p / A)) + spec.g_min
+        assert float(cells.g) == pytest.approx(expected, rel=1e-9)
+    # Depression mirrors the curve from g_max with its own label.
+    for q in range(1, P + 1):
+        cells.program(-torch.ones(1, 1))
+        expected = spec.g_max - B * (1 - math.exp(-q / A))
+        assert float(cells.g) == pytest.approx(expected, rel=1e-9, abs=1e-12 * spec.g_max)
+
+
+def test_shipped_cards_follow_their_published_curve():
+    for name, spec in shipped_cards().items():
+        a = spec.a_norm("ltp")
+        P = spec.pulses_ltp
+        cells = array(spec, (1, 1))
+        pulses = torch.arange(1, P + 1, dtype=torch.float64)
+        got = []
+        for _ in range(P):
+            cells.program(torch.ones(1, 1))
+            got.append(float(cells.g))
+        if math.isinf(a):
+            expected = spec.g_min + (spec.g_max - spec.g_min) * pulses / P
+        else:
+            A = a * P
+            expected = spec.g_min + (spec.g_max - spec.g_min) * (1 - torch.exp(-pulses / A)) / (1 - math.exp(-P / A))
+        if spec.c2c == 0:
+            torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected, rtol=1e-6, atol=0,
+                                       msg=name)
+        else:  # noisy card: mean curve only; check the noise-free model through after_pulses instead
+            cells = array(spec, (1, 1))
+            for p in range(P):
+                cells.g = cells.after_pulses(torch.ones(1, 1), noise=False)
+                assert float(cells.g) == pytest.approx(float(expected[p]), rel=1e-6), name
+
+
+def test_device_to_device_spreads_match_sigma(spec_factory):
+    sigma = {"g_min_dtod": 0.10, "g_max_dtod": 0.05, "step_dtod": 0.2}
+    spec = spec_factory(a_ltp=0.5, nl_dtod=0.15, **sigma)
+    cells = array(spec, (100, 100))
+    n = 100 * 100
+    # The standard error of a sample standard deviation of n normal draws is sigma/sqrt(2(n−1)): allow 5 of them.
+    for field, values, nominal, s in (("g_min", cells.g_min, spec.g_min, 0.10),
+                                      ("g_max", cells.g_max, spec.g_max, 0.05),
+                                      ("step", cells.step, 1.0, 0.2), ("a", cells.a_ltp, 0.5, 0.15)):
+        rel = values / nominal
+        tol = 5 * s / math.sqrt(2 * (n - 1))
+        assert float(rel.std()) == pytest.approx(s, abs=tol), field
+        assert float(rel.mean()) == pytest.approx(1.0, abs=5 * s / math.sqrt(n)), field
+
+
+def test_cycle_to_cycle_noise_matches_sigma(spec_factory):
+    spec = spec_factory(states=1001, c2c=0.01)  # linear: the nominal step is exactly span/1000
+    span = spec.g_max - spec.g_min
+    n = 200 * 200
+    for pulses in (1, 4):
+        cells = array(spec, (200, 200))
+        cells.set_conductance(torch.full((200, 200), spec.g_min + 0.5 * span, dtype=torch.float64))
+        before = cells.g.clone()
+        cells.program(torch.full((200, 200), float(pulses), dtype=torch.float64))
+        noise = (cells.g - before - pulses * span / 1000) / span
+        expected = 0.01 * math.sqrt(pulses)
+        assert float(noise.std()) == pytest.approx(expected, abs=5 * expected / math.sqrt(2 * (n - 1)))
+        assert abs(float(noise.mean())) < 5 * expected / math.sqrt(n)
+
+
+def test_read_noise_matches_sigma(spec_factory):
+    spec = spec_factory(read_noise=0.03)
+    cells = array(spec, (200, 200))
+    rel = cells.read() / cells.g - 1
+    n = 200 * 200
+    assert float(rel.std()) == pytest.approx(0.03, abs=5 * 0.03 / math.sqrt(2 * (n - 1)))
+    assert torch.equal(cells.conductance(), cells.g)  # the noise-free state is untouched by reads
+
+
+def test_stuck_at_faults(spec_factory):
+    spec = spec_factory(stuck_at_gmin=0.05, stuck_at_gmax=0.02)
+    cells = array(spec, (200, 200))
+    n = 200 * 200
+    for mask, rate in ((cells.stuck_low, 0.05), (cells.stuck_high, 0.02)):
+        # Binomial count: standard deviation sqrt(n p (1 − p)); allow 5 of them.
+        assert abs(int(mask.sum()) - n * rate) < 5 * math.sqrt(n * rate * (1 - rate))
+    cells.program(torch.full((200, 200), 10.0, dtype=torch.float64))
+    assert torch.equal(cells.g[cells.stuck_low], cells.g_min[cells.stuck_low])
+    assert torch.equal(cells.g[cells.stuck_high], cells.g_max[cells.stuck_high])
+    free = ~cells.stuck
+    assert bool((cells.g[free] > cells.g_min[free]).all())
+
+
+def test_drift_follows_power_law(spec_factory):
+    spec = spec_factory(drift_nu=0.06, drift_t0=1.0)
+    cells = array(spec, (4, 4))
+    cells.set_conductance(torch.full((4, 4), 5e-6, dtype=torch.float64))
+    cells.advance(0.5)  # before t0 nothing has drifted
+    assert torch.equal(cells.conductance(), cells.g)
+    cells.advance(999.5)
+    torch.testing.assert_close(cells.conductance(), torch.full((4, 4), 5e-6 * 1000 ** -0.06, dtype=torch.float64))
+
+
+def test_same_seed_same_tensors_other_seed_other_samples(spec_factory):
+    spec = spec_factory(g_min_dtod=0.1, g_max_dtod=0.1, nl_dtod=0.1, a_ltp=0.4, c2c=0.02, read_noise=0.01,
+                        stuck_at_gmin=0.01)
+
+    def run(seed):
+        cells = array(spec, (32, 32), seed=seed)
+        cells.program(torch.full((32, 32), 3.0, dtype=torch.float64))
+        return {**cells.state_dict(), "read": cells.read()}
+
+    a, b, c = run(1), run(1), run(2)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["g_min"], c["g_min"])
+    assert not torch.equal(a["g"], c["g"])
+
+
+def test_every_shipped_card_loads():
+    paths = shipped_card_paths()
+    for required in ("ideal", "ag_asi", "taox_hfox", "pcmo", "alox_hfo2", "gst_pcm", "epiram", "hzo_fefet"):
+        assert required in paths, required
+    assert len(paths) >= 10
+    for name in paths:
+        spec = load_card(name)
+        assert spec.g_max > spec.g_min > 0
+        assert spec.source
+
+
+GOOD = """name = "mine"
+g_min = 1e-6
+g_max = 1e-5
+states = 64
+nl_ltp = 1.0
+[source]
+g_min = "a paper"
+g_max = "a paper"
+states = "a paper"
+nl_ltp = "a paper"
+"""
+
+
+@pytest.mark.parametrize("text,field", [
+    (GOOD.replace('g_max = 1e-5\n', ''), "g_max"),                                  # missing field
+    (GOOD.replace('states = 64', 'states = 64\ncolour = "red"'), "colour"),         # unknown field
+    (GOOD.replace('g_max = 1e-5', 'g_max = 1e-7'), "g_max"),                        # Gmin >= Gmax
+    (GOOD.replace('nl_ltp = 1.0', 'nl_ltp = 1.0\nc2c = -0.1').replace('[source]', '[source]\nc2c = "x"'), "c2c"),
+    (GOOD.replace('states = 64', 'states = 1'), "states"),                          # too few states
+    (GOOD.replace('states = 64', 'states = "many"'), "states"),                     # wrong type
+    (GOOD.replace('g_min = 1e-6', 'g_min = -1e-6'), "g_min"),                       # negative conductance
+    (GOOD.replace('states = "a paper"\n', ''), "source.states"),                    # number without a source
+    ("name = [unclosed", "not valid TOML"),                                          # not TOML at all
+])
+def test_bad_cards_are_refused_with_the_field_named(tmp_path, capsys, text, field):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_card(path)
+    assert field in str(e.value) and str(path) in str(e.value)
+    assert main(["devices", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and str(path) in lines[0]
+
+
+def test_bad_card_through_the_installed_command_prints_one_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(GOOD.replace('g_max = 1e-5', 'g_max = 1e-7'))
+    proc = subprocess.run([sys.executable, "-m", "neurosim.cli", "devices", str(path)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_good_card_and_missing_file_through_the_cli(tmp_path, capsys):
+    path = tmp_path / "mine.toml"
+    path.write_text(GOOD)
+    assert main(["devices", str(path)]) == 0
+    assert "mine" in capsys.readouterr().out
+    assert main(["devices", str(tmp_path / "nope.toml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["devices"]) == 0
+    assert "Ag:a-Si" in capsys.readouterr().out

@@ -1,0 +1,236 @@
+"""Wire resistance: the exact nodal solve against hand-written networks and physical laws, and the torch
+approximation against the exact solve."""
+
+import numpy as np
+import pytest
+import torch
+
+from neurosim.config import ConfigError
+from neurosim.wires import NodalSolver, approximate_read, approximate_read_transposed, nodal_read
+
+
+def _tile(R, C, seed=0, gmin=1e-6, gmax=1e-4):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(gmin, gmax, (R, C))
+
+
+def _hand_2x2(G, V, r_row, r_col, transposed=False):
+    """The 8 node equations of a 2x2 tile, written out one by one (unknowns u00 u01 u10 u11 w00 w01 w10 w11).
+
+    Forward: row i driven at u_i0 through r_row from V[i]; column j sensed at w_1j through r_col into 0 V.
+    Transposed: column j driven at w_1j through r_col from V[j]; row i sensed at u_i0 through r_row into 0 V.
+    """
+    gr, gc = 1 / r_row, 1 / r_col
+    (g00, g01), (g10, g11) = G
+    A = np.array([
+        # u00: gr(u00 - src0) + gr(u00 - u01) + g00(u00 - w00) = 0
+        [2 * gr + g00, -gr, 0, 0, -g00, 0, 0, 0],
+        # u01: gr(u01 - u00) + g01(u01 - w01) = 0
+        [-gr, gr + g01, 0, 0, 0, -g01, 0, 0],
+        # u10: gr(u10 - src1) + gr(u10 - u11) + g10(u10 - w10) = 0
+        [0, 0, 2 * gr + g10, -gr, 0, 0, -g10, 0],
+        # u11: gr(u11 - u10) + g11(u11 - w11) = 0
+        [0, 0, -gr, gr + g11, 0, 0, 0, -g11],
+        # w00: g00(w00 - u00) + gc(w00 - w10) = 0
+        [-g00, 0, 0, 0, g00 + gc, 0, -gc, 0],
+        # w01: g01(w01 - u01) + gc(w01 - w11) = 0
+        [0, -g01, 0, 0, 0, g01 + gc, 0, -gc],
+        # w10: g10(w10 - u10) + gc(w10 - w00) + gc(w10 - end0) = 0
+        [0, 0, -g10, 0, -gc, 0, g10 + 2 * gc, 0],
+        # w11: g11(w11 - u11) + gc(w11 - w01) + gc(w11 - end1) = 0
+        [0, 0, 0, -g11, 0, -gc, 0, g11 + 2 * gc],
+    ])
+    b = np.zeros(8)
+    if transposed:
+        b[6], b[7] = gc * V[0], gc * V[1]
+        x = np.linalg.solve(A, b)
+        return np.array([gr * x[0], gr * x[2]])        # into the rows' virtual grounds
+    b[0], b[2] = gr * V[0], gr * V[1]
+    x = np.linalg.solve(A, b)
+    return np.array([gc * x[6], gc * x[7]])            # into the columns' virtual grounds
+
+
+@pytest.mark.parametrize("r_row,r_col", [(2.0, 3.0), (500.0, 50.0), (1e4, 1e3)])
+def test_2x2_matches_hand_written_equations(r_row, r_col):
+    G = np.array([[1e-4, 3e-5], [2e-6, 7e-5]])
+    V = np.array([0.2, -0.1])
+    solver = NodalSolver(G, r_row, r_col)
+    np.testing.assert_allclose(solver.read(V[None])[0], _hand_2x2(G, V, r_row, r_col), rtol=1e-12, atol=0)
+    Vc = np.array([0.05, 0.3])
+    np.testing.assert_allclose(solver.read_transposed(Vc[None])[0], _hand_2x2(G, Vc, r_row, r_col, True),
+                               rtol=1e-12, atol=0)
+
+
+def test_closed_forms_1x1_and_1x2():
+    # 1x1: the source, both segments and the cell in series.
+    g, rr, rc, v = 2e-4, 30.0, 70.0, 0.3
+    assert nodal_read(np.array([[g]]), np.array([[v]]), rr, rc)[0, 0] == pytest.approx(
+        v / (rr + 1 / g + rc), rel=1e-13)
+    # 1x2 with ideal columns: the far cell hangs behind one more row segment; the near node sees it in
+    # parallel with the near cell; the source segment in series with the rest.
+    g0, g1 = 1e-3, 4e-4
+    far = 1 / (rr + 1 / g1)                             # conductance of (segment + far cell)
+    u0 = v * (1 / rr) / (1 / rr + g0 + far)             # divider at the near row node
+    u1 = u0 * (1 / g1) / (rr + 1 / g1)
+    out = nodal_read(np.array([[g0, g1]]), np.array([[v]]), rr, 0.0)[0]
+    np.testing.assert_allclose(out, [g0 * u0, g1 * u1], rtol=1e-13)
+
+
+@pytest.mark.parametrize("shape", [(4, 7), (9, 3)])
+def test_tends_to_ideal_read_linearly_in_r(shape):
+    G = _tile(*shape, seed=1)
+    V = np.random.default_rng(2).uniform(-0.2, 0.2, (5, shape[0]))
+    ideal = V @ G
+    assert np.array_equal(nodal_read(G, V, 0.0, 0.0), ideal)
+    errs = [np.abs(nodal_read(G, V, r, 2 * r) - ideal).max() for r in (1e-1, 1e-2, 1e-3)]
+    # The deviation is first order in r: each tenfold decrease shrinks it tenfold, up to O(r·G·n) terms.
+    assert errs[0] > 0
+    assert errs[1] / errs[0] == pytest.approx(0.1, rel=0.02)
+    assert errs[2] / errs[1] == pytest.approx(0.1, rel=0.002)
+
+
+@pytest.mark.parametrize("r_row,r_col", [(3.0, 0.0), (0.0, 3.0)])
+def test_one_ideal_wire_is_the_limit_of_a_small_one(r_row, r_col):
+    G = _tile(5, 6, seed=3)
+    V = np.random.default_rng(4).uniform(0, 0.2, (3, 5))
+    merged = NodalSolver(G, r_row, r_col)
+    tiny = NodalSolver(G, r_row or 1e-9, r_col or 1e-9)
+    assert merged.n_unknowns == 30 and tiny.n_unknowns == 60
+    np.testing.assert_allclose(merged.read(V), tiny.read(V), rtol=1e-7)
+    Vc = np.random.default_rng(5).uniform(0, 0.2, (3, 6))
+    np.testing.assert_allclose(merged.read_transposed(Vc), tiny.read_transposed(Vc), rtol=1e-7)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_kirchhoff_at_every_node_and_overall(transposed):
+    R, C, rr, rc = 6, 5, 40.0, 25.0
+    G = _tile(R, C, seed=6)
+    rng = np.random.default_rng(7)
+    V = rng.uniform(-0.2, 0.2, (4, C if transposed else R))
+    solver = NodalSolver(G, rr, rc)
+    u, w = solver.node_voltages(V, transposed=transposed)
+    src_row = np.zeros((4, R)) if transposed else V            # potentials behind the row end segments
+    src_col = V if transposed else np.zeros((4, C))            # and behind the column end segments
+    cell = G * (u - w)                                         # current row node -> column node
+    left = np.concatenate([src_row[:, :, None], u], axis=2)    # row chain, end segment first
+    row_seg = np.diff(left, axis=2) * (-1 / rr)                # current flowing rightwards in each segment
+    below = np.concatenate([w, src_col[:, None, :]], axis=1)   # column chain, end segment last
+    col_seg = -np.diff(below, axis=1) / rc                     # current flowing downwards in each segment
+    scale = np.abs(cell).max()
+    # Row node (i, j): in from the left = out to the right + into the cell.
+    out_right = np.concatenate([row_seg[:, :, 1:], np.zeros((4, R, 1))], axis=2)
+    assert np.abs(row_seg - out_right - cell).max() < 1e-12 * scale
+    # Column node (i, j): in from above + from the cell = out below.
+    in_above = np.concatenate([np.zeros((4, 1, C)), col_seg[:, :-1, :]], axis=1)
+    assert np.abs(in_above + cell - col_seg).max() < 1e-12 * scale
+    # Whole tile: what the drivers source is what the virtual grounds sink.
+    if transposed:
+        sourced, sensed = -col_seg[:, -1, :].sum(1), solver.read_transposed(V).sum(1)
+        np.testing.assert_allclose(solver.read_transposed(V), -row_seg[:, :, 0], rtol=1e-10)
+    else:
+        sourced, sensed = row_seg[:, :, 0].sum(1), solver.read(V).sum(1)
+        np.testing.assert_allclose(solver.read(V), col_seg[:, -1, :], rtol=1e-10)
+    np.testing.assert_allclose(sourced, sensed, rtol=1e-10)
+
+
+def test_transposed_read_is_the_mirrored_network_and_reciprocal():
+    R, C, rr, rc = 5, 8, 30.0, 80.0
+    G = _tile(R, C, seed=8)
+    Vc = np.random.default_rng(9).uniform(0, 0.2, (3, C))
+    solver = NodalSolver(G, rr, rc)
+    got = solver.read_transposed(Vc)
+    # Columns driven at the bottom, rows sensed at the left == forward read of Gᵀ flipped on both axes, with
+    # the roles of the wires exchanged, inputs and outputs in reverse order.
+    mirrored = NodalSolver(G.T[::-1, ::-1], rc, rr).read(Vc[:, ::-1])[:, ::-1]
+    np.testing.assert_allclose(got, mirrored, rtol=1e-12)
+    # Reciprocity: the transposed read is the transpose of the forward linear map.
+    M = solver.effective_conductance()
+    np.testing.assert_allclose(solver.read(np.eye(R)), M, rtol=1e-12)
+    np.testing.assert_allclose(got, Vc @ M.T, rtol=1e-10)
+    assert not np.allclose(M, G, rtol=1e-3)                    # the wires do matter here
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (5, 5)])
+def test_large_batches_use_the_effective_matrix_and_agree(shape):
+    R, C = shape
+    G = _tile(R, C, seed=10)
+    rng = np.random.default_rng(11)
+    V, Vc = rng.uniform(0, 0.2, (10, R)), rng.uniform(0, 0.2, (10, C))
+    direct = NodalSolver(G, 50.0, 20.0)                        # batches < min(R, C): triangular solves
+    expect, expect_t = direct.read(V[:3]), direct.read_transposed(Vc[:3])
+    assert direct._M is None
+    cached = NodalSolver(G, 50.0, 20.0)
+    big = cached.read(V)                                        # batch >= min(R, C): builds M first
+    assert cached._M is not None
+    np.testing.assert_allclose(big[:3], expect, rtol=1e-12)
+    np.testing.assert_allclose(cached.read_transposed(Vc[:3]), expect_t, rtol=1e-12)
+
+
+def test_torch_in_torch_out_and_gradients():
+    G = torch.tensor(_tile(3, 4, seed=12), requires_grad=True)
+    V = torch.tensor(np.random.default_rng(13).uniform(-0.2, 0.2, (2, 3)), requires_grad=True)
+    Vc = torch.tensor(np.random.default_rng(14).uniform(-0.2, 0.2, (2, 4)), requires_grad=True)
+    solver = NodalSolver(G, 300.0, 700.0)
+    out = solver.read(V.detach().float())
+    assert out.dtype == torch.float32 and out.shape == (2, 4)
+    # Adjoint by reciprocity and dℓ/dG from the cell voltages, checked against finite differences.
+    assert torch.autograd.gradcheck(lambda v, g: NodalSolver(g, 300.0, 700.0).read(v), (V, G))
+    assert torch.autograd.gradcheck(lambda v, g: NodalSolver(g, 300.0, 700.0).read_transposed(v), (Vc, G))
+    assert torch.autograd.gradcheck(lambda v, g: NodalSolver(g, 0.0, 0.0).read(v), (V, G))
+
+
+@pytest.mark.parametrize("bad", [
+    dict(r_row=-1.0), dict(r_col=float("nan")), dict(G=np.ones(3)), dict(G=-np.ones((3, 2))),
+    dict(V=np.ones((2, 2))), dict(V=np.ones((2, 3, 1))),
+])
+def test_bad_arguments_name_the_argument(bad):
+    args = dict(G=np.full((3, 2), 1e-5), V=np.ones((2, 3)), r_row=1.0, r_col=1.0) | bad
+    name = next(iter(bad))
+    for fn in (nodal_read, approximate_read):
+        with pytest.raises(ValueError, match=f"'{name}'") as info:
+            fn(args["G"], args["V"], args["r_row"], args["r_col"])
+        assert isinstance(info.value, ConfigError) and info.value.field == name
+
+
+# ------------------------------------------------------------------------------------ approximation
+@pytest.mark.parametrize("N,r", [(16, 1.0), (48, 1.0), (48, 10.0)])
+def test_approximation_within_stated_bound(N, r):
+    """Moderate r·G (Gmax·r <= 1e-3, ideal-read error up to ~50 %): default settings within 1e-5 of the
+    largest ideal output; two CG steps already within 1e-2 (docs/wires.md, table)."""
+    G = _tile(N, N, seed=15)
+    V = np.random.default_rng(16).uniform(0, 0.2, (4, N))
+    exact = nodal_read(G, V, r, r)
+    scale = np.abs(V @ G).max()
+    approx = approximate_read(torch.tensor(G), torch.tensor(V), r, r)
+    assert np.abs(approx.numpy() - exact).max() < 1e-5 * scale
+    rough = approximate_read(G, V, r, r, iterations=2, rtol=0.0)
+    assert isinstance(rough, np.ndarray)
+    assert np.abs(rough - exact).max() < 1e-2 * scale
+    Vc = np.random.default_rng(17).uniform(0, 0.2, (4, N))
+    np.testing.assert_allclose(approximate_read_transposed(G, Vc, r, 2 * r),
+                               NodalSolver(G, r, 2 * r).read_transposed(Vc), rtol=1e-5)
+
+
+def test_approximation_is_differentiable_and_dead_cells_are_harmless():
+    G = _tile(6, 5, seed=18)
+    G[0, :2] = 0.0                                              # stuck-open cells: √G would break gradients
+    M = NodalSolver(G, 100.0, 100.0).effective_conductance()
+    Gt = torch.tensor(G, requires_grad=True)
+    V = torch.tensor(np.random.default_rng(19).uniform(0, 0.2, (3, 6)), requires_grad=True)
+    weights = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    (approximate_read(Gt, V, 100.0, 100.0, rtol=1e-12) * weights).sum().backward()
+    np.testing.assert_allclose(V.grad.numpy(), np.tile(M @ weights.numpy(), (3, 1)), rtol=1e-8)
+    assert torch.isfinite(Gt.grad).all()
+    out32 = approximate_read(Gt.detach().float(), V.detach().float(), 100.0, 100.0)
+    assert out32.dtype == torch.float32
+    np.testing.assert_allclose(out32.double().numpy(), V.detach().numpy() @ M, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_inputs_stay_on_cuda():
+    G = torch.tensor(_tile(8, 8, seed=20), device="cuda")
+    V = torch.rand(3, 8, device="cuda", dtype=torch.float64)
+    exact = NodalSolver(G, 5.0, 5.0).read(V)
+    approx = approximate_read(G, V, 5.0, 5.0)
+    assert exact.device.type == approx.device.type == "cuda"
+    torch.testing.assert_close(approx, exact, rtol=1e-5, atol=0)

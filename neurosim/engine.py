@@ -26,7 +26,7 @@ EVENT_DTYPE = np.dtype([("t_s", "f8"), ("duration_s", "f8"), ("op", "S16"), ("la
 
 _COUNTERS = ("pulses", "perturbations", "reads", "adc_conversions", "neuron_evals", "digital_ops")
 
-# ISAAC (Shafiee et al., ISCA 2016, Table 6): per in-situ multiply-accumulate unit, 8 ADCs of 8 bit at
+# ISAAC (Shafiee et al., ISCA 2016, component table): per in-situ multiply-accumulate unit, 8 ADCs of 8 bit at
 # 1.28 GS/s draw 16 mW together, and 8 memristor arrays of 128x128 draw 2.4 mW with a 100 ns read cycle.
 _ISAAC_ADC_RATE = 1.28e9
 _ISAAC_ADC_W = 16e-3 / 8

@@ -102,6 +102,7 @@ class Crossbar:
         # Nominal weight change of one update pulse (a pair moves both devices, oppositely).
         self.dw_pulse = 2 * c.w_max / spec.pulses_ltp
         self.believed = torch.zeros(in_features, out_features, device=self.device, dtype=dtype)
+        self.noise = True  # False: noise-free reads (linearized models, references); the card is unchanged
         self._cache_key = None
         self._cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._solvers = None
@@ -148,11 +149,11 @@ class Crossbar:
     def _read_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalized weights ŵ = (G⁺ − G⁻)/(k·w_max) and, for read noise, Σ G², both padded; cached until a
         write or drift changes the conductances."""
-        key = tuple((a.version, a.time_s) for a in self._arrays())
+        key = (self.noise, *((a.version, a.time_s) for a in self._arrays()))
         if key != self._cache_key:
             w_hat = self.conductance_difference() / (self.k * self.config.w_max)
             gsq = None
-            if self.config.read_noise and self.spec.read_noise > 0:
+            if self.noise and self.config.read_noise and self.spec.read_noise > 0:
                 gsq = sum(a.conductance() ** 2 for a in self._arrays())
             self._cache, self._cache_key, self._solvers = (w_hat, gsq), key, None
         return self._cache

@@ -1,0 +1,158 @@
+"""Named networks (mlp, lenet, vgg11) built from analog layers, and ``convert`` for a user's torch model."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from neurosim.activation import ActivationConfig
+from neurosim.config import ConfigError, setting
+from neurosim.crossbar import CrossbarConfig
+from neurosim.device import DeviceSpec
+from neurosim.layers import AnalogConv2d, AnalogLinear, AnalogNetwork
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Which network, with which neuron circuits, on which crossbars."""
+
+    architecture: str = setting("mlp", "'mlp', 'lenet' (21,840 weights, 28×28 inputs) or 'vgg11' (32×32 inputs)",
+                                choices=("mlp", "lenet", "vgg11"))
+    hidden: tuple[int, ...] = setting((32,), "mlp: widths of the hidden layers")
+    bias: bool = setting(True, "each layer has a bias row (driven at full-scale input)")
+    dropout: float = setting(0.0, "dropout probability after hidden layers (lenet uses 0.5 by default)", ge=0.0,
+                             lt=1.0)
+    activation: ActivationConfig = setting(default_factory=lambda: ActivationConfig(function="sigmoid"),
+                                           doc="neuron circuit of the hidden layers")
+    output_activation: ActivationConfig = setting(default_factory=lambda: ActivationConfig(function="identity"),
+                                                  doc="neuron circuit of the output layer")
+    crossbar: CrossbarConfig = setting(default_factory=CrossbarConfig, doc="crossbar of every layer")
+    init_scale: float | None = setting(None, "initial weights uniform in ±init_scale (default 1/sqrt(fan-in))",
+                                       gt=0.0)
+
+    def validate(self) -> None:
+        if any(w < 1 for w in self.hidden):
+            raise ConfigError("hidden", list(self.hidden), "every width must be >= 1")
+
+
+def build_network(config: NetworkConfig, spec: DeviceSpec, input_shape: tuple[int, int, int], classes: int,
+                  seed: int = 0, device: torch.device | str = "cpu", derivative_circuits: bool = True
+                  ) -> AnalogNetwork:
+    """The named architecture on analog hardware. ``derivative_circuits=False`` builds none (DGC-only chips)."""
+    common = {"spec": spec, "crossbar": config.crossbar, "seed": seed, "device": device, "bias": config.bias,
+              "derivative_circuit": derivative_circuits}
+    hidden_act, out_act = config.activation, config.output_activation
+    c, h, w = input_shape
+    stages: list[nn.Module] = []
+    if config.architecture == "mlp":
+        widths = [c * h * w, *config.hidden, classes]
+        stages.append(nn.Flatten())
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            last = i == len(widths) - 2
+            stages.append(AnalogLinear(a, b, name=f"fc{i + 1}", activation=out_act if last else hidden_act,
+                                       **common))
+            if not last and config.dropout > 0:
+                stages.append(nn.Dropout(config.dropout))
+    elif config.architecture == "lenet":
+        if (h, w) != (28, 28):
+            raise ConfigError("data.size", h, "lenet expects 28×28 inputs (set data.size = 28)")
+        p = config.dropout or 0.5
+        stages += [AnalogConv2d(c, 10, 5, name="conv1", activation=hidden_act, input_size=28, **common),
+                   nn.MaxPool2d(2),
+                   AnalogConv2d(10, 20, 5, name="conv2", activation=hidden_act, input_size=12, **common),
+                   nn.Dropout2d(p), nn.MaxPool2d(2), nn.Flatten(),
+                   AnalogLinear(320, 50, name="fc1", activation=hidden_act, **common), nn.Dropout(p),
+                   AnalogLinear(50, classes, name="fc2", activation=out_act, **common)]
+    else:  # vgg11, CIFAR-sized
+        if (h, w) != (32, 32):
+            raise ConfigError("data.size", h, "vgg11 expects 32×32 inputs")
+        side, channels, n = 32, c, 0
+        for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
+            if v == "M":
+                stages.append(nn.MaxPool2d(2))
+                side //= 2
+                continue
+            n += 1
+            stages.append(AnalogConv2d(channels, v, 3, padding=1, name=f"conv{n}", activation=hidden_act,
+                                       input_size=side, **common))
+            channels = v
+        stages += [nn.Flatten(), AnalogLinear(512, classes, name="fc1", activation=out_act, **common)]
+    # Neuron circuits sit right after their crossbar; max pooling after a monotone activation equals pooling
+    # before it, so conv -> neuron -> pool is the order here.
+    net = AnalogNetwork(stages, name=config.architecture)
+    if config.init_scale is not None:
+        for layer in net.analog_layers:
+            g = torch.Generator(device=layer.crossbar.device).manual_seed(seed)
+            w0 = (torch.rand(layer.crossbar.in_features, layer.crossbar.out_features, generator=g,
+                             device=layer.crossbar.device) * 2 - 1) * config.init_scale
+            layer.crossbar.set_weights(w0)
+            layer.sync_believed()
+    return net
+
+
+_ACTIVATIONS = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu",
+                nn.ELU: "elu", nn.SELU: "selu", nn.Softplus: "softplus", nn.GELU: "gelu", nn.SiLU: "silu",
+                nn.PReLU: "prelu", nn.Identity: "identity"}
+
+
+def convert(model: nn.Module, spec: DeviceSpec, crossbar: CrossbarConfig | None = None,
+            activation: ActivationConfig | None = None, seed: int = 0, device: torch.device | str = "cpu",
+            input_size: int | None = None, program: str = "exact") -> AnalogNetwork:
+    """Map a plain torch model (a Sequential of Linear, Conv2d, activations, pooling, dropout, flatten) onto
+    analog layers. Its weights are written to the crossbars (``program='exact'`` places them, ``'verify'``
+    writes them by write-and-verify); an activation module that follows a layer becomes that layer's neuron
+    circuit, with the realization and variation of ``activation`` (its ``function`` is taken from the model)."""
+    modules = list(model.children()) if not isinstance(model, nn.Sequential) else list(model)
+    if not modules:
+        modules = [model]
+    base = activation or ActivationConfig()
+    stages: list[nn.Module] = []
+    side = input_size
+    n = 0
+    i = 0
+    while i < len(modules):
+        m = modules[i]
+        nxt = modules[i + 1] if i + 1 < len(modules) else None
+        act_name = _ACTIVATIONS.get(type(nxt)) if nxt is not None else None
+        act = dataclasses.replace(base, function=act_name) if act_name else ActivationConfig(function="identity")
+        if isinstance(nxt, nn.LeakyReLU):
+            act = dataclasses.replace(act, alpha=float(nxt.negative_slope))
+        if isinstance(m, nn.Linear | nn.Conv2d):
+            n += 1
+            common = {"spec": spec, "crossbar": crossbar, "seed": seed, "device": device, "bias": m.bias is not None,
+                      "activation": act}
+            if isinstance(m, nn.Linear):
+                layer = AnalogLinear(m.in_features, m.out_features, name=f"layer{n}", **common)
+                w = m.weight.detach().T
+            else:
+                if m.groups != 1 or m.dilation != (1, 1) or m.kernel_size[0] != m.kernel_size[1]:
+                    raise ConfigError("model", type(m).__name__, "only square, ungrouped, undilated convolutions")
+                layer = AnalogConv2d(m.in_channels, m.out_channels, m.kernel_size[0], name=f"layer{n}",
+                                     stride=m.stride[0], padding=m.padding[0], input_size=side, **common)
+                w = m.weight.detach().reshape(m.out_channels, -1).T
+                if side is not None:
+                    side = layer.output_side(side)
+            if m.bias is not None:
+                w = torch.cat([w, m.bias.detach()[None, :] / layer.crossbar.config.input_max], dim=0)
+            w = w.to(device=layer.crossbar.device, dtype=layer.crossbar.dtype)
+            if program == "verify":
+                layer.crossbar.write_verify(w)
+            else:
+                layer.crossbar.set_weights(w)
+            layer.sync_believed()
+            stages.append(layer)
+            i += 2 if act_name else 1
+            continue
+        if type(m) in _ACTIVATIONS:
+            raise ConfigError("model", type(m).__name__, "an activation must follow a Linear or Conv2d layer")
+        if isinstance(m, nn.MaxPool2d | nn.AvgPool2d) and side is not None:
+            k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
+            side = side // k
+        if not isinstance(m, nn.MaxPool2d | nn.AvgPool2d | nn.Dropout | nn.Dropout2d | nn.Flatten):
+            raise ConfigError("model", type(m).__name__, "cannot be mapped onto analog hardware")
+        stages.append(m)
+        i += 1
+    return AnalogNetwork(stages, name="converted")

@@ -1,0 +1,227 @@
+"""Analog layers: a crossbar followed by its neuron circuits, plus the digital glue (pooling, dropout, flatten).
+
+A layer's forward runs in one of three modes, and the difference between them is the heart of the variation
+studies, so it is explicit here:
+
+- ``"inference"``: the chip as it is -- DAC, tiles, read noise, ADC, neuron circuit with its mismatch and noise.
+- ``"bp"``: the same forward, with a backward that is the *chip's* backward path, not autograd of an ideal
+  model: errors go through the derivative circuit (its own mismatch) and through a transposed read of the real
+  conductances, or through the digital model of the weights the controller believes it programmed.
+  With ideal devices and circuits this backward equals torch autograd's.
+- ``"linearized"``: autograd through the non-ideal forward model of the real conductances (converters pass
+  gradients straight through), used by DGC's fast approximation: DGC measures the real chip, derivative
+  circuits play no part.
+
+Weights are stored (in, out), rows = inputs; a bias is one more crossbar row driven at full-scale input.
+Convolutions are mapped onto a crossbar through unfold: every output position is one read of the tile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from neurosim.activation import ActivationConfig, ActivationUnit
+from neurosim.backend import make_generator
+from neurosim.crossbar import Crossbar, CrossbarConfig
+from neurosim.device import DeviceSpec
+
+MODES = ("inference", "bp", "linearized")
+
+
+class _HardwareRead(torch.autograd.Function):
+    """Forward: the crossbar read. Backward: the chip's error path and the controller's outer product."""
+
+    @staticmethod
+    def forward(ctx, xin, weight, layer):
+        ctx.layer = layer
+        ctx.save_for_backward(xin)
+        with torch.no_grad():
+            return layer.crossbar.read(xin)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (xin,) = ctx.saved_tensors
+        layer = ctx.layer
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            if layer.backward_path == "transposed_read":
+                grad_x = layer.crossbar.read_transposed(grad_out)
+            elif layer.backward_path == "digital_model":
+                grad_x = grad_out @ layer.crossbar.believed.T
+            else:  # "exact": autograd of the real weights (a reference, not a chip)
+                grad_x = grad_out @ layer.crossbar.weights().T
+        if ctx.needs_input_grad[1]:
+            grad_w = xin.T @ grad_out
+        return grad_x, grad_w, None
+
+
+class _DerivativeCircuit(torch.autograd.Function):
+    """Forward: the neuron circuit. Backward: the derivative circuit times the incoming error; trainable
+    coefficients get their gradient from the circuit's own function."""
+
+    @staticmethod
+    def forward(ctx, z, unit, *params):
+        ctx.unit = unit
+        ctx.save_for_backward(z)
+        with torch.no_grad():
+            return unit(z)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (z,) = ctx.saved_tensors
+        unit = ctx.unit
+        grad_z = grad_out * unit.derivative(z) if ctx.needs_input_grad[0] else None
+        params = [p for p in unit.trainable_parameters() if p.requires_grad]
+        grads = [None] * len(params)
+        if params:
+            with torch.enable_grad():
+                out = unit.ideal(z.detach())
+                grads = list(torch.autograd.grad(out, params, grad_out, allow_unused=True))
+        by_id = {id(p): g for p, g in zip(params, grads, strict=True)}
+        all_params = list(unit.trainable_parameters())
+        return (grad_z, None, *[by_id.get(id(p)) for p in all_params])
+
+
+class AnalogLayer(nn.Module):
+    """Shared machinery of analog Linear and Conv2d: a crossbar, its neuron circuits, its training scheme."""
+
+    kind = "layer"
+
+    def __init__(self, name: str, rows: int, cols: int, bias: bool, spec: DeviceSpec,
+                 crossbar: CrossbarConfig | None, activation: ActivationConfig | None, seed: int,
+                 device: torch.device, derivative_circuit: bool = True, init_scale: float | None = None):
+        super().__init__()
+        self.name = name
+        self.has_bias = bias
+        self.crossbar = Crossbar(spec, rows + int(bias), cols, crossbar, seed=seed, name=name, device=device)
+        g = make_generator(seed, device, name, "init")
+        bound = init_scale if init_scale is not None else 1.0 / math.sqrt(rows)
+        w0 = (torch.rand(rows + int(bias), cols, generator=g, device=device) * 2 - 1) * bound
+        self.crossbar.set_weights(w0)
+        # The controller's digital copy of the weights it believes it programmed; gradients land here.
+        self.weight = nn.Parameter(self.crossbar.believed.clone())
+        self.activation_config = activation or ActivationConfig(function="identity")
+        self.activation = ActivationUnit(self.activation_config, cols, generator=make_generator(seed, device, name,
+                                         "neurons"), device=device, derivative_circuit=derivative_circuit)
+        self.scheme = "bp"                     # "bp" or "dgc", set by the trainer
+        self.backward_path = "transposed_read"  # BP: "transposed_read", "digital_model" or "exact"
+        self.reads_per_sample = 1
+
+    # Subclasses say how inputs become crossbar rows (rows_of) and how column outputs come back (shape_output).
+
+    def matrix_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The (N, rows) matrix the crossbar reads: one row per sample (and output position), bias included."""
+        return self._with_bias(self.rows_of(x))
+
+    def _with_bias(self, rows: torch.Tensor) -> torch.Tensor:
+        if not self.has_bias:
+            return rows
+        return torch.cat([rows, torch.full((rows.shape[0], 1), self.crossbar.config.input_max, device=rows.device,
+                                           dtype=rows.dtype)], dim=1)
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def preactivation(self, x: torch.Tensor, mode: str = "inference", weights: torch.Tensor | None = None):
+        xin = self.matrix_input(x)
+        if mode == "bp":
+            z = _HardwareRead.apply(xin, self.weight, self)
+        elif mode == "linearized":
+            z = self.crossbar.read(xin, w=weights)
+        else:
+            with torch.no_grad():
+                z = self.crossbar.read(xin)
+        return self.shape_output(z, tuple(x.shape))
+
+    def activate(self, z: torch.Tensor, mode: str = "inference") -> torch.Tensor:
+        if mode == "bp":
+            return _DerivativeCircuit.apply(z, self.activation, *self.activation.trainable_parameters())
+        if mode == "linearized":
+            return self.activation(z)
+        with torch.no_grad():
+            return self.activation(z)
+
+    def forward(self, x: torch.Tensor, mode: str = "inference", weights: torch.Tensor | None = None):
+        return self.activate(self.preactivation(x, mode, weights), mode)
+
+    # -- programming -----------------------------------------------------------------------------------------
+    def sync_believed(self) -> None:
+        """After programming, the digital copy is what the controller believes it wrote."""
+        with torch.no_grad():
+            self.weight.copy_(self.crossbar.believed)
+
+    def footprint(self) -> dict:
+        return {"name": self.name, **self.crossbar.footprint(), "reads_per_sample": self.reads_per_sample}
+
+
+class AnalogLinear(AnalogLayer):
+    kind = "linear"
+
+    def __init__(self, in_features: int, out_features: int, *, name: str, spec: DeviceSpec, bias: bool = True,
+                 crossbar: CrossbarConfig | None = None, activation: ActivationConfig | None = None, seed: int = 0,
+                 device: torch.device | str = "cpu", derivative_circuit: bool = True):
+        super().__init__(name, in_features, out_features, bias, spec, crossbar, activation, seed,
+                         torch.device(device), derivative_circuit)
+        self.in_features, self.out_features = in_features, out_features
+
+    def rows_of(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1)
+
+    def shape_output(self, z: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
+        return z
+
+
+class AnalogConv2d(AnalogLayer):
+    """A convolution as a crossbar of (in·k·k [+1]) rows and out columns, read once per output position."""
+
+    kind = "conv"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, name: str, spec: DeviceSpec,
+                 stride: int = 1, padding: int = 0, bias: bool = True, crossbar: CrossbarConfig | None = None,
+                 activation: ActivationConfig | None = None, seed: int = 0, device: torch.device | str = "cpu",
+                 derivative_circuit: bool = True, input_size: int | None = None):
+        super().__init__(name, in_channels * kernel_size * kernel_size, out_channels, bias, spec, crossbar,
+                         activation, seed, torch.device(device), derivative_circuit)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        if input_size is not None:
+            side = (input_size + 2 * padding - kernel_size) // stride + 1
+            self.reads_per_sample = side * side
+
+    def rows_of(self, x: torch.Tensor) -> torch.Tensor:
+        cols = nn.functional.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (B, ckk, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+    def output_side(self, side: int) -> int:
+        return (side + 2 * self.padding - self.kernel_size) // self.stride + 1
+
+    def shape_output(self, z: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
+        b, h, w = x_shape[0], self.output_side(x_shape[2]), self.output_side(x_shape[3])
+        return z.reshape(b, h * w, -1).transpose(1, 2).reshape(b, -1, h, w)
+
+
+class AnalogNetwork(nn.Module):
+    """A sequence of analog layers and digital stages; ``forward(x, mode)`` threads the mode through."""
+
+    def __init__(self, stages: list[nn.Module], name: str = "network"):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.name = name
+
+    @property
+    def analog_layers(self) -> list[AnalogLayer]:
+        return [s for s in self.stages if isinstance(s, AnalogLayer)]
+
+    def forward(self, x: torch.Tensor, mode: str = "inference", weights: dict[str, torch.Tensor] | None = None,
+                start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Stages ``start`` up to (not including) ``stop``: DGC re-runs only the part above a layer."""
+        for stage in self.stages[start:stop]:
+            if isinstance(stage, AnalogLayer):
+                x = stage(x, mode, (weights or {}).get(stage.name))
+            else:
+                x = stage(x)
+        return x
+
+    def parameter_count(self) -> int:
+        return sum(layer.crossbar.in_features * layer.crossbar.out_features for layer in self.analog_layers)

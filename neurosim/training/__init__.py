@@ -1,0 +1,22 @@
+"""On-chip training schemes sharing one Trainer: BP, DGC, hybrid and two-stage."""
+
+from __future__ import annotations
+
+from neurosim.training.base import Trainer, accuracy, cost_per_sample, make_engine, noise_free
+from neurosim.training.bp import BPTrainer
+from neurosim.training.config import BPConfig, DGCConfig, HybridConfig, TrainerConfig, TwoStageConfig
+from neurosim.training.dgc import DGCTrainer
+from neurosim.training.hybrid import HybridTrainer
+from neurosim.training.two_stage import TwoStageTrainer
+
+TRAINERS = {"bp": BPTrainer, "dgc": DGCTrainer, "hybrid": HybridTrainer, "two_stage": TwoStageTrainer}
+
+
+def make_trainer(network, data, config: TrainerConfig, **kwargs) -> Trainer:
+    """The trainer of ``config.scheme``; DGC-only chips need no derivative circuits."""
+    return TRAINERS[config.scheme](network, data, config, **kwargs)
+
+
+__all__ = ["TRAINERS", "BPConfig", "BPTrainer", "DGCConfig", "DGCTrainer", "HybridConfig", "HybridTrainer",
+           "Trainer", "TrainerConfig", "TwoStageConfig", "TwoStageTrainer", "accuracy", "cost_per_sample",
+           "make_engine", "make_trainer", "noise_free"]

@@ -1,0 +1,206 @@
+"""The Trainer every scheme shares: batches, gradients per layer by that layer's scheme, updates as pulses,
+and the hardware operations issued to the engine (one grouped event per operation, layer and step).
+
+A scheme decides which layers get BP gradients and which get DGC gradients in an epoch
+(``layer_schemes``); everything else -- the cost, momentum, programming through the device model, the clock,
+the per-epoch metrics -- is here, once.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from neurosim.backend import make_generator
+from neurosim.data import Dataset
+from neurosim.engine import Engine, HardwareTable, LayerFootprint
+from neurosim.layers import AnalogLayer, AnalogNetwork
+from neurosim.training.config import TrainerConfig
+
+
+def cost_per_sample(out: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """The cost the controller computes digitally from the output ADC values, one value per sample."""
+    if kind == "cross_entropy":
+        return nn.functional.cross_entropy(out, y, reduction="none")
+    target = nn.functional.one_hot(y, out.shape[1]).to(out.dtype)
+    return 0.5 * ((out - target) ** 2).sum(1)
+
+
+@contextlib.contextmanager
+def noise_free(network: AnalogNetwork) -> Iterator[None]:
+    """Reads and neuron circuits without their per-evaluation noise (mismatch and devices unchanged)."""
+    layers = network.analog_layers
+    saved = [(layer.crossbar.noise, layer.activation.config) for layer in layers]
+    try:
+        for layer in layers:
+            layer.crossbar.noise = False
+            layer.activation.config = dataclasses.replace(layer.activation.config, noise=0.0, derivative_noise=0.0)
+        yield
+    finally:
+        for layer, (cb, act) in zip(layers, saved, strict=True):
+            layer.crossbar.noise = cb
+            layer.activation.config = act
+
+
+def accuracy(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
+    """Test accuracy of the chip as it is (inference mode, every non-ideality on)."""
+    network.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            correct += int((network(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+    network.train()
+    return correct / max(1, len(x))
+
+
+def make_engine(network: AnalogNetwork, hardware: HardwareTable | None = None, enabled: bool = True) -> Engine:
+    layers = [LayerFootprint(**layer.footprint()) for layer in network.analog_layers]
+    return Engine(hardware or HardwareTable(), layers, enabled=enabled)
+
+
+class Trainer(abc.ABC):
+    """Train an analog network on-chip. Subclasses choose the scheme of each layer per epoch."""
+
+    scheme = "base"
+
+    def __init__(self, network: AnalogNetwork, data: Dataset, config: TrainerConfig | None = None,
+                 engine: Engine | None = None, hardware: HardwareTable | None = None, seed: int = 0,
+                 log: Any = None):
+        self.network = network
+        self.data = data
+        self.config = config or TrainerConfig()
+        self.engine = engine or make_engine(network, hardware, self.config.clock)
+        self.seed = seed
+        self.log = log
+        device = network.analog_layers[0].crossbar.device
+        self.generator = make_generator(seed, device, "trainer")
+        self.shuffle_generator = torch.Generator().manual_seed(seed)
+        self.velocity: dict[str, torch.Tensor] = {}
+        self.history: list[dict[str, Any]] = []
+        self.epoch = 0
+        self.activation_lr = 0.0
+        for layer in network.analog_layers:
+            layer.backward_path = self.config.bp.backward
+
+    # -- what a scheme decides ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def layer_schemes(self, epoch: int) -> dict[str, str]:
+        """'bp' or 'dgc' for every analog layer in this epoch."""
+
+    # -- gradients -------------------------------------------------------------------------------------------
+    def bp_gradients(self, x: torch.Tensor, y: torch.Tensor, layers: list[AnalogLayer]) -> float:
+        """Hardware BP for ``layers``: gradients land in each layer's ``weight.grad``; returns the cost."""
+        from neurosim.training.bp import bp_gradients
+
+        return bp_gradients(self.network, x, y, self.config.cost, layers)
+
+    def dgc_gradient(self, layer: AnalogLayer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        from neurosim.training.dgc import dgc_exact, dgc_linearized
+
+        fn = dgc_exact if self.config.dgc.mode == "exact" else dgc_linearized
+        return fn(self.network, layer, x, y, self.config.cost, self.config.dgc, self.generator)
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    def step(self, x: torch.Tensor, y: torch.Tensor, schemes: dict[str, str]):
+        """Gradients, updates and the hardware operations of one batch (a generator for the engine)."""
+        eng, cfg = self.engine, self.config
+        layers = self.network.analog_layers
+        bp_layers = [layer for layer in layers if schemes[layer.name] == "bp"]
+        dgc_layers = [layer for layer in layers if schemes[layer.name] == "dgc"]
+        batch = len(x)
+        grads: dict[str, torch.Tensor] = {}
+        if bp_layers:
+            loss = self.bp_gradients(x, y, bp_layers)
+            grads.update({layer.name: layer.weight.grad for layer in bp_layers})
+        for layer in dgc_layers:
+            grads[layer.name], c0 = self.dgc_gradient(layer, x, y)
+            if not bp_layers:
+                loss = c0
+        if not layers:
+            return 0.0
+        # The hardware timeline of this step.
+        yield eng.forward(batch)
+        if bp_layers:
+            lowest = min(layers.index(layer) for layer in bp_layers)
+            names = [layer.name for layer in layers[lowest:]]
+            yield eng.backward(batch, names, transposed=cfg.bp.backward != "digital_model")
+            ops = sum(batch * layer.reads_per_sample * layer.crossbar.in_features * layer.crossbar.out_features
+                      for layer in bp_layers)
+            yield eng.digital("outer_product", ops)
+        evaluations = 2 if cfg.dgc.difference == "central" else 1
+        for layer in dgc_layers:
+            p = layer.crossbar.in_features * layer.crossbar.out_features
+            yield eng.perturb(layer.name, p, batch, evaluations)
+        programs = []
+        for layer in layers:
+            stats = self.update(layer, grads[layer.name])
+            programs.append(eng.program(layer.name, stats["pulses"], stats["pulse_slots"]))
+        yield eng.parallel(*programs)
+        self.update_activations()
+        return float(loss)
+
+    def update(self, layer: AnalogLayer, grad: torch.Tensor) -> dict[str, int]:
+        """Momentum in the controller, then the weight change becomes pulses through the device model."""
+        m = self.config.momentum
+        if m > 0:
+            v = self.velocity.get(layer.name)
+            v = grad if v is None else m * v + grad
+            self.velocity[layer.name] = v
+            grad = v
+        stats = layer.crossbar.program_delta(-self.config.learning_rate * grad.detach())
+        layer.sync_believed()
+        layer.weight.grad = None
+        return stats
+
+    def update_activations(self) -> None:
+        """Trainable neuron-circuit parameters (Taylor coefficients, PReLU slopes): plain SGD, digitally."""
+        for layer in self.network.analog_layers:
+            for p in layer.activation.trainable_parameters():
+                if p.grad is not None and p.requires_grad:
+                    with torch.no_grad():
+                        p -= (self.activation_lr or self.config.learning_rate) * p.grad
+                    p.grad = None
+
+    # -- epochs --------------------------------------------------------------------------------------------------
+    def run_epochs(self, epochs: int, stage: str = "") -> list[dict[str, Any]]:
+        """Train for ``epochs`` epochs; returns one metrics row per epoch."""
+        data, cfg = self.data, self.config
+
+        def process():
+            for _ in range(epochs):
+                self.epoch += 1
+                start = time.perf_counter()
+                schemes = self.layer_schemes(self.epoch)
+                order = torch.randperm(len(data.x_train), generator=self.shuffle_generator)
+                losses = []
+                for i in range(0, len(order), cfg.batch_size):
+                    idx = order[i:i + cfg.batch_size]
+                    loss = yield from self.step(data.x_train[idx], data.y_train[idx], schemes)
+                    losses.append(loss)
+                wall = time.perf_counter() - start
+                row = self.engine.mark_epoch(self.epoch)
+                row.update({"epoch": self.epoch, "stage": stage, "train_loss": sum(losses) / max(1, len(losses)),
+                            "test_accuracy": accuracy(self.network, data.x_test, data.y_test, cfg.eval_batch_size),
+                            "wall_time_s": wall, "schemes": dict(schemes)})
+                self.history.append(row)
+                if self.log:
+                    self.log(row)
+
+        start_len = len(self.history)
+        self.engine.start(process())
+        return self.history[start_len:]
+
+    def fit(self) -> list[dict[str, Any]]:
+        return self.run_epochs(self.config.epochs)
+
+
+def finite(value: float) -> bool:
+    return value is not None and math.isfinite(value)

@@ -234,3 +234,14 @@ def test_cuda_inputs_stay_on_cuda():
     approx = approximate_read(G, V, 5.0, 5.0)
     assert exact.device.type == approx.device.type == "cuda"
     torch.testing.assert_close(approx, exact, rtol=1e-5, atol=0)
+
+
+def test_approximation_treats_each_input_on_its_own():
+    """Inputs converge independently (a converged one is frozen) and CPU batches are cut into chunks, so a
+    batch's result is each input's own result, whatever else is in the batch."""
+    G = torch.tensor(_tile(40, 40, seed=21))
+    V = torch.tensor(np.random.default_rng(22).uniform(0, 0.2, (90, 40)))    # > one 2^17-number chunk
+    V[5] = 0.2 * (-1.0) ** torch.arange(40)                                  # converges one step earlier
+    whole = approximate_read(G, V, 20.0, 20.0, rtol=1e-9)
+    alone = torch.cat([approximate_read(G, V[k:k + 1], 20.0, 20.0, rtol=1e-9) for k in (0, 5, 89)])
+    torch.testing.assert_close(whole[[0, 5, 89]], alone, rtol=1e-13, atol=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,7 @@ def build_network(config: NetworkConfig, spec: DeviceSpec, input_shape: tuple[in
     if config.architecture == "mlp":
         widths = [c * h * w, *config.hidden, classes]
         stages.append(nn.Flatten())
-        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        for i, (a, b) in enumerate(itertools.pairwise(widths)):
             last = i == len(widths) - 2
             stages.append(AnalogLinear(a, b, name=f"fc{i + 1}", activation=out_act if last else hidden_act,
                                        **common))

@@ -129,9 +129,11 @@ class Trainer(abc.ABC):
         # The hardware timeline of this step.
         yield eng.forward(batch)
         if bp_layers:
+            # Errors travel down to the lowest BP layer; its own input error is needed by no one.
             lowest = min(layers.index(layer) for layer in bp_layers)
-            names = [layer.name for layer in layers[lowest:]]
-            yield eng.backward(batch, names, transposed=cfg.bp.backward != "digital_model")
+            names = [layer.name for layer in layers[lowest + 1:]]
+            if names:
+                yield eng.backward(batch, names, transposed=cfg.bp.backward != "digital_model")
             ops = sum(batch * layer.reads_per_sample * layer.crossbar.in_features * layer.crossbar.out_features
                       for layer in bp_layers)
             yield eng.digital("outer_product", ops)

@@ -58,8 +58,7 @@ def perturbation_effect(layer: AnalogLayer, cfg: DGCConfig, sign: float = 1.0
         else:
             dw_hat = (new[0] - arrays[0].g) / (cb.k * cb.config.w_max)
     dgsq = None
-    w_hat, gsq = cb._read_tensors()
-    if gsq is not None:
+    if cb._read_tensors()[1] is not None:
         dgsq = sum(g_new ** 2 - a.g ** 2 for g_new, a in zip(new, arrays, strict=True))
     return dw_hat, dgsq
 

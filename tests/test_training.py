@@ -1,0 +1,303 @@
+"""On-chip training: hardware BP against autograd, DGC exact/batched/sequential/linearized, hybrid, two-stage,
+the engine's clock on a hand-computed step, and end-to-end accuracy on the bundled digits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from neurosim.activation import ActivationConfig
+from neurosim.architectures import NetworkConfig, build_network, convert
+from neurosim.config import build
+from neurosim.crossbar import CrossbarConfig
+from neurosim.data import DataConfig, Dataset, load
+from neurosim.engine import HardwareTable
+from neurosim.layers import AnalogConv2d, AnalogLinear, AnalogNetwork
+from neurosim.training import TrainerConfig, make_trainer, noise_free
+from neurosim.training.bp import bp_gradients
+from neurosim.training.config import DGCConfig
+from neurosim.training.dgc import dgc_exact, dgc_linearized, dgc_sequential
+from tests.conftest import make_spec
+
+
+def tiny_data(n=48, features=6, classes=3, seed=0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 1, features, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return Dataset(x, y, x[:16], y[:16], classes, "tiny")
+
+
+def mlp(spec, hidden=(5,), features=6, classes=3, act=None, crossbar=None, seed=0, derivative=True):
+    cfg = NetworkConfig(hidden=hidden, activation=act or ActivationConfig(function="sigmoid"),
+                        crossbar=crossbar or CrossbarConfig())
+    return build_network(cfg, spec, (1, 1, features), classes, seed=seed, derivative_circuits=derivative)
+
+
+def cosine(a, b):
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def autograd_reference(net: AnalogNetwork, x, y, fn=torch.sigmoid):
+    """The same network in plain torch with the weights the conductances hold, differentiated by autograd."""
+    ws = [layer.crossbar.weights().clone().requires_grad_(True) for layer in net.analog_layers]
+    h = x.reshape(len(x), -1)
+    for i, w in enumerate(ws):
+        h = torch.cat([h, torch.ones(len(h), 1)], 1) @ w
+        if i < len(ws) - 1:
+            h = fn(h)
+    loss = nn.functional.cross_entropy(h, y)
+    return torch.autograd.grad(loss, ws)
+
+
+@pytest.mark.parametrize("backward", ["transposed_read", "digital_model"])
+def test_bp_with_ideal_hardware_equals_autograd(backward):
+    spec = make_spec(states=4097)
+    net = mlp(spec, hidden=(7, 5))
+    for layer in net.analog_layers:
+        layer.backward_path = backward
+    data = tiny_data()
+    x, y = data.x_train[:16], data.y_train[:16]
+    bp_gradients(net, x, y, "cross_entropy", net.analog_layers)
+    for layer, ref in zip(net.analog_layers, autograd_reference(net, x, y), strict=True):
+        torch.testing.assert_close(layer.weight.grad, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_bp_backward_uses_the_derivative_circuit_not_autograd():
+    """With derivative-circuit mismatch the hardware gradient departs from autograd; the forward is unchanged."""
+    spec = make_spec(states=4097)
+    act = ActivationConfig(function="sigmoid", derivative_gain_dtod=0.3)
+    net = mlp(spec, hidden=(7,), act=act)
+    data = tiny_data()
+    x, y = data.x_train[:16], data.y_train[:16]
+    bp_gradients(net, x, y, "cross_entropy", net.analog_layers)
+    ref = autograd_reference(net, x, y)
+    first = net.analog_layers[0].weight.grad
+    assert cosine(first, ref[0]) < 0.999
+    torch.testing.assert_close(net.analog_layers[1].weight.grad, ref[1], rtol=1e-4, atol=1e-6)  # top: no f'
+
+
+def test_dgc_exact_follows_the_nonideal_network_under_variation():
+    """Noise-free reads, small perturbation: cosine > 0.999 with autograd of the same non-ideal network,
+    under device-to-device and neuron-circuit variation."""
+    spec = make_spec(states=257, nl_ltp=2.0, nl_ltd=-3.0, g_min_dtod=0.2, g_max_dtod=0.1, nl_dtod=0.2,
+                     step_dtod=0.2)
+    act = ActivationConfig(function="sigmoid", gain_dtod=0.2, offset_dtod=0.1)
+    net = mlp(spec, hidden=(6,), act=act, derivative=False, seed=3)
+    data = tiny_data()
+    x, y = data.x_train[:24], data.y_train[:24]
+    cfg = build(DGCConfig, {"perturbation_dw": 1e-3, "difference": "central"})
+    for layer in net.analog_layers:
+        g, _ = dgc_exact(net, layer, x, y, "cross_entropy", cfg)
+        w = layer.crossbar.weights().clone().requires_grad_(True)
+        with noise_free(net):
+            loss = nn.functional.cross_entropy(net(x, mode="linearized", weights={layer.name: w}), y)
+        (ref,) = torch.autograd.grad(loss, w)
+        assert cosine(g, ref) > 0.999, layer.name
+
+
+@pytest.mark.parametrize("difference", ["forward", "central"])
+def test_dgc_batched_equals_sequential_loop_without_noise(difference):
+    spec = make_spec(states=65, nl_ltp=3.0, nl_ltd=-2.0, g_min_dtod=0.1, nl_dtod=0.1)
+    net = mlp(spec, hidden=(4,), crossbar=CrossbarConfig(tile_rows=4, tile_cols=3, adc_bits=6, adc_range=4.0,
+                                                         dac_bits=6))
+    data = tiny_data()
+    x, y = data.x_train[:8], data.y_train[:8]
+    cfg = build(DGCConfig, {"difference": difference, "perturbation_pulses": 2})
+    for layer in net.analog_layers:
+        batched, c0 = dgc_exact(net, layer, x, y, "cross_entropy", cfg)
+        loop, c0_loop = dgc_sequential(net, layer, x, y, "cross_entropy", cfg)
+        assert c0 == pytest.approx(c0_loop, abs=1e-6)
+        torch.testing.assert_close(batched, loop, rtol=1e-4, atol=1e-4)
+
+
+def test_dgc_batched_matches_sequential_in_distribution_with_noise():
+    """Read noise, c2c noise of the perturbing pulse and neuron noise on: over repeated measurements the
+    batched and sequential gradients of the first layer have the same mean and spread (the batched mode is
+    exact in distribution for the lowest layer)."""
+    spec = make_spec(states=65, nl_ltp=2.0, c2c=0.02, read_noise=0.02)
+    act = ActivationConfig(function="sigmoid", noise=0.01)
+    data = tiny_data(features=3)
+    x, y = data.x_train[:8], data.y_train[:8]
+    cfg = build(DGCConfig, {"perturbation_pulses": 2})
+    runs = 150
+    nets = [mlp(spec, hidden=(2,), features=3, act=act, seed=7), mlp(spec, hidden=(2,), features=3, act=act, seed=7)]
+    layer_b, layer_s = nets[0].analog_layers[0], nets[1].analog_layers[0]
+    batched = torch.stack([dgc_exact(nets[0], layer_b, x, y, "cross_entropy", cfg)[0] for _ in range(runs)])
+    loop = torch.stack([dgc_sequential(nets[1], layer_s, x, y, "cross_entropy", cfg)[0] for _ in range(runs)])
+    se = torch.sqrt((batched.var(0) + loop.var(0)) / runs)
+    assert bool(((batched.mean(0) - loop.mean(0)).abs() < 5 * se + 1e-6).all())
+    # Ratio of sample variances of two sets of `runs` draws: log-ratio sd ≈ sqrt(2/(runs−1)) each → 5 sigma.
+    log_ratio = (batched.var(0) / loop.var(0)).log()
+    assert bool((log_ratio.abs() < 5 * math.sqrt(4 / (runs - 1))).all())
+
+
+def test_linearized_and_exact_dgc_agree_for_small_noise_free_perturbations():
+    spec = make_spec(states=4097, nl_ltp=1.0, nl_ltd=-1.0, g_min_dtod=0.1)
+    act = ActivationConfig(function="tanh", gain_dtod=0.1, offset_dtod=0.05)
+    net = mlp(spec, hidden=(6,), act=act, seed=2)
+    data = tiny_data()
+    x, y = data.x_train[:24], data.y_train[:24]
+    cfg = build(DGCConfig, {"mode": "linearized", "perturbation_pulses": 1})
+    for layer in net.analog_layers:
+        exact, _ = dgc_exact(net, layer, x, y, "cross_entropy", cfg)
+        lin, _ = dgc_linearized(net, layer, x, y, "cross_entropy", cfg)
+        assert cosine(exact, lin) > 0.99, layer.name
+
+
+def test_hybrid_perturbs_only_its_dgc_layers():
+    spec = make_spec(states=257)
+    data = tiny_data()
+    net = mlp(spec, hidden=(5, 4))
+    cfg = build(TrainerConfig, {"scheme": "hybrid", "epochs": 2, "batch_size": 16,
+                                "hybrid": {"layer_schemes": ["dgc", "bp", "bp"], "bp_epochs": 1}})
+    trainer = make_trainer(net, data, cfg)
+    trainer.fit()
+    ev = trainer.engine.events()
+    perturb = ev[ev["op"] == b"perturb"]
+    assert set(perturb["layer"].tolist()) == {b"fc1"}
+    steps = math.ceil(len(data.x_train) / 16)
+    assert len(perturb) == steps                              # epoch 1 is BP everywhere, epoch 2 DGC on fc1
+    assert int(perturb["count"].sum()) == steps * 7 * 5       # every weight of fc1 (6 inputs + bias) x 5
+    assert trainer.history[0]["schemes"] == {"fc1": "bp", "fc2": "bp", "fc3": "bp"}
+    assert trainer.history[1]["schemes"]["fc1"] == "dgc"
+
+
+def test_hybrid_default_is_dgc_for_convolutions_and_bp_for_dense_layers():
+    spec = make_spec(states=257)
+    net = AnalogNetwork([AnalogConv2d(1, 2, 3, name="conv1", spec=spec, input_size=5), nn.Flatten(),
+                         AnalogLinear(18, 3, name="fc1", spec=spec)])
+    data = Dataset(torch.rand(8, 1, 5, 5), torch.randint(0, 3, (8,)), torch.rand(4, 1, 5, 5),
+                   torch.randint(0, 3, (4,)), 3, "img")
+    trainer = make_trainer(net, data, build(TrainerConfig, {"scheme": "hybrid", "epochs": 1, "batch_size": 8}))
+    assert trainer.layer_schemes(1) == {"conv1": "dgc", "fc1": "bp"}
+    trainer.fit()
+    ev = trainer.engine.events()
+    assert set(ev[ev["op"] == b"perturb"]["layer"].tolist()) == {b"conv1"}
+
+
+def test_one_layer_one_step_time_and_energy_by_hand():
+    spec = make_spec(states=101)
+    hw = HardwareTable()
+    layer = AnalogLinear(6, 3, name="fc1", spec=spec, activation=ActivationConfig(function="identity"))
+    net = AnalogNetwork([nn.Flatten(), layer])
+    data = tiny_data(n=8)
+    lr = 0.5
+    cfg = build(TrainerConfig, {"scheme": "bp", "epochs": 1, "batch_size": 8, "learning_rate": lr})
+    # The gradient, pulses and slots that the step must use, computed here independently.
+    w = layer.crossbar.weights().clone().requires_grad_(True)
+    x = data.x_train.reshape(8, -1)
+    xin = torch.cat([x, torch.ones(8, 1)], 1)
+    (g,) = torch.autograd.grad(nn.functional.cross_entropy(xin @ w, data.y_train), w)
+    n = torch.round(-lr * g / layer.crossbar.dw_pulse)
+    pulses, slots = 2 * int(n.abs().sum()), int(n.abs().amax(1).sum())
+    trainer = make_trainer(net, data, cfg, hardware=hw)
+    trainer.fit()
+    B, rows, cols = 8, 7, 3
+    stage = hw.read_s + math.ceil(cols / hw.adcs_per_tile) * hw.adc_s + hw.neuron_s
+    t_forward = B * stage                                     # one stage: fill + (B−1)·slowest = B·stage
+    ops = B * rows * cols                                     # the controller's outer product
+    t_digital = math.ceil(ops / hw.digital_lanes) * hw.digital_op_s
+    t_program = slots * hw.pulse_s
+    e = (B * hw.read_j + B * cols * (hw.adc_j + hw.neuron_j) + ops * hw.digital_op_j + pulses * hw.pulse_j)
+    row = trainer.history[0]
+    assert pulses > 0
+    assert row["sim_time_s"] == pytest.approx(t_forward + t_digital + t_program, rel=1e-12)
+    assert row["energy_j"] == pytest.approx(e, rel=1e-12)
+    assert row["pulses"] == pulses
+
+
+def test_dgc_clock_shows_its_sequential_cost():
+    spec = make_spec(states=257)
+    data = tiny_data(n=16)
+    times = {}
+    for scheme in ("bp", "dgc"):
+        net = mlp(spec, hidden=(5,))
+        trainer = make_trainer(net, data, build(TrainerConfig, {"scheme": scheme, "epochs": 1, "batch_size": 16}))
+        trainer.fit()
+        times[scheme] = trainer.history[0]["sim_time_s"]
+        if scheme == "dgc":
+            assert trainer.history[0]["perturbations"] == 7 * 5 + 6 * 3
+    # Each of the 53 perturbations costs a whole forward pass of the batch: far slower than one BP step.
+    assert times["dgc"] > 20 * times["bp"]
+
+
+def test_conv_layer_reads_like_conv2d_and_bp_matches_autograd():
+    spec = make_spec(states=4097)
+    conv = AnalogConv2d(2, 3, 3, name="conv1", spec=spec, padding=1, input_size=6,
+                        activation=ActivationConfig(function="relu"))
+    net = AnalogNetwork([conv, nn.MaxPool2d(2), nn.Flatten(), AnalogLinear(27, 4, name="fc1", spec=spec)])
+    x = torch.rand(5, 2, 6, 6)
+    y = torch.randint(0, 4, (5,))
+    wc = conv.crossbar.weights().clone().requires_grad_(True)
+    wf = net.analog_layers[1].crossbar.weights().clone().requires_grad_(True)
+    kernel = wc[:-1].T.reshape(3, 2, 3, 3)
+    ref_conv = nn.functional.conv2d(x, kernel, wc[-1], padding=1)
+    torch.testing.assert_close(conv.preactivation(x), ref_conv.detach(), rtol=1e-4, atol=1e-5)
+    h = nn.functional.max_pool2d(torch.relu(ref_conv), 2).flatten(1)
+    loss = nn.functional.cross_entropy(torch.cat([h, torch.ones(5, 1)], 1) @ wf, y)
+    ref = torch.autograd.grad(loss, [wc, wf])
+    bp_gradients(net, x, y, "cross_entropy", net.analog_layers)
+    for layer, r in zip(net.analog_layers, ref, strict=True):
+        torch.testing.assert_close(layer.weight.grad, r, rtol=1e-4, atol=1e-6)
+    # DGC on the conv layer: batched equals the sequential loop.
+    cfg = build(DGCConfig, {"perturbation_dw": 0.01})
+    batched, _ = dgc_exact(net, conv, x, y, "cross_entropy", cfg)
+    loop, _ = dgc_sequential(net, conv, x, y, "cross_entropy", cfg)
+    torch.testing.assert_close(batched, loop, rtol=1e-3, atol=1e-3)
+
+
+def test_convert_maps_a_torch_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3))
+    net = convert(model, make_spec(states=4097))
+    x = torch.rand(4, 1, 3, 4)
+    torch.testing.assert_close(net(x), model(x).detach(), rtol=1e-4, atol=1e-5)
+    assert [layer.activation_config.function for layer in net.analog_layers] == ["tanh", "identity"]
+
+
+def test_two_stage_records_both_stages_and_trains_coefficients():
+    spec = make_spec(states=257)
+    data = tiny_data()
+    net = mlp(spec, hidden=(5,))
+    cfg = build(TrainerConfig, {"scheme": "two_stage", "batch_size": 16,
+                                "two_stage": {"stage1_epochs": 1, "stage2_epochs": 2, "terms": 4}})
+    trainer = make_trainer(net, data, cfg)
+    trainer.run_epochs(0)
+    rows = trainer.fit()
+    assert [r["stage"] for r in rows] == ["stage1", "stage2", "stage2"]
+    unit = net.analog_layers[0].activation
+    assert unit.config.mode == "taylor"
+    start = torch.tensor([0.5, 0.25, 0.0, -1 / 48])   # the computed sigmoid series, before training
+    assert not torch.allclose(unit.coefficients.detach().float(), start, atol=1e-6)
+    assert rows[1]["pulses"] == rows[0]["pulses"]     # stage 2 leaves the weights alone by default
+
+
+def test_training_is_reproducible_bit_for_bit():
+    spec = make_spec(states=129, c2c=0.01, read_noise=0.01, g_min_dtod=0.1)
+    act = ActivationConfig(function="sigmoid", gain_dtod=0.05, noise=0.01)
+    data = tiny_data()
+
+    def run():
+        net = mlp(spec, hidden=(5,), act=act, seed=4)
+        t = make_trainer(net, data, build(TrainerConfig, {"scheme": "hybrid", "epochs": 1, "batch_size": 16}),
+                         seed=4)
+        t.fit()
+        return [layer.crossbar.weights() for layer in net.analog_layers], t.history[0]["train_loss"]
+
+    (wa, la), (wb, lb) = run(), run()
+    assert la == lb
+    assert all(torch.equal(a, b) for a, b in zip(wa, wb, strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["bp", "dgc"])
+def test_ideal_device_trains_mlp_on_digits_to_90_percent(scheme):
+    data = load(DataConfig())
+    net = build_network(NetworkConfig(hidden=(32,)), make_spec(states=1025), data.image_shape, 10, seed=0)
+    cfg = build(TrainerConfig, {"scheme": scheme, "epochs": 8, "learning_rate": 0.5, "momentum": 0.5})
+    trainer = make_trainer(net, data, cfg)
+    rows = trainer.fit()
+    assert rows[-1]["test_accuracy"] >= 0.90

@@ -296,8 +296,8 @@ def test_training_is_reproducible_bit_for_bit():
 @pytest.mark.parametrize("scheme", ["bp", "dgc"])
 def test_ideal_device_trains_mlp_on_digits_to_90_percent(scheme):
     data = load(DataConfig())
-    net = build_network(NetworkConfig(hidden=(32,)), make_spec(states=1025), data.image_shape, 10, seed=0)
-    cfg = build(TrainerConfig, {"scheme": scheme, "epochs": 8, "learning_rate": 0.5, "momentum": 0.5})
+    net = build_network(NetworkConfig(hidden=(16,)), make_spec(states=1025), data.image_shape, 10, seed=0)
+    cfg = build(TrainerConfig, {"scheme": scheme, "epochs": 5, "learning_rate": 1.0, "momentum": 0.5})
     trainer = make_trainer(net, data, cfg)
     rows = trainer.fit()
     assert rows[-1]["test_accuracy"] >= 0.90

@@ -1,0 +1,25 @@
+"""README's Quick start is what users and CI run: exactly two commands, and CI runs the test one verbatim."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quick_start_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
+
+
+def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
+    commands = quick_start_commands()
+    assert len(commands) == 2
+    main_job, tests = commands
+    assert "neurosim demo" in main_job and "pytest" in tests
+    for command in commands:
+        assert "-c constraints.txt" in command  # never an unpinned torch on a CPU machine
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests in ci

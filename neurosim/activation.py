@@ -1,0 +1,871 @@
+"""Neuron circuits: an activation function realized exactly, as a Taylor polynomial or as piecewise-linear
+(PWL) segments, with the mismatch and noise of a real circuit, and a separate derivative circuit for BP.
+
+Why three realizations: hardware replaces exponentials by polynomials (Chen and Liang, ISOCC 2020: trainable
+per-layer Taylor activations) or by PWL segments (Electronics 12(2):267, 2023: least-squares PWL of activations
+and their derivatives under a bounded error), and pays in accuracy. A layer picks its realization in its
+``ActivationConfig``; ``ActivationUnit`` evaluates it on a batch with neurons along dim 1.
+
+Numerics:
+- Taylor coefficients are computed, not typed in: the function is evaluated in truncated power-series
+  ("jet") arithmetic in float64, where exp, log, division and erf of a series follow exact recurrences
+  (e.g. b = exp(a): b_k = (1/k) sum_j j a_j b_{k-j}). A function with no series at the centre (a kink of
+  relu, leaky_relu, prelu, elu, selu at 0) falls back to the least-squares polynomial on the clipping range.
+- PWL segments are chosen once, at construction, in numpy float64 on a uniform grid of ``fit_points`` nodes
+  (a kink at 0 is put on a node when the grid allows). Both segmenters are greedy: from the left end each
+  segment reaches as far right as its line (chord through the end points, or least-squares line through
+  all nodes) keeps the max error below the target.
+- PWL evaluation is batched torch: every grid cell lies inside one segment, so the segment of x is found by
+  arithmetic (cell = floor((x - a)/h)) and a single gather fetches the cell's packed (intercept, slope)
+  row; ``torch.bucketize`` on CPU is ten times slower than this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neurosim.config import ConfigError, check, setting
+
+FUNCTIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "selu", "softplus", "gelu", "silu",
+             "identity")
+MODES = ("exact", "taylor", "pwl")
+SEGMENTERS = ("chord", "least_squares")
+DERIVATIVES = ("slope", "fit")
+TAYLOR_FITS = ("auto", "series", "least_squares")
+
+# Points where the function is not analytic (no Taylor series there; PWL puts a breakpoint there).
+KINKS: dict[str, tuple[float, ...]] = {name: (0.0,) for name in ("relu", "leaky_relu", "prelu", "elu", "selu")}
+
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exact functions and their closed-form derivatives (torch, any dtype/device)
+# --------------------------------------------------------------------------------------------------------
+
+def exact(name: str, x: torch.Tensor, alpha: float | torch.Tensor = 0.01) -> torch.Tensor:
+    """f(x). ``alpha``: leaky_relu slope, elu alpha, prelu slope (a tensor keeps it trainable)."""
+    if name == "sigmoid":
+        return torch.sigmoid(x)
+    if name == "tanh":
+        return torch.tanh(x)
+    if name == "relu":
+        return F.relu(x)
+    if name == "leaky_relu":
+        return F.leaky_relu(x, float(alpha))
+    if name == "prelu":
+        w = alpha if isinstance(alpha, torch.Tensor) else torch.tensor([alpha], dtype=x.dtype, device=x.device)
+        return F.prelu(x, w.reshape(1).to(x.dtype))
+    if name == "elu":
+        return F.elu(x, float(alpha))
+    if name == "selu":
+        return F.selu(x)
+    if name == "softplus":
+        return F.softplus(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "silu":
+        return F.silu(x)
+    if name == "identity":
+        return x
+    raise ConfigError("function", name, "must be one of " + ", ".join(FUNCTIONS))
+
+
+def exact_derivative(name: str, x: torch.Tensor, alpha: float | torch.Tensor = 0.01) -> torch.Tensor:
+    """f'(x) in closed form, with torch's own choice at kinks (relu'(0) = 0, leaky_relu'(0) = alpha)."""
+    a = alpha.detach().reshape(()).to(x) if isinstance(alpha, torch.Tensor) else alpha
+    if name == "sigmoid":
+        s = torch.sigmoid(x)
+        return s * (1 - s)
+    if name == "tanh":
+        return 1 - torch.tanh(x) ** 2
+    if name == "relu":
+        return (x > 0).to(x.dtype)
+    if name in ("leaky_relu", "prelu"):
+        return torch.where(x > 0, torch.ones_like(x), a * torch.ones_like(x))
+    if name == "elu":
+        return torch.where(x > 0, torch.ones_like(x), a * torch.exp(torch.clamp(x, max=0)))
+    if name == "selu":
+        return SELU_SCALE * torch.where(x > 0, torch.ones_like(x), SELU_ALPHA * torch.exp(torch.clamp(x, max=0)))
+    if name == "softplus":
+        return torch.sigmoid(x)
+    if name == "gelu":
+        cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2))))
+        return cdf + x * torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+    if name == "silu":
+        s = torch.sigmoid(x)
+        return s + x * s * (1 - s)
+    if name == "identity":
+        return torch.ones_like(x)
+    raise ConfigError("function", name, "must be one of " + ", ".join(FUNCTIONS))
+
+
+def numpy_function(name: str, alpha: float = 0.01, derivative: bool = False):
+    """f or f' as a numpy float64 function (set-up only: segment fitting, reports)."""
+    def fn(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.asarray(x, dtype=np.float64))
+        return (exact_derivative if derivative else exact)(name, t, alpha).numpy()
+    return fn
+
+
+# --------------------------------------------------------------------------------------------------------
+# Taylor coefficients by truncated power-series (jet) arithmetic, float64
+# --------------------------------------------------------------------------------------------------------
+
+def _jmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.convolve(a, b)[: len(a)]
+
+
+def _jexp(a: np.ndarray) -> np.ndarray:
+    b = np.zeros_like(a)
+    b[0] = math.exp(a[0])
+    j = np.arange(len(a))
+    for k in range(1, len(a)):  # b' = a' b
+        b[k] = np.dot(j[1:k + 1] * a[1:k + 1], b[k - 1::-1][:k]) / k
+    return b
+
+
+def _jlog(a: np.ndarray) -> np.ndarray:
+    b = np.zeros_like(a)
+    b[0] = math.log(a[0])
+    j = np.arange(len(a))
+    for k in range(1, len(a)):  # a b' = a'
+        b[k] = (a[k] - np.dot(j[1:k] * b[1:k], a[k - 1:0:-1]) / k) / a[0]
+    return b
+
+
+def _jdiv(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    c = np.zeros_like(a)
+    for k in range(len(a)):  # a = b c
+        c[k] = (a[k] - np.dot(b[1:k + 1], c[k - 1::-1][:k])) / b[0]
+    return c
+
+
+def _jerf(a: np.ndarray) -> np.ndarray:
+    g = (2 / math.sqrt(math.pi)) * _jexp(-_jmul(a, a))
+    b = np.zeros_like(a)
+    b[0] = math.erf(a[0])
+    j = np.arange(len(a))
+    for k in range(1, len(a)):  # b' = g a'
+        b[k] = np.dot(j[1:k + 1] * a[1:k + 1], g[k - 1::-1][:k]) / k
+    return b
+
+
+def _const(v: float, n: int) -> np.ndarray:
+    c = np.zeros(n)
+    c[0] = v
+    return c
+
+
+def _jsigmoid(x: np.ndarray) -> np.ndarray:
+    one = _const(1.0, len(x))
+    if x[0] >= 0:
+        return _jdiv(one, one + _jexp(-x))
+    e = _jexp(x)
+    return _jdiv(e, one + e)
+
+
+def analytic_at(name: str, x0: float) -> bool:
+    """Whether f has a Taylor series at x0 (false only at a kink)."""
+    return not any(abs(x0 - k) < 1e-12 for k in KINKS.get(name, ()))
+
+
+def taylor_coefficients(name: str, terms: int, center: float = 0.0, alpha: float = 0.01) -> np.ndarray:
+    """The first ``terms`` Taylor coefficients c_k of f around ``center``: f(x0+u) ~ sum_k c_k u^k.
+
+    Computed by jet arithmetic in float64 (exact recurrences, no typed-in series); raises ValueError at a kink.
+    """
+    if name not in FUNCTIONS:
+        raise ConfigError("function", name, "must be one of " + ", ".join(FUNCTIONS))
+    if not analytic_at(name, center):
+        raise ValueError(f"{name} has no Taylor series at {center}")
+    n = int(terms)
+    x = np.zeros(n)
+    x[0] = center
+    if n > 1:
+        x[1] = 1.0
+    one = _const(1.0, n)
+    if name == "sigmoid":
+        return _jsigmoid(x)
+    if name == "tanh":  # tanh(x) = 2 sigmoid(2x) - 1
+        return 2 * _jsigmoid(2 * x) - one
+    if name == "softplus":  # log(1 + e^x) = x + log(1 + e^-x): the form whose exp does not overflow
+        return _jlog(one + _jexp(x)) if center <= 0 else x + _jlog(one + _jexp(-x))
+    if name == "silu":
+        return _jmul(x, _jsigmoid(x))
+    if name == "gelu":
+        return _jmul(x, 0.5 * (one + _jerf(x / math.sqrt(2))))
+    if name == "identity":
+        return x.copy()
+    negative = center < 0
+    if name == "relu":
+        return np.zeros(n) if negative else x.copy()
+    if name in ("leaky_relu", "prelu"):
+        return alpha * x if negative else x.copy()
+    if name == "elu":
+        return alpha * (_jexp(x) - one) if negative else x.copy()
+    if name == "selu":
+        return SELU_SCALE * (SELU_ALPHA * (_jexp(x) - one) if negative else x)
+    raise AssertionError(name)
+
+
+def least_squares_polynomial(name: str, terms: int, center: float, input_range: tuple[float, float],
+                             alpha: float = 0.01, points: int = 20001) -> np.ndarray:
+    """Coefficients (in powers of x - center) of the degree terms-1 polynomial closest to f in the least-squares
+    sense on ``points`` uniform nodes of the range: the Taylor fallback where f has no series."""
+    x = np.linspace(input_range[0], input_range[1], points)
+    y = numpy_function(name, alpha)(x)
+    poly = np.polynomial.Polynomial.fit(x - center, y, terms - 1).convert()
+    coef = np.zeros(terms)
+    coef[: len(poly.coef)] = poly.coef
+    return coef
+
+
+# --------------------------------------------------------------------------------------------------------
+# Piecewise-linear segmentation (numpy float64, set-up time)
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PWLTable:
+    """Segments k = 0..K-1 on [breakpoints[k], breakpoints[k+1]]: y = slope[k]·x + intercept[k]; saturation
+    outside [breakpoints[0], breakpoints[-1]]. A point on an inner breakpoint takes the right segment."""
+
+    breakpoints: np.ndarray
+    slope: np.ndarray
+    intercept: np.ndarray
+
+    @property
+    def segments(self) -> int:
+        return len(self.slope)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.clip(np.asarray(x, dtype=np.float64), self.breakpoints[0], self.breakpoints[-1])
+        k = np.clip(np.searchsorted(self.breakpoints, x, side="right") - 1, 0, self.segments - 1)
+        return self.slope[k] * x + self.intercept[k]
+
+
+def fit_grid(input_range: tuple[float, float], points: int, kinks: tuple[float, ...] = ()) -> np.ndarray:
+    """Uniform nodes from a to b; the count is raised (up to 2x) until every kink inside falls on a node."""
+    a, b = input_range
+    n = points - 1
+    inside = [k for k in kinks if a < k < b]
+    if inside:
+        cand = np.arange(n, 2 * n + 1)
+        ok = np.ones(len(cand), dtype=bool)
+        for k in inside:
+            pos = (k - a) / (b - a) * cand
+            ok &= np.abs(pos - np.round(pos)) < 1e-9 * cand
+        if ok.any():
+            n = int(cand[np.argmax(ok)])
+    x = a + (b - a) * np.arange(n + 1) / n
+    x[-1] = b
+    for k in inside:  # exact kink value on its node (avoids a rounding-level step)
+        i = round((k - a) / (b - a) * n)
+        if abs(x[i] - k) < 1e-9 * (b - a):
+            x[i] = k
+    return x
+
+
+@dataclass
+class _Samples:
+    """f on the fit grid. A segment that starts (ends) on a kink node uses f's right (left) limit there, so
+    a discontinuous f' is fitted on each side of its jump; segments never straddle a kink (``pieces``)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    y_start: np.ndarray
+    y_end: np.ndarray
+    pieces: list[tuple[int, int]]
+
+
+def _samples(fn, x: np.ndarray, kinks: tuple[float, ...]) -> _Samples:
+    y = np.asarray(fn(x), dtype=np.float64)
+    y_start, y_end = y.copy(), y.copy()
+    cuts = {0, len(x) - 1}
+    delta = 1e-9 * (x[-1] - x[0])
+    for k in kinks:
+        hits = np.flatnonzero(x[1:-1] == k) + 1
+        if len(hits):
+            i = int(hits[0])
+            v = np.asarray(fn(np.array([k - 2 * delta, k - delta, k + delta, k + 2 * delta])), dtype=np.float64)
+            y_end[i], y_start[i] = 2 * v[1] - v[0], 2 * v[2] - v[3]  # limits, extrapolated linearly
+            cuts.add(i)
+    return _Samples(x, y, y_start, y_end, list(itertools.pairwise(sorted(cuts))))
+
+
+def _line(s: _Samples, i: int, j: int, segmenter: str) -> tuple[float, float, float]:
+    """(slope, intercept, max |error| on the nodes) of the segmenter's line through nodes i..j."""
+    xs, ys = s.x[i:j + 1], s.y[i:j + 1]
+    if s.y_start[i] != s.y[i] or s.y_end[j] != s.y[j]:
+        ys = ys.copy()
+        ys[0], ys[-1] = s.y_start[i], s.y_end[j]
+    if segmenter == "chord":
+        slope = (ys[-1] - ys[0]) / (xs[-1] - xs[0])
+        intercept = ys[0] - slope * xs[0]
+    else:
+        dx = xs - xs.mean()
+        slope = float(np.dot(dx, ys - ys.mean()) / np.dot(dx, dx))
+        intercept = ys.mean() - slope * xs.mean()
+    return slope, intercept, float(np.max(np.abs(ys - (slope * xs + intercept))))
+
+
+def _greedy(s: _Samples, target: float, segmenter: str, max_segments: int | None = None) -> list[int] | None:
+    """Node indices of the breakpoints (first and last node included). Each segment reaches as far right as
+    the target allows (exponential, then binary search; two nodes are always exact). None when more than
+    ``max_segments`` would be needed."""
+    nodes = [0]
+    for start, end in s.pieces:
+        i = start
+        while i < end:
+            if max_segments is not None and len(nodes) > max_segments:
+                return None
+            if _line(s, i, end, segmenter)[2] <= target:
+                j = end
+            else:
+                lo, probe = i + 1, i + 2
+                while probe < end and _line(s, i, probe, segmenter)[2] <= target:
+                    lo, probe = probe, i + 2 * (probe - i)
+                hi = min(probe, end)
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (mid, hi) if _line(s, i, mid, segmenter)[2] <= target else (lo, mid)
+                j = lo
+            nodes.append(j)
+            i = j
+    if max_segments is not None and len(nodes) - 1 > max_segments:
+        return None
+    return nodes
+
+
+def _fixed_count(s: _Samples, segments: int, segmenter: str) -> list[int]:
+    """Exactly ``segments`` segments: the smallest error target whose greedy cover needs no more (bisection
+    on a log scale), then the widest segments split in halves until the count is met."""
+    if segments < len(s.pieces):
+        raise ConfigError("segments", segments, f"must be at least {len(s.pieces)}: one segment on each side of "
+                                                "a kink")
+    hi = max(_line(s, i, j, segmenter)[2] for i, j in s.pieces)
+    nodes = _greedy(s, hi, segmenter)
+    if segments > len(nodes) - 1 and hi > 0:
+        lo = hi / 4.0 / segments**2
+        while lo > 1e-300 and _greedy(s, lo, segmenter, segments) is not None:
+            lo /= 4.0
+        for _ in range(60):
+            if hi <= lo * (1 + 1e-4):
+                break
+            mid = math.sqrt(lo * hi)
+            lo, hi = (lo, mid) if _greedy(s, mid, segmenter, segments) is not None else (mid, hi)
+        nodes = _greedy(s, hi, segmenter, segments)
+    while len(nodes) - 1 < segments:
+        widths = np.diff(nodes)
+        k = int(np.argmax(widths))
+        if widths[k] < 2:
+            break
+        nodes.insert(k + 1, nodes[k] + int(widths[k]) // 2)
+    return nodes
+
+
+def _table(s: _Samples, nodes: list[int], segmenter: str) -> PWLTable:
+    lines = [_line(s, i, j, segmenter) for i, j in itertools.pairwise(nodes)]
+    return PWLTable(breakpoints=s.x[nodes].copy(), slope=np.array([ln[0] for ln in lines]),
+                    intercept=np.array([ln[1] for ln in lines]))
+
+
+def grid_margin(x: np.ndarray, y: np.ndarray, kinks: tuple[float, ...] = ()) -> float:
+    """How far |f - line| may rise between two nodes above its value on them: twice the h^2 max|f''|/8 of
+    linear interpolation, estimated from second differences away from kinks, plus rounding."""
+    d2 = np.abs(y[2:] - 2 * y[1:-1] + y[:-2])
+    for k in kinks:
+        d2[np.abs(x[1:-1] - k) <= 1.5 * np.max(np.diff(x))] = 0.0
+    return float(d2.max(initial=0.0)) / 4 + 64 * np.finfo(np.float64).eps * float(np.max(np.abs(y)) + 1)
+
+
+def fit_pwl(fn, input_range: tuple[float, float], epsilon: float | None = None, segments: int | None = None,
+            segmenter: str = "least_squares", points: int = 20001, kinks: tuple[float, ...] = (),
+            grid: np.ndarray | None = None) -> tuple[PWLTable, np.ndarray]:
+    """PWL segments of ``fn`` (numpy float64 -> float64) on [a, b]: at most ``epsilon`` max |error| (checked on
+    the nodes against epsilon minus the between-node margin), or exactly ``segments`` segments (which wins
+    when both are given). Returns the table and the grid index of each breakpoint."""
+    if segmenter not in SEGMENTERS:
+        raise ConfigError("segmenter", segmenter, "must be one of " + ", ".join(map(repr, SEGMENTERS)))
+    x = fit_grid(input_range, points, kinks) if grid is None else grid
+    s = _samples(fn, x, kinks)
+    if segments is not None:
+        nodes = _fixed_count(s, int(segments), segmenter)
+    elif epsilon is not None:
+        target = epsilon - grid_margin(x, s.y, kinks)
+        if target <= 0:
+            raise ConfigError("epsilon", epsilon, f"is finer than a grid of {len(x)} fit points can guarantee "
+                                                  "(raise fit_points)")
+        nodes = _greedy(s, target, segmenter)
+    else:
+        raise ConfigError("epsilon", None, "pwl needs epsilon or segments")
+    return _table(s, nodes, segmenter), np.asarray(nodes)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """One layer's neuron circuit: which function, how it is realized, and how far the circuit strays."""
+
+    function: str = setting("sigmoid", "activation function", choices=FUNCTIONS)
+    mode: str = setting("exact", "realization: exact, taylor (polynomial) or pwl (piecewise linear)", choices=MODES)
+    terms: int = setting(4, "taylor: number of polynomial terms N (degree N-1)", ge=1, le=32)
+    center: float = setting(0.0, "taylor: expansion centre x0")
+    input_range: tuple[float, float] = setting((-4.0, 4.0), "taylor: input clipping range; pwl: segment range [a, b]")
+    train_coefficients: bool = setting(False, "taylor: coefficients are trainable parameters (else frozen)")
+    taylor_fit: str = setting("auto", "taylor: 'series', 'least_squares' on the range, or 'auto' (series where "
+                                      "the function has one at x0, else least squares)", choices=TAYLOR_FITS)
+    epsilon: float | None = setting(0.01, "pwl: max |error| on the range", gt=0.0)
+    segments: int | None = setting(None, "pwl: fixed number of segments (overrides epsilon when set)", ge=1)
+    segmenter: str = setting("least_squares", "pwl: 'chord' (end points on f) or 'least_squares' lines",
+                             choices=SEGMENTERS)
+    derivative: str = setting("fit", "pwl: BP derivative is the PWL 'slope' or a separate PWL 'fit' of f'",
+                              choices=DERIVATIVES)
+    fit_points: int = setting(20001, "pwl/taylor fallback: uniform nodes on the range used for fitting",
+                              ge=101, le=2_000_001)
+    alpha: float = setting(0.01, "leaky_relu slope, elu alpha, prelu initial slope")
+    gain_dtod: float = setting(0.0, "forward circuit: relative sigma of each neuron's gain", ge=0.0)
+    offset_dtod: float = setting(0.0, "forward circuit: sigma of each neuron's output offset", ge=0.0)
+    noise: float = setting(0.0, "forward circuit: sigma of output noise, drawn on every evaluation", ge=0.0)
+    output_range: tuple[float, float] | None = setting(None, "forward circuit: output clipping range")
+    derivative_gain_dtod: float = setting(0.0, "derivative circuit: relative sigma of each neuron's gain", ge=0.0)
+    derivative_offset_dtod: float = setting(0.0, "derivative circuit: sigma of each neuron's offset", ge=0.0)
+    derivative_noise: float = setting(0.0, "derivative circuit: sigma of output noise per evaluation", ge=0.0)
+
+    def __post_init__(self) -> None:
+        check(self)  # types first, so the conversions below cannot fail on a wrong type
+        object.__setattr__(self, "center", float(self.center))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        for name in ("input_range", "output_range"):
+            value = getattr(self, name)
+            if value is not None:
+                if len(value) != 2:
+                    raise ConfigError(name, value, "must be two numbers [low, high]")
+                object.__setattr__(self, name, (float(value[0]), float(value[1])))
+        if self.epsilon is not None:
+            object.__setattr__(self, "epsilon", float(self.epsilon))
+        self.validate()
+
+    def validate(self) -> None:
+        a, b = self.input_range
+        if not (math.isfinite(a) and math.isfinite(b) and a < b):
+            raise ConfigError("input_range", self.input_range, "needs low < high, both finite")
+        if self.output_range is not None:
+            lo, hi = self.output_range
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ConfigError("output_range", self.output_range, "needs low < high, both finite")
+        if self.mode == "taylor":
+            if not a <= self.center <= b:
+                raise ConfigError("center", self.center, f"must lie in input_range {self.input_range}")
+            if self.taylor_fit == "series" and not analytic_at(self.function, self.center):
+                raise ConfigError("center", self.center, f"{self.function} has no Taylor series there "
+                                                         "(use taylor_fit = 'auto' or 'least_squares')")
+        if self.mode == "pwl":
+            if self.epsilon is None and self.segments is None:
+                raise ConfigError("epsilon", None, "pwl needs epsilon or segments")
+            if self.segments is not None and self.segments > self.fit_points - 1:
+                raise ConfigError("segments", self.segments, f"must be <= fit_points - 1 ({self.fit_points - 1})")
+
+    @property
+    def has_variation(self) -> bool:
+        return bool(self.gain_dtod or self.offset_dtod or self.noise or self.output_range)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Batched evaluation kernels (custom autograd: the derivative is produced in the forward pass, the way a
+# derivative circuit runs beside the neuron, so backward is one multiply)
+# --------------------------------------------------------------------------------------------------------
+
+_WIDE = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
+
+
+def _pack_rows(table: torch.Tensor) -> torch.Tensor:
+    """A (L, C) table as L single wide elements where a dtype that wide exists, so one gather fetches a row."""
+    table = table.contiguous()
+    wide = _WIDE.get(table.shape[1] * table.element_size())
+    return table.view(wide).reshape(-1) if wide is not None else table
+
+
+def _gather_rows(packed: torch.Tensor, index: torch.Tensor, columns: int, dtype: torch.dtype) -> torch.Tensor:
+    rows = torch.index_select(packed, 0, index.reshape(-1))
+    if packed.dim() == 1:
+        rows = rows.view(dtype)
+    return rows.reshape(*index.shape, columns)
+
+
+def _horner(coeffs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """sum_k c_k u^k. Written as mul, add_, then addcmul with one 0-dim operand: on CPU a 0-dim tensor acts as
+    a scalar there, while addcmul with two 0-dim operands falls off the vectorized path (3x slower)."""
+    n = coeffs.shape[0]
+    if n == 1:
+        return torch.zeros_like(u).add_(coeffs[0])
+    y = (u * coeffs[n - 1]).add_(coeffs[n - 2])
+    for k in range(n - 3, -1, -1):
+        torch.addcmul(coeffs[k], y, u, out=y)  # in place: one buffer for the whole polynomial
+    return y
+
+
+def _poly_derivative(coeffs: torch.Tensor) -> torch.Tensor:
+    n = coeffs.shape[0]
+    if n == 1:
+        return torch.zeros(1, dtype=coeffs.dtype, device=coeffs.device)
+    return coeffs[1:] * torch.arange(1, n, dtype=coeffs.dtype, device=coeffs.device)
+
+
+def _clip_mask(d: torch.Tensor, x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """d where low < x < high, else 0: the derivative of input clipping. hardtanh_backward is that product in
+    one vectorized kernel (a bool mask costs 8x more on CPU)."""
+    return torch.ops.aten.hardtanh_backward.grad_input(d, x, low, high, grad_input=d)
+
+
+class _Taylor(torch.autograd.Function):
+    """p(clip(x, a, b) - x0); gradient p'(u) strictly inside the range, 0 elsewhere; coefficients get sum g·u^k."""
+
+    @staticmethod
+    def forward(ctx, x, coeffs, low, high, center):
+        xc = torch.clamp(x, low, high)
+        u = xc - center if center != 0.0 else xc
+        y = _horner(coeffs, u)
+        need_x, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        d = None
+        if need_x:
+            d = _clip_mask(_horner(_poly_derivative(coeffs), u), x, low, high)
+        ctx.n_terms = coeffs.shape[0]
+        ctx.save_for_backward(d if need_x else None, u if need_c else None)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        d, u = ctx.saved_tensors
+        gx = grad * d if d is not None else None
+        gc = None
+        if u is not None:
+            parts, p = [grad.sum()], grad
+            for _ in range(ctx.n_terms - 1):
+                p = p * u
+                parts.append(p.sum())
+            gc = torch.stack(parts)
+        return gx, gc, None, None, None
+
+
+def _cells(x: torch.Tensor, lookup: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x clipped to the padded range, its cell index on the uniform fit grid: 0 and last are padding)."""
+    xc = torch.clamp(x, lookup["low"], lookup["high"])
+    wide = xc if xc.dtype in (torch.float32, torch.float64) else xc.float()  # half types cannot count cells
+    u = torch.add(torch.tensor(lookup["shift"], dtype=wide.dtype), wide, alpha=lookup["scale"])
+    if x.device.type != "cpu":
+        u = torch.nan_to_num_(u, nan=0.0)  # a NaN index would trip a device-side assert
+    return xc, u.to(torch.int32)
+
+
+def _lookup(packed: torch.Tensor, x: torch.Tensor, lookup: dict[str, float],
+            cells: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """(clipped x, cell index, gathered (intercept, slope) rows). A NaN input (CPU) gives an out-of-range
+    index; only then is the index recomputed with NaN sent to a padding cell, whose 0 slope times NaN keeps
+    the output NaN."""
+    xc, cell = cells if cells is not None else _cells(x, lookup)
+    try:
+        return xc, cell, _gather_rows(packed, cell, 2, x.dtype)
+    except (IndexError, RuntimeError):
+        if not torch.isnan(x).any():
+            raise
+        cell = torch.nan_to_num(xc.double() * lookup["scale"] + lookup["shift"], nan=0.0).to(torch.int32)
+        return xc, cell, _gather_rows(packed, cell, 2, x.dtype)
+
+
+class _PWL(torch.autograd.Function):
+    """Lookup of packed per-cell rows (intercept, slope) of f and of the BP derivative; 0 slopes in the two
+    padding cells give saturation and a zero derivative outside [a, b]."""
+
+    @staticmethod
+    def forward(ctx, x, lut_f, lut_d, lookup, derivative_is_slope):
+        xc, cell, rows = _lookup(lut_f, x, lookup)
+        if ctx.needs_input_grad[0]:
+            if derivative_is_slope:
+                ctx.save_for_backward(rows[..., 1])
+            else:
+                _, _, drows = _lookup(lut_d, x, lookup, (xc, cell))
+                ctx.save_for_backward(torch.addcmul(drows[..., 0], drows[..., 1], xc))
+        return torch.addcmul(rows[..., 0], rows[..., 1], xc)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (d,) = ctx.saved_tensors
+        return grad * d, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------------
+# The neuron circuit
+# --------------------------------------------------------------------------------------------------------
+
+def _sub_seed(base: int, name: str) -> int:
+    digest = hashlib.sha256(f"{base}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class ActivationUnit(torch.nn.Module):
+    """A layer's neuron circuits: ``forward`` is the non-ideal forward circuit (autograd-differentiable),
+    ``derivative`` the separate derivative circuit BP reads, ``ideal`` the realization without circuit effects.
+
+    Per-neuron gain and offset are sampled once (seeded); noise is drawn on every evaluation from the unit's
+    own generators, so the forward chip is the same whether or not a derivative circuit is built, and reading
+    the derivative circuit does not shift the forward noise.
+    """
+
+    def __init__(self, config: ActivationConfig, num_neurons: int, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 derivative_circuit: bool = True):
+        super().__init__()
+        check(config)
+        config.validate()
+        if num_neurons < 1:
+            raise ConfigError("num_neurons", num_neurons, "must be >= 1")
+        self.config = config
+        self.num_neurons = int(num_neurons)
+        self.has_derivative_circuit = bool(derivative_circuit)
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._dtype = dtype
+        if generator is None:
+            base = 0
+        else:
+            base = int(torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device).item())
+        self._seeds = {name: _sub_seed(base, name) for name in ("gain", "offset", "noise", "d_gain", "d_offset",
+                                                                  "d_noise")}
+        self._noise_gens: dict[tuple[str, str], torch.Generator] = {}
+        self.register_buffer("gain", self._sample("gain", config.gain_dtod, 1.0))
+        self.register_buffer("offset", self._sample("offset", config.offset_dtod, 0.0))
+        if self.has_derivative_circuit:
+            self.register_buffer("derivative_gain", self._sample("d_gain", config.derivative_gain_dtod, 1.0))
+            self.register_buffer("derivative_offset", self._sample("d_offset", config.derivative_offset_dtod, 0.0))
+        self.prelu_slope: torch.nn.Parameter | None = None
+        if config.function == "prelu":
+            self.prelu_slope = torch.nn.Parameter(torch.tensor([config.alpha], dtype=dtype, device=self._device))
+        self.info: dict[str, Any] = {}
+        self._build()
+
+    # -- set-up -------------------------------------------------------------------------------------------
+    def _sample(self, name: str, sigma: float, mean: float) -> torch.Tensor:
+        """Mismatch of one circuit parameter, once per neuron (float64 draw, so all dtypes share the chip)."""
+        g = torch.Generator().manual_seed(self._seeds[name])
+        z = torch.randn(self.num_neurons, generator=g, dtype=torch.float64)
+        return (mean + sigma * z).to(device=self._device, dtype=self._dtype)
+
+    def _alpha(self) -> float:
+        return float(self.prelu_slope.detach()) if self.prelu_slope is not None else self.config.alpha
+
+    def _set(self, name: str, value: torch.Tensor | None, parameter: bool = False) -> None:
+        for store in (self._parameters, self._buffers):
+            store.pop(name, None)
+        if value is None:
+            return
+        if parameter:
+            self.register_parameter(name, torch.nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
+
+    def _build(self) -> None:
+        """(Re)build the realization from the config: coefficients or lookup tables."""
+        cfg = self.config
+        kw = {"device": self._device, "dtype": self._dtype}
+        self._set("coefficients", None)
+        for name in ("lut_f", "lut_d"):
+            self._set(name, None)
+        self._pwl: PWLTable | None = None
+        self._pwl_derivative: PWLTable | None = None
+        if self.prelu_slope is not None:
+            self.prelu_slope.requires_grad_(cfg.mode == "exact")
+        alpha = self._alpha()
+        self.info = {"function": cfg.function, "mode": cfg.mode}
+        if cfg.mode == "taylor":
+            method = cfg.taylor_fit
+            if method == "auto":
+                method = "series" if analytic_at(cfg.function, cfg.center) else "least_squares"
+            if method == "series":
+                coef = taylor_coefficients(cfg.function, cfg.terms, cfg.center, alpha)
+            else:
+                coef = least_squares_polynomial(cfg.function, cfg.terms, cfg.center, cfg.input_range, alpha,
+                                                cfg.fit_points)
+            self.info.update(terms=cfg.terms, taylor_method=method,
+                             taylor_fallback=(cfg.taylor_fit == "auto" and method == "least_squares"))
+            self._set("coefficients", torch.tensor(coef, **kw), parameter=cfg.train_coefficients)
+        elif cfg.mode == "pwl":
+            self._build_pwl(alpha)
+
+    def _build_pwl(self, alpha: float) -> None:
+        cfg = self.config
+        kinks = KINKS.get(cfg.function, ())
+        grid = fit_grid(cfg.input_range, cfg.fit_points, kinks)
+        f_tab, f_nodes = fit_pwl(numpy_function(cfg.function, alpha), cfg.input_range, cfg.epsilon, cfg.segments,
+                                 cfg.segmenter, cfg.fit_points, kinks, grid)
+        if cfg.derivative == "fit":
+            d_tab, d_nodes = fit_pwl(numpy_function(cfg.function, alpha, derivative=True), cfg.input_range,
+                                     cfg.epsilon, cfg.segments, cfg.segmenter, cfg.fit_points, kinks, grid)
+        else:
+            d_tab = PWLTable(f_tab.breakpoints.copy(), np.zeros(f_tab.segments), f_tab.slope.copy())
+            d_nodes = f_nodes
+        self._pwl, self._pwl_derivative = f_tab, d_tab
+        self.info.update(segments=f_tab.segments, derivative_segments=d_tab.segments)
+
+        # Per-cell rows; every cell of the uniform grid lies inside one segment of each table.
+        cells = len(grid) - 1
+        seg_f = np.repeat(np.arange(f_tab.segments), np.diff(f_nodes))
+        seg_d = np.repeat(np.arange(d_tab.segments), np.diff(d_nodes))
+        rows = np.zeros((cells + 2, 4))
+        rows[1:-1, 0], rows[1:-1, 1] = f_tab.intercept[seg_f], f_tab.slope[seg_f]
+        rows[1:-1, 2], rows[1:-1, 3] = d_tab.intercept[seg_d], d_tab.slope[seg_d]
+        a, b = cfg.input_range
+        rows[0, 0] = f_tab.slope[0] * a + f_tab.intercept[0]     # saturation values; derivative 0 outside
+        rows[-1, 0] = f_tab.slope[-1] * b + f_tab.intercept[-1]
+        h = (b - a) / cells
+        self._lookup = {"scale": 1.0 / h, "shift": 1.0 - a / h, "low": a - 0.5 * h, "high": b + 0.5 * h}
+        table = torch.tensor(rows, device=self._device, dtype=self._dtype)
+        self._set("lut_f", _pack_rows(table[:, :2]))
+        self._set("lut_d", _pack_rows(table[:, 2:]))
+
+    # -- the interface the trainers call --------------------------------------------------------------------
+    def set_mode(self, mode: str | None = None, **changes: Any) -> ActivationUnit:
+        """Switch the realization in place (two-stage training: stage 1 exact or fixed, stage 2 a Taylor
+        polynomial with ``train_coefficients=True``). The sampled mismatch and the noise streams are kept;
+        new parameters are created, so rebuild the optimizer afterwards."""
+        if mode is not None:
+            changes["mode"] = mode
+        self.config = dataclasses.replace(self.config, **changes)
+        self._build()
+        return self
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        out = []
+        if self.config.mode == "taylor" and self.config.train_coefficients:
+            out.append(self.coefficients)
+        if self.prelu_slope is not None and self.config.mode == "exact":
+            out.append(self.prelu_slope)
+        return out
+
+    def ideal(self, x: torch.Tensor) -> torch.Tensor:
+        """The realization (exact, Taylor or PWL) without circuit non-idealities; differentiable."""
+        cfg = self.config
+        if cfg.mode == "exact":
+            alpha = self.prelu_slope if self.prelu_slope is not None else cfg.alpha
+            return exact(cfg.function, x, alpha)
+        if cfg.mode == "taylor":
+            a, b = cfg.input_range
+            coeffs = self.coefficients.to(x.dtype)
+            return _Taylor.apply(x, coeffs, a, b, cfg.center)
+        return _PWL.apply(x, self._table(self.lut_f, x), self._table(self.lut_d, x), self._lookup,
+                          cfg.derivative == "slope")
+
+    def ideal_derivative(self, x: torch.Tensor) -> torch.Tensor:
+        """The derivative of the realization that BP uses (PWL: its slope or the separate fit of f')."""
+        cfg = self.config
+        with torch.no_grad():
+            if cfg.mode == "exact":
+                return exact_derivative(cfg.function, x, self.prelu_slope if self.prelu_slope is not None
+                                        else cfg.alpha)
+            if cfg.mode == "taylor":
+                a, b = cfg.input_range
+                xc = torch.clamp(x, a, b)
+                d = _horner(_poly_derivative(self.coefficients.detach().to(x.dtype)),
+                            xc - cfg.center if cfg.center else xc)
+                return _clip_mask(d, x, a, b)
+            xc, _, rows = _lookup(self._table(self.lut_d, x), x, self._lookup)
+            return torch.addcmul(rows[..., 0], rows[..., 1], xc)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward circuit: clip(gain·f(x) + offset + noise) per neuron (neurons along dim 1)."""
+        self._check_shape(x)
+        cfg = self.config
+        return self._circuit(self.ideal(x), self.gain, self.offset, cfg.gain_dtod, cfg.offset_dtod, cfg.noise,
+                             "noise", cfg.output_range)
+
+    def derivative(self, x: torch.Tensor) -> torch.Tensor:
+        """The derivative circuit's output f'(x) with its own mismatch and noise (no autograd)."""
+        if not self.has_derivative_circuit:
+            raise RuntimeError("this ActivationUnit was built with derivative_circuit=False (a scheme such as "
+                               "DGC that needs no derivative circuit); build it with derivative_circuit=True")
+        self._check_shape(x)
+        cfg = self.config
+        with torch.no_grad():
+            return self._circuit(self.ideal_derivative(x), self.derivative_gain, self.derivative_offset,
+                                 cfg.derivative_gain_dtod, cfg.derivative_offset_dtod, cfg.derivative_noise,
+                                 "d_noise", None)
+
+    def pwl_table(self, which: str = "function") -> PWLTable:
+        """The segments (breakpoints, slope, intercept) of the PWL function, or of the derivative BP uses."""
+        if self.config.mode != "pwl":
+            raise RuntimeError(f"pwl_table() needs mode 'pwl' (this unit is '{self.config.mode}')")
+        if which not in ("function", "derivative"):
+            raise ValueError("which must be 'function' or 'derivative'")
+        table = self._pwl if which == "function" else self._pwl_derivative
+        return dataclasses.replace(table, breakpoints=table.breakpoints.copy(), slope=table.slope.copy(),
+                                   intercept=table.intercept.copy())
+
+    @property
+    def taylor_fallback(self) -> bool:
+        """True when a Taylor unit uses the least-squares polynomial because f has no series at x0."""
+        return bool(self.info.get("taylor_fallback", False))
+
+    def describe(self) -> str:
+        """One line on the realization, for reports and logs."""
+        cfg, info = self.config, self.info
+        if cfg.mode == "exact":
+            return f"{cfg.function}: exact"
+        if cfg.mode == "taylor":
+            how = ("least-squares polynomial (fallback: no series at x0)" if self.taylor_fallback else
+                   "least-squares polynomial" if info["taylor_method"] == "least_squares" else "Taylor series")
+            return (f"{cfg.function}: {how}, {cfg.terms} terms, x0={cfg.center:g}, clip "
+                    f"[{cfg.input_range[0]:g}, {cfg.input_range[1]:g}]")
+        target = f"{cfg.segments} segments" if cfg.segments is not None else f"eps={cfg.epsilon:g}"
+        return (f"{cfg.function}: PWL {cfg.segmenter}, {info['segments']} segments ({target}) on "
+                f"[{cfg.input_range[0]:g}, {cfg.input_range[1]:g}], derivative {cfg.derivative}")
+
+    def extra_repr(self) -> str:
+        return f"{self.describe()}, neurons={self.num_neurons}"
+
+    # -- internals ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _table(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return packed if packed.device == x.device else packed.to(x.device)
+
+    def _check_shape(self, x: torch.Tensor) -> None:
+        if x.dim() < 2 or x.shape[1] != self.num_neurons:
+            raise ValueError(f"expected neurons along dim 1: shape (B, {self.num_neurons}, ...), got "
+                             f"{tuple(x.shape)}")
+
+    def _generator(self, stream: str, device: torch.device) -> torch.Generator:
+        key = (stream, str(device))
+        if key not in self._noise_gens:
+            self._noise_gens[key] = torch.Generator(device=device).manual_seed(self._seeds[stream])
+        return self._noise_gens[key]
+
+    def _circuit(self, y: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor, gain_sigma: float,
+                 offset_sigma: float, noise: float, stream: str, clip: tuple[float, float] | None) -> torch.Tensor:
+        """Apply per-neuron gain and offset, per-evaluation noise and output clipping (skipped where zero, so a
+        circuit without variation returns its ideal output bit for bit)."""
+        shape = (1, self.num_neurons) + (1,) * (y.dim() - 2)
+        if gain_sigma:
+            g = gain.to(device=y.device, dtype=y.dtype).view(shape)
+            y = torch.addcmul(offset.to(device=y.device, dtype=y.dtype).view(shape), y, g) if offset_sigma \
+                else y * g
+        elif offset_sigma:
+            y = y + offset.to(device=y.device, dtype=y.dtype).view(shape)
+        if noise:
+            z = torch.randn(y.shape, generator=self._generator(stream, y.device), device=y.device, dtype=y.dtype)
+            y = y + noise * z
+        if clip is not None:
+            y = torch.clamp(y, clip[0], clip[1])
+        return y

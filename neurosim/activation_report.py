@@ -203,7 +203,7 @@ def plot(rows: list[Row], path: str, eval_points: int = 2001) -> None:
         top.legend(fontsize=7, loc="best")
         errors = [r.max_error for r in group if r.unit.config.mode != "exact" and r.max_error > 0]
         if errors and max(errors) > 20 * min(errors):  # a symlog axis keeps small PWL errors visible
-            bottom.set_yscale("symlog", linthresh=max(min(errors), 1e-9))
+            bottom.set_yscale("symlog", linthresh=max(min(errors), 1e-3 * max(errors)))
         bottom.set_xlabel("x")
         bottom.set_ylabel("approximation - exact")
         bottom.axhline(0.0, color="black", lw=0.8)

@@ -16,6 +16,8 @@ from neurosim.config import ConfigError
 COMMANDS = {
     "devices": ("neurosim.device_report", "list the shipped device cards, or validate and show a card file"),
     "crossbar": ("neurosim.crossbar_demo", "read and program one crossbar tile of a device, and report errors"),
+    "activations": ("neurosim.activation_report", "tabulate (and plot) exact, Taylor and PWL neuron circuits"),
+    "demo": ("neurosim.demo", "train an MLP on-chip with BP, DGC and hybrid at several variation levels"),
 }
 
 

@@ -329,17 +329,14 @@ def _greedy(s: _Samples, target: float, segmenter: str, max_segments: int | None
         while i < end:
             if max_segments is not None and len(nodes) > max_segments:
                 return None
-            if _line(s, i, end, segmenter)[2] <= target:
-                j = end
-            else:
-                lo, probe = i + 1, i + 2
-                while probe < end and _line(s, i, probe, segmenter)[2] <= target:
-                    lo, probe = probe, i + 2 * (probe - i)
-                hi = min(probe, end)
-                while hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    lo, hi = (mid, hi) if _line(s, i, mid, segmenter)[2] <= target else (lo, mid)
-                j = lo
+            lo, probe = i + 1, min(i + 2, end)  # lo: reachable; probe: next candidate, doubling the reach
+            while probe > lo and _line(s, i, probe, segmenter)[2] <= target:
+                lo, probe = probe, min(i + 2 * (probe - i), end)
+            hi = probe  # unreachable, unless lo == end
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if _line(s, i, mid, segmenter)[2] <= target else (lo, mid)
+            j = lo
             nodes.append(j)
             i = j
     if max_segments is not None and len(nodes) - 1 > max_segments:
@@ -354,7 +351,10 @@ def _fixed_count(s: _Samples, segments: int, segmenter: str) -> list[int]:
         raise ConfigError("segments", segments, f"must be at least {len(s.pieces)}: one segment on each side of "
                                                 "a kink")
     hi = max(_line(s, i, j, segmenter)[2] for i, j in s.pieces)
-    nodes = _greedy(s, hi, segmenter)
+    # a least-squares line may fit a whole piece better than a part of it, so the greedy cover at that
+    # error can need more segments: raise the target until it does not
+    while (nodes := _greedy(s, hi, segmenter, segments)) is None:
+        hi *= 2.0
     if segments > len(nodes) - 1 and hi > 0:
         lo = hi / 4.0 / segments**2
         while lo > 1e-300 and _greedy(s, lo, segmenter, segments) is not None:
@@ -681,6 +681,7 @@ class ActivationUnit(torch.nn.Module):
     def _build(self) -> None:
         """(Re)build the realization from the config: coefficients or lookup tables."""
         cfg = self.config
+        self._device, self._dtype = self.gain.device, self.gain.dtype  # follow .to() since construction
         kw = {"device": self._device, "dtype": self._dtype}
         self._set("coefficients", None)
         for name in ("lut_f", "lut_d"):
@@ -734,8 +735,8 @@ class ActivationUnit(torch.nn.Module):
         h = (b - a) / cells
         self._lookup = {"scale": 1.0 / h, "shift": 1.0 - a / h, "low": a - 0.5 * h, "high": b + 0.5 * h}
         table = torch.tensor(rows, device=self._device, dtype=self._dtype)
-        self._set("lut_f", _pack_rows(table[:, :2]))
-        self._set("lut_d", _pack_rows(table[:, 2:]))
+        self._set("lut_f", table[:, :2].contiguous())   # plain float buffers, so Module.to() converts them;
+        self._set("lut_d", table[:, 2:].contiguous())   # packed (a free view) at each call
 
     # -- the interface the trainers call --------------------------------------------------------------------
     def set_mode(self, mode: str | None = None, **changes: Any) -> ActivationUnit:
@@ -766,7 +767,7 @@ class ActivationUnit(torch.nn.Module):
             a, b = cfg.input_range
             coeffs = self.coefficients.to(x.dtype)
             return _Taylor.apply(x, coeffs, a, b, cfg.center)
-        return _PWL.apply(x, self._table(self.lut_f, x), self._table(self.lut_d, x), self._lookup,
+        return _PWL.apply(x, self._packed(self.lut_f, x), self._packed(self.lut_d, x), self._lookup,
                           cfg.derivative == "slope")
 
     def ideal_derivative(self, x: torch.Tensor) -> torch.Tensor:
@@ -782,7 +783,7 @@ class ActivationUnit(torch.nn.Module):
                 d = _horner(_poly_derivative(self.coefficients.detach().to(x.dtype)),
                             xc - cfg.center if cfg.center else xc)
                 return _clip_mask(d, x, a, b)
-            xc, _, rows = _lookup(self._table(self.lut_d, x), x, self._lookup)
+            xc, _, rows = _lookup(self._packed(self.lut_d, x), x, self._lookup)
             return torch.addcmul(rows[..., 0], rows[..., 1], xc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -838,8 +839,8 @@ class ActivationUnit(torch.nn.Module):
 
     # -- internals ------------------------------------------------------------------------------------------
     @staticmethod
-    def _table(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return packed if packed.device == x.device else packed.to(x.device)
+    def _packed(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return _pack_rows(table.to(device=x.device, dtype=x.dtype))
 
     def _check_shape(self, x: torch.Tensor) -> None:
         if x.dim() < 2 or x.shape[1] != self.num_neurons:

@@ -425,6 +425,19 @@ def test_no_derivative_circuit_refuses_derivative_but_keeps_the_same_chip():
         without.derivative(torch.zeros(1, 6))
 
 
+def test_module_to_and_state_dict_keep_the_circuit():
+    cfg = ActivationConfig(function="tanh", mode="pwl", gain_dtod=0.1, offset_dtod=0.02)
+    u = ActivationUnit(cfg, 3, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(5))
+    y = u(x)
+    v = ActivationUnit(cfg, 3, generator=torch.Generator().manual_seed(99))
+    assert not torch.equal(v(x), y)
+    v.load_state_dict(u.state_dict())
+    assert torch.equal(v(x), y)
+    u.to(torch.float64)  # tables are plain float buffers, converted with the module
+    assert (u(x.double()) - y.double()).abs().max().item() < 1e-5
+
+
 def test_output_range_clips_and_stops_gradient():
     u = ActivationUnit(ActivationConfig(function="identity", output_range=(-0.5, 1.0)), 3, dtype=F64)
     x = torch.tensor([[-2.0, 0.3, 4.0]], dtype=F64, requires_grad=True)

@@ -113,6 +113,7 @@ def test_dgc_batched_equals_sequential_loop_without_noise(difference):
         torch.testing.assert_close(batched, loop, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_dgc_batched_matches_sequential_in_distribution_with_noise():
     """Read noise, c2c noise of the perturbing pulse and neuron noise on: over repeated measurements the
     batched and sequential gradients of the first layer have the same mean and spread (the batched mode is
@@ -301,3 +302,20 @@ def test_ideal_device_trains_mlp_on_digits_to_90_percent(scheme):
     trainer = make_trainer(net, data, cfg)
     rows = trainer.fit()
     assert rows[-1]["test_accuracy"] >= 0.90
+
+
+def test_lenet_has_the_published_21840_weights_and_runs():
+    net = build_network(build(NetworkConfig, {"architecture": "lenet"}), make_spec(states=257), (1, 28, 28), 10)
+    assert net.parameter_count() == 21840
+    assert [layer.name for layer in net.analog_layers] == ["conv1", "conv2", "fc1", "fc2"]
+    out = net(torch.rand(3, 1, 28, 28))
+    assert out.shape == (3, 10) and bool(torch.isfinite(out).all())
+    with pytest.raises(Exception, match="28"):
+        build_network(build(NetworkConfig, {"architecture": "lenet"}), make_spec(), (1, 8, 8), 10)
+
+
+@pytest.mark.slow
+def test_vgg11_builds_and_runs_on_cifar_sized_inputs():
+    net = build_network(build(NetworkConfig, {"architecture": "vgg11"}), make_spec(states=257), (3, 32, 32), 10)
+    assert len(net.analog_layers) == 9
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)

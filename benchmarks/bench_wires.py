@@ -1,7 +1,9 @@
 """Cost of the exact wire-resistance solve and error of the fast approximation; one `name = value` a line.
 
 Tile: G uniform in [1e-6, 1e-4] S, inputs uniform in [0, 0.2] V, r_row = r_col = r (ohm per cell pitch),
-seed 0. Times are the median of several repeats, in milliseconds, on the CPU this runs on.
+seed 0. Times are the median of several repeats, in milliseconds, on the CPU this runs on, with one torch
+thread by default (SuperLU is single-threaded too; on a shared 2-core machine two OpenMP threads made the
+approximation's times swing by 100x): `--threads N` to change.
   nodal_solve_ms_N      one read of one input vector from scratch: assembly, factorization, solve (r = 1 ohm)
   nodal_factor_ms_N     NodalSolver(G, r, r) alone (assembly + factorization)
   nodal_cached_ms_N     one input vector through an existing solver (two triangular solves)
@@ -14,6 +16,7 @@ seed 0. Times are the median of several repeats, in milliseconds, on the CPU thi
 
 from __future__ import annotations
 
+import argparse
 import functools
 import statistics
 import sys
@@ -70,4 +73,9 @@ def main(sizes=(32, 64, 128, 256), resistances=(0.1, 1.0, 10.0)) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    raise SystemExit(main(sizes=tuple(args.sizes)))

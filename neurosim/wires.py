@@ -249,17 +249,19 @@ def nodal_read(G: ArrayLike, V: ArrayLike, r_row: float, r_col: float) -> ArrayL
 def _wire_drop(J: torch.Tensor, r_row: float, r_col: float) -> torch.Tensor:
     """K·J: the IR drop across each cell's two wires caused by cell currents J (B, R, C).
 
-    Row i's segment k carries the currents of cells k.. C-1, so the drop at node j is r_row times the
-    cumulative sum of those; column j's segment below node i carries the currents of cells 0..i, and the
-    node sits r_col times the sum of the segments below it above the virtual ground.
+    Row i's segment k carries the currents of cells k..C-1 (total minus the running sum before k), so the
+    drop at node j is r_row times the running sum of those; column j's segment below node i carries the
+    currents of cells 0..i, and the node sits r_col times the sum of the segments below it above the
+    virtual ground. In-place steps only touch fresh intermediates, so autograd stays exact.
     """
-    out = torch.zeros_like(J)
+    out = None
     if r_row > 0:
-        seg = J.flip(-1).cumsum(-1).flip(-1)
-        out = out + r_row * seg.cumsum(-1)
+        seg = J.sum(-1, keepdim=True) - J.cumsum(-1) + J
+        out = seg.cumsum(-1).mul_(r_row)
     if r_col > 0:
         seg = J.cumsum(-2)
-        out = out + r_col * seg.flip(-2).cumsum(-2).flip(-2)
+        above = seg.sum(-2, keepdim=True) - seg.cumsum(-2) + seg
+        out = above.mul_(r_col) if out is None else out.add_(above, alpha=r_col)
     return out
 
 
@@ -316,33 +318,33 @@ def _cg_read(G, V, r_row, r_col, iterations, rtol):
         + r_col * torch.arange(R, 0, -1, dtype=G.dtype, device=G.device)[:, None]
     diag = 1 + G * path                                   # diagonal of 1 + s K s: the Jacobi preconditioner
 
-    def apply(x):                                         # (1 + K G) x, the cell voltages' operator
-        return x + _wire_drop(G * x, r_row, r_col)
-
-    def dot(a, b):                                        # the G-weighted inner product, per input
-        return (G * a * b).sum((1, 2), keepdim=True)
+    def dot(a, b):                                        # per-input sum over the cells
+        return (a * b).sum((1, 2), keepdim=True)
 
     Vc = V[:, :, None].expand(-1, R, C)
     x = Vc / diag                                         # the local guess: each cell sees its own wire path
-    res = Vc - apply(x)
+    res = Vc - x - _wire_drop(G * x, r_row, r_col)
     z = res / diag
     p = z
-    rz = dot(res, z)
-    tol2 = rtol**2 * dot(Vc, Vc)
+    Gres = G * res
+    rz, rr = dot(Gres, z), dot(Gres, res)                 # inner products weighted by G
+    tol2 = rtol**2 * dot(G * Vc, Vc)
     steps = 0
     for _ in range(iterations):
-        active = dot(res, res) > tol2                     # a converged input is left as it is
+        active = rr > tol2                                # a converged input is left as it is
         if not bool(active.any()):
             break
         steps += 1
-        Ap = apply(p)
-        pAp = dot(p, Ap)
+        Gp = G * p
+        Ap = p + _wire_drop(Gp, r_row, r_col)             # (1 + K G) p
+        pAp = dot(Gp, Ap)
         ok = active & (pAp > 0)
         alpha = torch.where(ok, rz / torch.where(ok, pAp, torch.ones_like(pAp)), torch.zeros_like(pAp))
         x = x + alpha * p
         res = res - alpha * Ap
         z = res / diag
-        rz_new = dot(res, z)
+        Gres = G * res
+        rz_new, rr = dot(Gres, z), dot(Gres, res)
         okz = active & (rz > 0)
         beta = torch.where(okz, rz_new / torch.where(okz, rz, torch.ones_like(rz)), torch.zeros_like(rz))
         p = z + beta * p

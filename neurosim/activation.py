@@ -562,51 +562,49 @@ class _Taylor(torch.autograd.Function):
         return gx, gc, None, None, None
 
 
-def _cells(x: torch.Tensor, lookup: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x clipped to the padded range, its cell index on the uniform fit grid: 0 and last are padding)."""
-    xc = torch.clamp(x, lookup["low"], lookup["high"])
-    wide = xc if xc.dtype in (torch.float32, torch.float64) else xc.float()  # half types cannot count cells
+def _cell_coordinate(x: torch.Tensor, lookup: dict[str, float]) -> torch.Tensor:
+    """u = (x - a)/h + 1 clipped to the padded table: floor(u) is the cell (0 and last are padding), and the
+    tables hold each line in u, so u alone gives the output (±inf saturate, NaN stays NaN)."""
+    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()  # half types cannot count cells
     u = torch.add(torch.tensor(lookup["shift"], dtype=wide.dtype), wide, alpha=lookup["scale"])
-    if x.device.type != "cpu":
-        u = torch.nan_to_num_(u, nan=0.0)  # a NaN index would trip a device-side assert
-    return xc, u.to(torch.int32)
+    return u.clamp_(0.0, lookup["top"])
 
 
-def _lookup(packed: torch.Tensor, x: torch.Tensor, lookup: dict[str, float],
-            cells: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """(clipped x, cell index, gathered (intercept, slope) rows). A NaN input (CPU) gives an out-of-range
-    index; only then is the index recomputed with NaN sent to a padding cell, whose 0 slope times NaN keeps
-    the output NaN."""
-    xc, cell = cells if cells is not None else _cells(x, lookup)
-    try:
-        return xc, cell, _gather_rows(packed, cell, 2, x.dtype)
-    except (IndexError, RuntimeError):
-        if not torch.isnan(x).any():
-            raise
-        cell = torch.nan_to_num(xc.double() * lookup["scale"] + lookup["shift"], nan=0.0).to(torch.int32)
-        return xc, cell, _gather_rows(packed, cell, 2, x.dtype)
+def _rows(packed: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Gathered (intercept, slope) rows of each u's cell. A NaN input gives an out-of-range index (CPU) or
+    would trip a device assert (CUDA); there the index is taken from a NaN-free copy of u, and the padding
+    cell's 0 slope times NaN keeps the output NaN."""
+    if u.device.type == "cpu":
+        try:
+            return _gather_rows(packed, u.to(torch.int32), 2, u.dtype)
+        except (IndexError, RuntimeError):
+            if not torch.isnan(u).any():
+                raise
+    return _gather_rows(packed, torch.nan_to_num(u, nan=0.0).to(torch.int32), 2, u.dtype)
 
 
 class _PWL(torch.autograd.Function):
-    """Lookup of packed per-cell rows (intercept, slope) of f and of the BP derivative; 0 slopes in the two
-    padding cells give saturation and a zero derivative outside [a, b]."""
+    """Lookup of packed per-cell rows (intercept, slope in cell coordinates) of f and of the BP derivative;
+    0 slopes in the two padding cells give saturation and a zero derivative outside [a, b]."""
 
     @staticmethod
     def forward(ctx, x, lut_f, lut_d, lookup, derivative_is_slope):
-        xc, cell, rows = _lookup(lut_f, x, lookup)
-        if ctx.needs_input_grad[0]:
+        u = _cell_coordinate(x, lookup)
+        rows = _rows(lut_f, u)
+        if ctx.needs_input_grad[0]:  # the derivative, made now as one contiguous tensor: backward is a multiply
             if derivative_is_slope:
-                ctx.save_for_backward(rows[..., 1])
+                d = rows[..., 1] * lookup["scale"]  # dy/dx = (dy/du)·(du/dx)
             else:
-                _, _, drows = _lookup(lut_d, x, lookup, (xc, cell))
-                ctx.save_for_backward(torch.addcmul(drows[..., 0], drows[..., 1], xc))
-        return torch.addcmul(rows[..., 0], rows[..., 1], xc)
+                drows = _rows(lut_d, u)
+                d = torch.addcmul(drows[..., 0], drows[..., 1], u)
+            ctx.save_for_backward(d)
+        return torch.addcmul(rows[..., 0], rows[..., 1], u).to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (d,) = ctx.saved_tensors
-        return grad * d, None, None, None, None
+        return (grad * d).to(grad.dtype), None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -722,18 +720,20 @@ class ActivationUnit(torch.nn.Module):
         self._pwl, self._pwl_derivative = f_tab, d_tab
         self.info.update(segments=f_tab.segments, derivative_segments=d_tab.segments)
 
-        # Per-cell rows; every cell of the uniform grid lies inside one segment of each table.
+        # Per-cell rows; every cell of the uniform grid lies inside one segment of each table. Lines are
+        # stored in the cell coordinate u = (x - a)/h + 1, i.e. x = a + h(u - 1): y = (c + s(a - h)) + (s h) u.
         cells = len(grid) - 1
+        a, b = cfg.input_range
+        h = (b - a) / cells
         seg_f = np.repeat(np.arange(f_tab.segments), np.diff(f_nodes))
         seg_d = np.repeat(np.arange(d_tab.segments), np.diff(d_nodes))
         rows = np.zeros((cells + 2, 4))
-        rows[1:-1, 0], rows[1:-1, 1] = f_tab.intercept[seg_f], f_tab.slope[seg_f]
-        rows[1:-1, 2], rows[1:-1, 3] = d_tab.intercept[seg_d], d_tab.slope[seg_d]
-        a, b = cfg.input_range
+        for col, tab, seg in ((0, f_tab, seg_f), (2, d_tab, seg_d)):
+            rows[1:-1, col] = tab.intercept[seg] + tab.slope[seg] * (a - h)
+            rows[1:-1, col + 1] = tab.slope[seg] * h
         rows[0, 0] = f_tab.slope[0] * a + f_tab.intercept[0]     # saturation values; derivative 0 outside
         rows[-1, 0] = f_tab.slope[-1] * b + f_tab.intercept[-1]
-        h = (b - a) / cells
-        self._lookup = {"scale": 1.0 / h, "shift": 1.0 - a / h, "low": a - 0.5 * h, "high": b + 0.5 * h}
+        self._lookup = {"scale": 1.0 / h, "shift": 1.0 - a / h, "top": cells + 1.5}
         table = torch.tensor(rows, device=self._device, dtype=self._dtype)
         self._set("lut_f", table[:, :2].contiguous())   # plain float buffers, so Module.to() converts them;
         self._set("lut_d", table[:, 2:].contiguous())   # packed (a free view) at each call
@@ -783,8 +783,9 @@ class ActivationUnit(torch.nn.Module):
                 d = _horner(_poly_derivative(self.coefficients.detach().to(x.dtype)),
                             xc - cfg.center if cfg.center else xc)
                 return _clip_mask(d, x, a, b)
-            xc, _, rows = _lookup(self._packed(self.lut_d, x), x, self._lookup)
-            return torch.addcmul(rows[..., 0], rows[..., 1], xc)
+            u = _cell_coordinate(x, self._lookup)
+            rows = _rows(self._packed(self.lut_d, x), u)
+            return torch.addcmul(rows[..., 0], rows[..., 1], u).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward circuit: clip(gain·f(x) + offset + noise) per neuron (neurons along dim 1)."""
@@ -840,7 +841,8 @@ class ActivationUnit(torch.nn.Module):
     # -- internals ------------------------------------------------------------------------------------------
     @staticmethod
     def _packed(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return _pack_rows(table.to(device=x.device, dtype=x.dtype))
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        return _pack_rows(table.to(device=x.device, dtype=dtype))
 
     def _check_shape(self, x: torch.Tensor) -> None:
         if x.dim() < 2 or x.shape[1] != self.num_neurons:

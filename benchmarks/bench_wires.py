@@ -7,6 +7,7 @@ approximation's times swing by 100x): `--threads N` to change.
   nodal_solve_ms_N      one read of one input vector from scratch: assembly, factorization, solve (r = 1 ohm)
   nodal_factor_ms_N     NodalSolver(G, r, r) alone (assembly + factorization)
   nodal_cached_ms_N     one input vector through an existing solver (two triangular solves)
+  nodal_batch64_ms_N    one read of a batch of 64 from scratch (compare with approx_ms_N)
   nodal_unknowns_N, nodal_lu_nnz_N   size of the linear system and of its sparse factors
   approx_ms_N           approximate_read of a batch of 64, default settings, r = 1 ohm
   ideal_err_N_r         max |exact - Gᵀ·V| / max |Gᵀ·V|: how much the wires matter
@@ -53,6 +54,8 @@ def main(sizes=(32, 64, 128, 256), resistances=(0.1, 1.0, 10.0)) -> int:
         solver = NodalSolver(G, 1.0, 1.0)
         cached = functools.partial(solver._solve, v1, False)
         print(f"nodal_cached_ms_{N} = {_median_ms(cached, 5 * repeats):.3f}")
+        batch = functools.partial(nodal_read, G, Vb, 1.0, 1.0)
+        print(f"nodal_batch64_ms_{N} = {_median_ms(batch, repeats):.2f}")
         print(f"nodal_unknowns_{N} = {solver.n_unknowns}")
         print(f"nodal_lu_nnz_{N} = {solver._lu.L.nnz + solver._lu.U.nnz}")
         Gt, Vt = torch.from_numpy(G), torch.from_numpy(Vb)

@@ -11,6 +11,8 @@ both directions, and by reciprocity the transposed read is exactly the transpose
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
@@ -21,6 +23,24 @@ from neurosim.config import ConfigError
 ArrayLike = np.ndarray | torch.Tensor
 
 __all__ = ["NodalSolver", "approximate_read", "approximate_read_transposed", "nodal_read"]
+
+
+# --------------------------------------------------------------------------------------- BLAS threads
+_blas_controller = None
+
+
+def _one_blas_thread():
+    """A context holding OpenBLAS to one thread: SuperLU calls it on tiny blocks, and with more threads a
+    64-column solve ran up to 10x slower (threads spinning on a shared 2-core machine)."""
+    global _blas_controller
+    try:
+        if _blas_controller is None:
+            import threadpoolctl  # shipped with scikit-learn, a dependency
+
+            _blas_controller = threadpoolctl.ThreadpoolController()
+        return _blas_controller.limit(limits=1, user_api="blas")
+    except ImportError:
+        return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -120,8 +140,9 @@ class NodalSolver:
         self._M: np.ndarray | None = None
         if nf:
             # SPD matrix: a symmetric fill-reducing ordering and no pivoting keep the factors sparse.
-            self._lu = spla.splu(lap[:nf, :nf].tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
-                                 options={"SymmetricMode": True})
+            with _one_blas_thread():
+                self._lu = spla.splu(lap[:nf, :nf].tocsc(), permc_spec="MMD_AT_PLUS_A",
+                                     diag_pivot_thresh=0.0, options={"SymmetricMode": True})
 
     # -------------------------------------------------------------------------------- numpy core
     def _solve(self, v: np.ndarray, transposed: bool, nodes: bool = False):
@@ -135,7 +156,8 @@ class NodalSolver:
         else:
             xp[:R] = v.T
         if self._lu is not None:
-            xf = self._lu.solve(np.asfortranarray(-(self._L_fp @ xp)))
+            with _one_blas_thread():
+                xf = self._lu.solve(np.asfortranarray(-(self._L_fp @ xp)))
             xf = xf.reshape(self.n_unknowns, B)
             injected = self._L_pf @ xf + self._L_pp @ xp
         else:

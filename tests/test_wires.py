@@ -181,7 +181,8 @@ def test_torch_in_torch_out_and_gradients():
 
 @pytest.mark.parametrize("bad", [
     dict(r_row=-1.0), dict(r_col=float("nan")), dict(G=np.ones(3)), dict(G=-np.ones((3, 2))),
-    dict(V=np.ones((2, 2))), dict(V=np.ones((2, 3, 1))),
+    dict(V=np.ones((2, 2))), dict(V=np.ones((2, 3, 1))), dict(V=np.full((2, 3), np.inf)),
+    dict(G=np.full((3, 2), np.nan)),
 ])
 def test_bad_arguments_name_the_argument(bad):
     args = dict(G=np.full((3, 2), 1e-5), V=np.ones((2, 3)), r_row=1.0, r_col=1.0) | bad

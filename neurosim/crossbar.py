@@ -41,8 +41,10 @@ class CrossbarConfig:
     adc_range: float = setting(12.0, "ADC full scale, in normalized units of Σ x̂·ŵ per tile column "
                                "(cf. aihwkit's out_bound = 12)", gt=0.0)
     read_noise: bool = setting(True, "apply the device card's read noise on every read")
-    wire_resistance: str = setting("none", "'none', or 'nodal': exact solve of the resistive network per tile "
-                                   "(small arrays only; see docs/wires.md)", choices=("none", "nodal"))
+    wire_resistance: str = setting("none", "'none'; 'nodal': exact solve of the resistive network per tile "
+                                   "(small arrays: factorization cached until a write); 'approximate': batched "
+                                   "conjugate-gradient solve in torch for large tiles (see docs/wires.md)",
+                                   choices=("none", "nodal", "approximate"))
     r_wire: float = setting(1.0, "resistance of one wire segment between neighbouring cells (ohm)", ge=0.0)
     rounding: str = setting("deterministic", "pulse count of an update: 'deterministic' (nearest count) or "
                             "'stochastic' (floor + Bernoulli of the remainder: an unbiased pulse train)",
@@ -174,7 +176,7 @@ class Crossbar:
         w_hat, gsq = self._read_tensors()
         if w is not None:
             w_hat = self._pad(w / c.w_max) if w.shape != w_hat.shape else w / c.w_max
-        if c.wire_resistance == "nodal" and w is None:
+        if c.wire_resistance != "none" and w is None:
             part = self._nodal_partials(xt * c.read_voltage) / (c.read_voltage * self.k * c.w_max)
         else:
             part = torch.bmm(xt, w_hat.reshape(self.n_row_tiles, self.tile_rows, -1))
@@ -216,7 +218,7 @@ class Crossbar:
             dn = torch.cat([dn, dn.new_zeros(B, cols - self.out_features)], dim=1)
         dt = dn.reshape(B, self.n_col_tiles, self.tile_cols).transpose(0, 1)       # (nc, B, C)
         unit = c.read_voltage * self.k * c.w_max
-        if c.wire_resistance == "nodal":
+        if c.wire_resistance != "none":
             part = self._nodal_partials(dt * c.read_voltage, transposed=True) / unit
         else:
             w = w_hat.reshape(-1, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
@@ -233,8 +235,12 @@ class Crossbar:
         return y * scale * c.w_max
 
     def _nodal_partials(self, v: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-        """Per-tile currents with wire resistance (exact nodal solve), as (tiles along the summed axis, B, ·)."""
-        from neurosim.wires import NodalSolver
+        """Per-tile currents with wire resistance (exact nodal solve or its approximation), as (tiles along the
+        summed axis, B, ·)."""
+        from neurosim.wires import NodalSolver, approximate_read, approximate_read_transposed
+
+        exact = self.config.wire_resistance == "nodal"
+        r = self.config.r_wire
 
         if self._solvers is None:
             self._solvers = {}
@@ -245,13 +251,17 @@ class Crossbar:
         for s in range(n_sum):
             pieces = []
             for o in range(n_other):
-                r, cc = (o, s) if transposed else (s, o)
+                rr, cc = (o, s) if transposed else (s, o)
                 current = 0
                 for sign, array in zip((1.0, -1.0), self._arrays(), strict=False):
-                    key = (r, cc, id(array))
+                    g = array.conductance()[rr * R:(rr + 1) * R, cc * C:(cc + 1) * C]
+                    if not exact:
+                        fn = approximate_read_transposed if transposed else approximate_read
+                        current = current + sign * fn(g, v[s], r, r)
+                        continue
+                    key = (rr, cc, id(array))
                     if key not in self._solvers:
-                        g = array.conductance()[r * R:(r + 1) * R, cc * C:(cc + 1) * C]
-                        self._solvers[key] = NodalSolver(g, self.config.r_wire, self.config.r_wire)
+                        self._solvers[key] = NodalSolver(g, r, r)
                     solver = self._solvers[key]
                     current = current + sign * (solver.read_transposed(v[s]) if transposed else solver.read(v[s]))
                 if self.minus is None:  # reference column: ideal, no wire resistance

@@ -103,6 +103,14 @@ def test_nodal_wire_resistance_tends_to_ideal(spec_factory):
         assert float((bar.read_transposed(dt) - dt @ w.T).abs().max()) < 50 * r * 1e-5 * 10
     assert errors[0] > errors[1] > errors[2] > 0
     assert errors[1] / errors[2] == pytest.approx(10, rel=0.05)  # first order in r
+    # The approximate solve agrees with the exact one.
+    exact = Crossbar(spec, 12, 6, CrossbarConfig(tile_rows=6, tile_cols=3, wire_resistance="nodal", r_wire=5.0),
+                     seed=0, dtype=torch.float64)
+    approx = Crossbar(spec, 12, 6, CrossbarConfig(tile_rows=6, tile_cols=3, wire_resistance="approximate",
+                                                  r_wire=5.0), seed=0, dtype=torch.float64)
+    for bar in (exact, approx):
+        bar.set_weights(w)
+    torch.testing.assert_close(approx.read(x), exact.read(x), rtol=1e-4, atol=1e-5)
 
 
 def test_program_delta_deterministic_pulses(spec_factory):

@@ -499,8 +499,19 @@ def _pack_rows(table: torch.Tensor) -> torch.Tensor:
     return table.view(wide).reshape(-1) if wide is not None else table
 
 
+def _parallel_gather(device: torch.device) -> bool:
+    """On a multi-threaded CPU, gather from an expanded 2-D view: torch's 1-D index_select is a serial loop
+    while gather over rows is split across threads (same result, bit for bit)."""
+    return device.type == "cpu" and torch.get_num_threads() > 1
+
+
 def _gather_rows(packed: torch.Tensor, index: torch.Tensor, columns: int, dtype: torch.dtype) -> torch.Tensor:
-    rows = torch.index_select(packed, 0, index.reshape(-1))
+    """Rows ``packed[index]`` as (*index.shape, columns) values of ``dtype``."""
+    if packed.dim() == 1 and index.dim() >= 1 and _parallel_gather(index.device):
+        flat = index.reshape(-1, index.shape[-1]).long()
+        rows = torch.gather(packed.expand(flat.shape[0], -1), 1, flat)
+    else:
+        rows = torch.index_select(packed, 0, index.reshape(-1))
     if packed.dim() == 1:
         rows = rows.view(dtype)
     return rows.reshape(*index.shape, columns)
@@ -576,7 +587,8 @@ def _rows(packed: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cell's 0 slope times NaN keeps the output NaN."""
     if u.device.type == "cpu":
         try:
-            return _gather_rows(packed, u.to(torch.int32), 2, u.dtype)
+            index = u.to(torch.int64 if _parallel_gather(u.device) else torch.int32)
+            return _gather_rows(packed, index, 2, u.dtype)
         except (IndexError, RuntimeError):
             if not torch.isnan(u).any():
                 raise

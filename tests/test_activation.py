@@ -257,6 +257,23 @@ def test_packed_row_gather_is_bit_exact():
         assert torch.equal(rows, table[idx.long()])
 
 
+def test_pwl_serial_and_threaded_gathers_agree():
+    u = ActivationUnit(ActivationConfig(function="gelu", mode="pwl", derivative="fit"), 64)
+    x = 3 * torch.randn(32, 64, 2, generator=torch.Generator().manual_seed(8))
+    threads = torch.get_num_threads()
+    out = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            xr = x.clone().requires_grad_(True)
+            y = u(xr)
+            out[n] = (y, torch.autograd.grad(y.sum(), xr)[0], u.derivative(x))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(out[1], out[2], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_pwl_handles_non_finite_inputs_like_a_saturating_circuit():
     u = ActivationUnit(ActivationConfig(function="tanh", mode="pwl"), 3)
     x = torch.tensor([[float("nan"), float("inf"), -float("inf")]])

@@ -577,7 +577,10 @@ def _cell_coordinate(x: torch.Tensor, lookup: dict[str, float]) -> torch.Tensor:
     """u = (x - a)/h + 1 clipped to the padded table: floor(u) is the cell (0 and last are padding), and the
     tables hold each line in u, so u alone gives the output (±inf saturate, NaN stays NaN)."""
     wide = x if x.dtype in (torch.float32, torch.float64) else x.float()  # half types cannot count cells
-    u = torch.add(torch.tensor(lookup["shift"], dtype=wide.dtype), wide, alpha=lookup["scale"])
+    shift = lookup.get(wide.dtype)
+    if shift is None:  # the 0-dim CPU tensor (a scalar to torch) is made once per dtype
+        shift = lookup[wide.dtype] = torch.tensor(lookup["shift"], dtype=wide.dtype)
+    u = torch.add(shift, wide, alpha=lookup["scale"])
     return u.clamp_(0.0, lookup["top"])
 
 
@@ -610,7 +613,7 @@ class _PWL(torch.autograd.Function):
                 drows = _rows(lut_d, u)
                 d = torch.addcmul(drows[..., 0], drows[..., 1], u)
             ctx.save_for_backward(d)
-        return torch.addcmul(rows[..., 0], rows[..., 1], u).to(x.dtype)
+        return torch.addcmul(rows[..., 0], rows[..., 1], u, out=u).to(x.dtype)  # u's buffer is free now
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -657,6 +660,7 @@ class ActivationUnit(torch.nn.Module):
         self._seeds = {name: _sub_seed(base, name) for name in ("gain", "offset", "noise", "d_gain", "d_offset",
                                                                   "d_noise")}
         self._noise_gens: dict[tuple[str, str], torch.Generator] = {}
+        self._pack_cache: dict[int, tuple] = {}
         self.register_buffer("gain", self._sample("gain", config.gain_dtod, 1.0))
         self.register_buffer("offset", self._sample("offset", config.offset_dtod, 0.0))
         if self.has_derivative_circuit:
@@ -694,6 +698,7 @@ class ActivationUnit(torch.nn.Module):
         self._device, self._dtype = self.gain.device, self.gain.dtype  # follow .to() since construction
         kw = {"device": self._device, "dtype": self._dtype}
         self._set("coefficients", None)
+        self._pack_cache = {}
         for name in ("lut_f", "lut_d"):
             self._set(name, None)
         self._pwl: PWLTable | None = None
@@ -851,10 +856,14 @@ class ActivationUnit(torch.nn.Module):
         return f"{self.describe()}, neurons={self.num_neurons}"
 
     # -- internals ------------------------------------------------------------------------------------------
-    @staticmethod
-    def _packed(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _packed(self, table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The table packed for x's device and dtype, cached (keyed by the buffer, so Module.to() refreshes)."""
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        return _pack_rows(table.to(device=x.device, dtype=dtype))
+        key = (table.data_ptr(), table._version, table.dtype, x.device, dtype)
+        cached = self._pack_cache.get(id(table))
+        if cached is None or cached[0] != key:
+            cached = self._pack_cache[id(table)] = (key, _pack_rows(table.to(device=x.device, dtype=dtype)))
+        return cached[1]
 
     def _check_shape(self, x: torch.Tensor) -> None:
         if x.dim() < 2 or x.shape[1] != self.num_neurons:

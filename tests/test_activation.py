@@ -260,6 +260,7 @@ def test_packed_row_gather_is_bit_exact():
 def test_pwl_serial_and_threaded_gathers_agree():
     u = ActivationUnit(ActivationConfig(function="gelu", mode="pwl", derivative="fit"), 64)
     x = 3 * torch.randn(32, 64, 2, generator=torch.Generator().manual_seed(8))
+    x[0, 0, 0] = float("nan")
     threads = torch.get_num_threads()
     out = {}
     try:
@@ -271,7 +272,8 @@ def test_pwl_serial_and_threaded_gathers_agree():
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(out[1], out[2], strict=True):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(out[1][0][0, 0, 0]) and torch.isfinite(out[1][0][1:]).all()
 
 
 def test_pwl_handles_non_finite_inputs_like_a_saturating_circuit():
@@ -368,9 +370,10 @@ def test_prelu_slope_is_trainable_in_exact_mode_and_frozen_into_pwl():
 # Circuit variation
 # ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["exact", "taylor", "pwl"])
-def test_zero_variation_equals_ideal_realization(mode):
-    u = ActivationUnit(ActivationConfig(function="tanh", mode=mode), 5, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("mode,derivative", [("exact", "fit"), ("taylor", "fit"), ("pwl", "fit"), ("pwl", "slope")])
+def test_zero_variation_equals_ideal_realization(mode, derivative):
+    u = ActivationUnit(ActivationConfig(function="tanh", mode=mode, derivative=derivative), 5,
+                       generator=torch.Generator().manual_seed(0))
     x = torch.randn(7, 5, 3, 2, generator=torch.Generator().manual_seed(1))
     assert torch.equal(u(x), u.ideal(x))
     xr = x.clone().requires_grad_(True)

@@ -1,0 +1,225 @@
+"""Cost of on-chip training: batched against sequential DGC, linearized against exact DGC, hardware BP against
+plain torch, and the hardware clock's overhead.
+
+One figure a line as ``name = value`` (lines starting with ``#`` are comments). Times are medians over
+repeats after a warm-up run; contenders whose ratio is reported are interleaved within each repeat, so a
+disturbance from another process hits both alike.
+
+  dgc_batched_vs_loop       one DGC step of a 784-100-10 MLP at batch 32, every weight of every layer:
+                            the sequential per-weight loop (dgc_sequential: program one cell, measure the cost,
+                            restore) timed on a random subset of weights, scaled per layer to all of them,
+                            divided by the batched exact mode (dgc_exact). Noise-free chip (no read noise,
+                            no cycle-to-cycle noise, neuron circuits without noise; mismatch and d2d spreads on),
+                            so both give the same gradient: dgc_loop_max_abs_diff checks it on the subset.
+  dgc_linearized_vs_exact   the same step, dgc_exact time over dgc_linearized time.
+  bp_vs_digital             one hardware-BP epoch (Trainer.run_epochs(1): training and the test evaluation)
+                            of a 784-256-128-10 sigmoid MLP at batch 64 on 10,000 samples of MNIST shape,
+                            every device and circuit non-ideality on except the exact wire solve, clock on,
+                            divided by the same network in plain torch (Linear + Sigmoid, SGD, batch 64, same
+                            tensors, same test evaluation). bp_vs_digital_train_only leaves the evaluations out.
+  engine_overhead           (t_clock_on − t_clock_off) / t_clock_off for that hardware-BP epoch.
+
+    python benchmarks/bench_training.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from neurosim.activation import ActivationConfig
+from neurosim.architectures import NetworkConfig, build_network
+from neurosim.config import build, with_overrides
+from neurosim.crossbar import CrossbarConfig
+from neurosim.data import DataConfig, load
+from neurosim.device import load_card
+from neurosim.training import TrainerConfig, make_trainer
+from neurosim.training.config import DGCConfig
+from neurosim.training.dgc import dgc_exact, dgc_linearized, dgc_sequential
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_crossbar import device_spec  # the same non-ideal device as the crossbar figures
+
+COST = "cross_entropy"
+CROSSBAR = {"dac_bits": 8, "adc_bits": 8, "adc_range": 12.0}
+# BP updates of lr·g are mostly below one pulse (2/96 of w_max on Ag:a-Si): stochastic rounding lets the
+# network learn (deterministic rounding would leave nearly every weight unprogrammed and train nothing).
+BP_CROSSBAR = {**CROSSBAR, "rounding": "stochastic"}
+
+
+def clock(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------------- DGC
+def dgc_figures(x: torch.Tensor, y: torch.Tensor, subset: int, repeats: int) -> None:
+    # Noise-free chip: d2d spreads and neuron mismatch are sampled once and so are deterministic; no read
+    # noise, no cycle-to-cycle noise, no neuron noise.
+    spec = with_overrides(load_card("ag_asi"), {"c2c": 0.0, "read_noise": 0.0, "g_min_dtod": 0.05,
+                                                "g_max_dtod": 0.05, "nl_dtod": 0.05, "step_dtod": 0.05})
+    act = ActivationConfig(function="sigmoid", gain_dtod=0.05, offset_dtod=0.02)
+    net = build_network(NetworkConfig(hidden=(100,), activation=act, crossbar=CrossbarConfig(**CROSSBAR)), spec,
+                        tuple(x.shape[1:]), 10, seed=0, derivative_circuits=False)
+    layers = net.analog_layers
+    cfg = DGCConfig()
+    lin_cfg = build(DGCConfig, {"mode": "linearized"})
+    gen = torch.Generator().manual_seed(0)
+
+    # The subset: split over the layers in proportion to their weights (at least 10 each), drawn at random.
+    sizes = [layer.crossbar.in_features * layer.crossbar.out_features for layer in layers]
+    total = sum(sizes)
+    picks = []
+    for layer, n in zip(layers, sizes, strict=True):
+        k = min(n, max(10, round(subset * n / total)))
+        flat = torch.randperm(n, generator=gen)[:k]
+        outs = layer.crossbar.out_features
+        picks.append([(int(f) // outs, int(f) % outs) for f in flat])
+
+    batched: dict[str, torch.Tensor] = {}
+
+    def exact_step():
+        for layer in layers:
+            batched[layer.name] = dgc_exact(net, layer, x, y, COST, cfg)[0]
+
+    def linearized_step():
+        for layer in layers:
+            dgc_linearized(net, layer, x, y, COST, lin_cfg)
+
+    dgc_exact(net, layers[-1], x, y, COST, cfg)    # warm-up (the small layer: the same code paths)
+    linearized_step()
+    t_exact, t_lin = [], []
+    for _ in range(repeats):
+        t_exact.append(clock(exact_step))
+        t_lin.append(clock(linearized_step))
+    t_exact, t_lin = statistics.median(t_exact), statistics.median(t_lin)
+
+    # What a loop could not go below: one noise-free measurement (a forward pass of the batch) per weight.
+    forward = []
+    with torch.no_grad():
+        for _ in range(5 + 20):
+            forward.append(clock(lambda: net(x)))
+    t_forward = statistics.median(forward[5:])
+
+    # The loop: per weight, scaled to every weight of its layer. Its first call is the warm-up.
+    dgc_sequential(net, layers[-1], x, y, COST, cfg, weights=picks[-1][:2])
+    t_loop, diff, scale = 0.0, 0.0, 0.0
+    for layer, pick, n in zip(layers, picks, sizes, strict=True):
+        t0 = time.perf_counter()
+        loop, _ = dgc_sequential(net, layer, x, y, COST, cfg, weights=pick)
+        t_loop += (time.perf_counter() - t0) * n / len(pick)
+        idx = torch.tensor(pick)
+        a, b = loop[idx[:, 0], idx[:, 1]], batched[layer.name][idx[:, 0], idx[:, 1]]
+        diff = max(diff, float((a - b).abs().max()))
+        scale = max(scale, float(b.abs().max()))
+    print(f"# DGC: 784-100-10 sigmoid MLP, batch 32, {total} weights, forward difference, 1-pulse perturbation;"
+          f" loop timed on {sum(map(len, picks))} random weights ({', '.join(map(str, map(len, picks)))} per "
+          f"layer) and scaled per layer")
+    print(f"dgc_exact_s = {t_exact:.3f}")
+    print(f"dgc_linearized_s = {t_lin:.4f}")
+    print(f"dgc_loop_s_scaled = {t_loop:.1f}")
+    print(f"dgc_loop_ms_per_weight = {1e3 * t_loop / total:.3f}")
+    print(f"dgc_batched_vs_loop = {t_loop / t_exact:.1f}")
+    print(f"dgc_forward_ms = {1e3 * t_forward:.3f}")
+    print(f"dgc_batched_vs_forward_floor = {t_forward * total / t_exact:.1f}")
+    print(f"dgc_linearized_vs_exact = {t_exact / t_lin:.1f}")
+    print(f"dgc_loop_max_abs_diff = {diff:.3g}")
+    print(f"# largest |gradient| on the subset: {scale:.3g}")
+
+
+# ----------------------------------------------------------------------------------------------------- BP
+def digital_epoch(model: nn.Module, opt: torch.optim.Optimizer, data, batch: int, shuffle: torch.Generator,
+                  times: dict[str, list[float]]) -> None:
+    """One epoch in plain torch, shaped like Trainer.run_epochs: shuffled batches, then a test evaluation."""
+    t0 = time.perf_counter()
+    order = torch.randperm(len(data.x_train), generator=shuffle)
+    for i in range(0, len(order), batch):
+        idx = order[i:i + batch]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
+        opt.step()
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        correct = sum(int((model(data.x_test[i:i + 512]).argmax(1) == data.y_test[i:i + 512]).sum())
+                      for i in range(0, len(data.x_test), 512))
+    t2 = time.perf_counter()
+    times["digital"].append(t2 - t0)
+    times["digital_train"].append(t1 - t0)
+    times["digital_accuracy"].append(correct / len(data.x_test))
+
+
+def bp_figures(data, repeats: int) -> None:
+    spec = device_spec()
+    act = ActivationConfig(function="sigmoid", gain_dtod=0.05, offset_dtod=0.02, noise=0.01,
+                           derivative_gain_dtod=0.05, derivative_offset_dtod=0.02, derivative_noise=0.01)
+    net_cfg = NetworkConfig(hidden=(256, 128), activation=act, crossbar=CrossbarConfig(**BP_CROSSBAR))
+    trainers = {}
+    for clock_on in (True, False):
+        net = build_network(net_cfg, spec, data.image_shape, data.classes, seed=0)
+        cfg = build(TrainerConfig, {"scheme": "bp", "epochs": 1, "batch_size": 64, "clock": clock_on})
+        trainers["on" if clock_on else "off"] = make_trainer(net, data, cfg, seed=0)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.Sigmoid(), nn.Linear(256, 128), nn.Sigmoid(),
+                          nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    shuffle = torch.Generator().manual_seed(0)
+
+    times: dict[str, list[float]] = {"on": [], "off": [], "on_train": [], "off_train": [], "digital": [],
+                                     "digital_train": [], "digital_accuracy": []}
+    for r in range(repeats + 1):                   # the first round is the warm-up
+        # Alternate which clock setting goes first, so an order effect cancels in the median.
+        for key in (("on", "off") if r % 2 else ("off", "on")):
+            trainer = trainers[key]
+            t = clock(lambda trainer=trainer: trainer.run_epochs(1))
+            times[key].append(t)
+            times[f"{key}_train"].append(trainer.history[-1]["wall_time_s"])
+        digital_epoch(model, opt, data, 64, shuffle, times)
+        if r == 0:
+            times = {k: [] for k in times}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    overhead = statistics.median((on - off) / off for on, off in zip(times["on"], times["off"], strict=True))
+    row = trainers["on"].history[-1]
+    print(f"# BP: 784-256-128-10 sigmoid MLP, batch 64, {len(data.x_train)} training and {len(data.x_test)} "
+          f"test samples, median of {repeats} epochs after one warm-up epoch")
+    print(f"bp_epoch_s = {med['on']:.3f}")
+    print(f"bp_epoch_clock_off_s = {med['off']:.3f}")
+    print(f"digital_epoch_s = {med['digital']:.4f}")
+    print(f"bp_vs_digital = {med['on'] / med['digital']:.1f}")
+    print(f"bp_vs_digital_train_only = {med['on_train'] / med['digital_train']:.1f}")
+    print(f"engine_overhead = {overhead:.3f}")
+    print(f"# last clock-on epoch: test accuracy {row['test_accuracy']:.3f} (plain torch "
+          f"{times['digital_accuracy'][-1]:.3f}), simulated {row['delta_sim_time_s']:.4g} s, "
+          f"{row['delta_energy_j']:.4g} J, {row['delta_pulses']:.0f} pulses")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats, a smaller loop subset and 2,000 BP "
+                   "training samples (a smoke run; ratios noisier)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch_threads = {torch.get_num_threads()}")
+    print(f"# load average at start: {os.getloadavg()[0]:.2f} (other processes on this machine disturb timings)")
+    samples = 2500 if args.quick else 12500        # test_fraction 0.2: 2,000 or 10,000 training samples
+    data = load(DataConfig(name="synthetic", size=28, samples=samples, test_fraction=0.2), seed=0)
+    dgc_figures(data.x_train[:32], data.y_train[:32], subset=50 if args.quick else 200,
+                repeats=1 if args.quick else 3)
+    sys.stdout.flush()
+    bp_figures(data, repeats=2 if args.quick else 4)
+    print(f"# load average at end: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

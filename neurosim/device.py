@@ -108,18 +108,30 @@ class DeviceSpec:
         return self.g_min + span * frac if polarity == "ltp" else self.g_max - span * frac
 
 
-def normalized_response(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """(1 − exp(−x/a)) / (1 − exp(−1/a)) for x in [0, 1] pulses-fractions: 0 → 0, 1 → 1; linear as a → ∞."""
+def _curve(x: torch.Tensor, a: torch.Tensor, em: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
+    """normalized_response with the per-cell constant em = expm1(−1/a) already computed."""
+    return torch.where(linear, x, torch.expm1(-x / a) / em)
+
+
+def _inverse(y: torch.Tensor, a: torch.Tensor, em: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
+    return torch.where(linear, y, -a * torch.log1p(y * em))
+
+
+def _constants(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a clamped, expm1(−1/a), linear mask): what the curve needs of A, computed once per cell."""
     linear = a >= _LINEAR_A
     a = a.clamp(max=_LINEAR_A)
-    return torch.where(linear, x, torch.expm1(-x / a) / torch.expm1(-1.0 / a))
+    return a, torch.expm1(-1.0 / a), linear
+
+
+def normalized_response(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """(1 − exp(−x/a)) / (1 − exp(−1/a)) for x in [0, 1] pulses-fractions: 0 → 0, 1 → 1; linear as a → ∞."""
+    return _curve(x, *_constants(a))
 
 
 def inverse_response(y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """The fraction of pulses x whose normalized_response is y (y in [0, 1])."""
-    linear = a >= _LINEAR_A
-    a = a.clamp(max=_LINEAR_A)
-    return torch.where(linear, y, -a * torch.log1p(y * torch.expm1(-1.0 / a)))
+    return _inverse(y, *_constants(a))
 
 
 def load_card(path_or_name: str | Path) -> DeviceSpec:
@@ -191,6 +203,9 @@ class DeviceArray:
         a_ltp, a_ltd = spec.a_norm("ltp"), spec.a_norm("ltd")
         self.a_ltp = spread(min(a_ltp, _LINEAR_A), spec.nl_dtod if math.isfinite(a_ltp) else 0.0, 1e-3)
         self.a_ltd = spread(min(a_ltd, _LINEAR_A), spec.nl_dtod if math.isfinite(a_ltd) else 0.0, 1e-3)
+        # Per cell, per polarity: (A clamped, expm1(−1/A), linear mask, pulses across the window).
+        self._curves = {"ltp": (*_constants(self.a_ltp), float(spec.pulses_ltp)),
+                        "ltd": (*_constants(self.a_ltd), float(spec.pulses_ltd))}
         self.step = spread(1.0, spec.step_dtod, 0.05)
         self.drift_nu = spread(spec.drift_nu, spec.drift_nu_dtod, 0.0)
         u = torch.rand(self.shape, generator=g, **kw)
@@ -223,35 +238,48 @@ class DeviceArray:
     def pulse_position(self, g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Where each cell sits on its potentiation and depression curves, in nominal pulses."""
         g = self.g if g is None else g
-        span = self.g_max - self.g_min
-        y = ((g - self.g_min) / span).clamp(0.0, 1.0)
-        p = inverse_response(y, self.a_ltp) * self.spec.pulses_ltp
-        q = inverse_response(1.0 - y, self.a_ltd) * self.spec.pulses_ltd
+        y = ((g - self.g_min) / (self.g_max - self.g_min)).clamp(0.0, 1.0)
+        a, em, lin, n_ltp = self._curves["ltp"]
+        p = _inverse(y, a, em, lin) * n_ltp
+        a, em, lin, n_ltd = self._curves["ltd"]
+        q = _inverse(1.0 - y, a, em, lin) * n_ltd
         return p, q
 
     def after_pulses(self, pulses: torch.Tensor, noise: bool = True) -> torch.Tensor:
         """Conductances that signed pulse counts (> 0 potentiation, < 0 depression) would give, without
         changing the array: each cell moves along the curve of the pulses' polarity by |n| times its own step,
         stops at its bounds, and gets cycle-to-cycle noise of sigma c2c·(g_max − g_min)·sqrt(|n|)
-        (independent noise per pulse). Stuck cells stay where they are."""
-        n = torch.as_tensor(pulses, device=self.device, dtype=self.dtype).expand(self.shape)
-        spec = self.spec
-        span = self.g_max - self.g_min
-        y = ((self.g - self.g_min) / span).clamp(0.0, 1.0)
-        moved = n.abs() * self.step
-        # Potentiation: along the LTP curve from g_min.
-        p = inverse_response(y, self.a_ltp) * spec.pulses_ltp
-        y_up = normalized_response(((p + moved) / spec.pulses_ltp).clamp(max=1.0), self.a_ltp)
-        # Depression: along the LTD curve from g_max.
-        q = inverse_response(1.0 - y, self.a_ltd) * spec.pulses_ltd
-        y_down = 1.0 - normalized_response(((q + moved) / spec.pulses_ltd).clamp(max=1.0), self.a_ltd)
-        y_new = torch.where(n > 0, y_up, torch.where(n < 0, y_down, y))
-        g_new = self.g_min + span * y_new
-        if noise and spec.c2c > 0:
-            draw = torch.randn(self.shape, generator=self.noise_generator, device=self.device, dtype=self.dtype)
-            g_new = g_new + draw * (spec.c2c * (spec.g_max - spec.g_min)) * n.abs().sqrt()
-        g_new = torch.clamp(g_new, self.g_min, self.g_max)
-        return self._apply_stuck(torch.where(n != 0, g_new, self.g))
+        (independent noise per pulse). Stuck cells stay where they are.
+
+        Only pulsed cells are computed, each on the one curve of its polarity: a training step pulses a
+        fraction of the cells, and this is the simulator's hottest path."""
+        n = torch.as_tensor(pulses, device=self.device, dtype=self.dtype).expand(self.shape).reshape(-1)
+        hit = (n != 0) & ~self.stuck.reshape(-1)
+        idx = hit.nonzero().squeeze(1)
+        g = self.g.reshape(-1)
+        if idx.numel() == 0:
+            return self.g.clone()
+        ns = n[idx]
+        up = ns > 0
+        lo, hi = self.g_min.reshape(-1)[idx], self.g_max.reshape(-1)[idx]
+        span = hi - lo
+        y = ((g[idx] - lo) / span).clamp(0.0, 1.0)
+        (a_p, em_p, lin_p, n_p), (a_d, em_d, lin_d, n_d) = self._curves["ltp"], self._curves["ltd"]
+        a = torch.where(up, a_p.reshape(-1)[idx], a_d.reshape(-1)[idx])
+        em = torch.where(up, em_p.reshape(-1)[idx], em_d.reshape(-1)[idx])
+        lin = torch.where(up, lin_p.reshape(-1)[idx], lin_d.reshape(-1)[idx])
+        count = torch.where(up, n_p, n_d)
+        # Potentiation moves up its curve from g_min; depression moves up its own curve from g_max.
+        pos = torch.where(up, y, 1.0 - y)
+        x = _inverse(pos, a, em, lin) + ns.abs() * self.step.reshape(-1)[idx] / count
+        moved = _curve(x.clamp(max=1.0), a, em, lin)
+        g_new = lo + span * torch.where(up, moved, 1.0 - moved)
+        if noise and self.spec.c2c > 0:
+            draw = torch.randn(idx.shape, generator=self.noise_generator, device=self.device, dtype=self.dtype)
+            g_new = g_new + draw * (self.spec.c2c * (self.spec.g_max - self.spec.g_min)) * ns.abs().sqrt()
+        out = g.clone()
+        out[idx] = torch.minimum(torch.maximum(g_new, lo), hi)
+        return out.reshape(self.shape)
 
     def program(self, pulses: torch.Tensor) -> None:
         """Apply signed pulse counts to every cell at once (see ``after_pulses``)."""

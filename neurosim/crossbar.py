@@ -112,9 +112,10 @@ class Crossbar:
 
     # -- mapping ------------------------------------------------------------------------------------------
     def _pad(self, w: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(self.padded_shape, device=self.device, dtype=self.dtype)
-        out[: self.in_features, : self.out_features] = w
-        return out
+        rows, cols = self.padded_shape
+        if (rows, cols) == (self.in_features, self.out_features):
+            return w.to(self.dtype)
+        return torch.nn.functional.pad(w.to(self.dtype), (0, cols - self.out_features, 0, rows - self.in_features))
 
     def _arrays(self) -> list[DeviceArray]:
         return [self.plus] if self.minus is None else [self.plus, self.minus]
@@ -292,7 +293,8 @@ class Crossbar:
         self.believed = (self.believed + n * self.dw_pulse).clamp(-self.config.w_max, self.config.w_max)
         mag = n_pad.abs().reshape(self.n_row_tiles, self.tile_rows, self.n_col_tiles, self.tile_cols)
         slots = mag.amax(dim=3).sum(dim=1).amax()
-        return {"pulses": int(mag.sum().item()) * len(self._arrays()), "pulse_slots": int(slots.item())}
+        total = torch.stack([mag.sum(), slots]).tolist()  # one synchronisation for both numbers
+        return {"pulses": int(total[0]) * len(self._arrays()), "pulse_slots": int(total[1])}
 
     def program_delta(self, dw: torch.Tensor) -> dict[str, int]:
         """Update by a requested weight change: pulses through the device model (not an exact write)."""

@@ -212,6 +212,7 @@ class DeviceArray:
         self.stuck_low = u < spec.stuck_at_gmin
         self.stuck_high = (u >= spec.stuck_at_gmin) & (u < spec.stuck_at_gmin + spec.stuck_at_gmax)
         self.stuck = self.stuck_low | self.stuck_high
+        self.any_stuck = bool(self.stuck.any())
         self.g = self.g_min.clone()
         self.g = self._apply_stuck(self.g)
         self.t_programmed = torch.zeros(self.shape, **kw)
@@ -220,7 +221,7 @@ class DeviceArray:
 
     # -- state --------------------------------------------------------------------------------------------
     def _apply_stuck(self, g: torch.Tensor) -> torch.Tensor:
-        if not bool(self.stuck.any()):
+        if not self.any_stuck:
             return g
         return torch.where(self.stuck_low, self.g_min, torch.where(self.stuck_high, self.g_max, g))
 
@@ -254,7 +255,9 @@ class DeviceArray:
         Only pulsed cells are computed, each on the one curve of its polarity: a training step pulses a
         fraction of the cells, and this is the simulator's hottest path."""
         n = torch.as_tensor(pulses, device=self.device, dtype=self.dtype).expand(self.shape).reshape(-1)
-        hit = (n != 0) & ~self.stuck.reshape(-1)
+        hit = n != 0
+        if self.any_stuck:
+            hit &= ~self.stuck.reshape(-1)
         idx = hit.nonzero().squeeze(1)
         g = self.g.reshape(-1)
         if idx.numel() == 0:
@@ -285,8 +288,9 @@ class DeviceArray:
         """Apply signed pulse counts to every cell at once (see ``after_pulses``)."""
         n = torch.as_tensor(pulses, device=self.device, dtype=self.dtype).expand(self.shape)
         self.g = self.after_pulses(n)
-        self.t_programmed = torch.where(n != 0, torch.full_like(self.t_programmed, self.time_s),
-                                        self.t_programmed)
+        if self.spec.drift_nu > 0:  # the age of a cell matters only where it drifts
+            self.t_programmed = torch.where(n != 0, torch.full_like(self.t_programmed, self.time_s),
+                                            self.t_programmed)
         self.version += 1
 
     def pulses_for(self, g_target: torch.Tensor) -> torch.Tensor:

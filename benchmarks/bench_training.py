@@ -46,7 +46,7 @@ from neurosim.data import DataConfig, load
 from neurosim.device import load_card
 from neurosim.training import TrainerConfig, make_engine, make_trainer
 from neurosim.training.config import DGCConfig
-from neurosim.training.dgc import dgc_exact, dgc_linearized, dgc_sequential
+from neurosim.training.dgc import dgc_exact, dgc_linearized_layers, dgc_sequential
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_crossbar import device_spec  # the same non-ideal device as the crossbar figures
@@ -95,8 +95,8 @@ def dgc_figures(x: torch.Tensor, y: torch.Tensor, subset: int, repeats: int) -> 
             batched[layer.name] = dgc_exact(net, layer, x, y, COST, cfg)[0]
 
     def linearized_step():
-        for layer in layers:
-            dgc_linearized(net, layer, x, y, COST, lin_cfg)
+        # As the trainer does it: one autograd pass and one noise estimate serve every layer of the step.
+        dgc_linearized_layers(net, layers, x, y, COST, lin_cfg)
 
     dgc_exact(net, layers[-1], x, y, COST, cfg)    # warm-up (the small layer: the same code paths)
     linearized_step()

@@ -305,8 +305,8 @@ class DeviceArray:
     # -- reading ------------------------------------------------------------------------------------------
     def conductance(self) -> torch.Tensor:
         """Noise-free conductance now, drift included: G·((t − t_prog)/t0)^-nu once t − t_prog exceeds t0."""
-        if self.spec.drift_nu == 0:
-            return self.g
+        if self.spec.drift_nu == 0 or self.time_s <= self.spec.drift_t0:
+            return self.g  # no cell is older than t0 yet
         age = (self.time_s - self.t_programmed).clamp(min=self.spec.drift_t0)
         return self.g * (age / self.spec.drift_t0).pow(-self.drift_nu)
 

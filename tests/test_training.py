@@ -319,3 +319,17 @@ def test_vgg11_builds_and_runs_on_cifar_sized_inputs():
     net = build_network(build(NetworkConfig, {"architecture": "vgg11"}), make_spec(states=257), (3, 32, 32), 10)
     assert len(net.analog_layers) == 9
     assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_conductances_drift_on_the_chips_clock_during_training():
+    spec = make_spec(states=257, drift_nu=0.1, drift_t0=1e-7)   # drift visible within the run's microseconds
+    data = tiny_data(n=16)
+    net = mlp(spec, hidden=(4,))
+    trainer = make_trainer(net, data, build(TrainerConfig, {"scheme": "bp", "epochs": 1, "batch_size": 16}))
+    trainer.fit()
+    t = trainer.engine.env.now
+    cb = net.analog_layers[0].crossbar
+    assert t > 1e-7 and cb.plus.time_s == t
+    age = (t - cb.plus.t_programmed).clamp(min=1e-7)
+    torch.testing.assert_close(cb.plus.conductance(), cb.plus.g * (age / 1e-7) ** -0.1)
+    assert bool((cb.plus.conductance() < cb.plus.g).any())

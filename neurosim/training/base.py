@@ -102,11 +102,18 @@ class Trainer(abc.ABC):
 
         return bp_gradients(self.network, x, y, self.config.cost, layers)
 
-    def dgc_gradient(self, layer: AnalogLayer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-        from neurosim.training.dgc import dgc_exact, dgc_linearized
+    def dgc_gradients(self, layers: list[AnalogLayer], x: torch.Tensor, y: torch.Tensor
+                      ) -> tuple[dict[str, torch.Tensor], float]:
+        """DGC gradients of ``layers`` and the measured base cost."""
+        from neurosim.training.dgc import dgc_exact, dgc_linearized_layers
 
-        fn = dgc_exact if self.config.dgc.mode == "exact" else dgc_linearized
-        return fn(self.network, layer, x, y, self.config.cost, self.config.dgc, self.generator)
+        cfg = self.config
+        if cfg.dgc.mode == "linearized":
+            return dgc_linearized_layers(self.network, layers, x, y, cfg.cost, cfg.dgc, self.generator)
+        grads, c0 = {}, 0.0
+        for layer in layers:
+            grads[layer.name], c0 = dgc_exact(self.network, layer, x, y, cfg.cost, cfg.dgc, self.generator)
+        return grads, c0
 
     # -- one step ----------------------------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor, schemes: dict[str, str]):
@@ -120,8 +127,9 @@ class Trainer(abc.ABC):
         if bp_layers:
             loss = self.bp_gradients(x, y, bp_layers)
             grads.update({layer.name: layer.weight.grad for layer in bp_layers})
-        for layer in dgc_layers:
-            grads[layer.name], c0 = self.dgc_gradient(layer, x, y)
+        if dgc_layers:
+            dgc_grads, c0 = self.dgc_gradients(dgc_layers, x, y)
+            grads.update(dgc_grads)
             if not bp_layers:
                 loss = c0
         if not layers:
@@ -146,6 +154,9 @@ class Trainer(abc.ABC):
             stats = self.update(layer, grads[layer.name])
             programs.append(eng.program(layer.name, stats["pulses"], stats["pulse_slots"]))
         yield eng.parallel(*programs)
+        if eng.enabled:  # conductances drift on the chip's own clock
+            for layer in layers:
+                layer.crossbar.set_time(eng.env.now)
         self.update_activations()
         return float(loss)
 

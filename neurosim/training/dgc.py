@@ -80,22 +80,32 @@ def dgc_exact(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: to
         batch = x.shape[0]
         out_shape = (batch, *h.shape[1:])
 
-        def measure(part: torch.Tensor, var: torch.Tensor | None) -> torch.Tensor:
-            """Costs of P chip states from their partial sums (P, nr, N, cols): noise, ADC, neurons, above."""
-            P = part.shape[0]
-            if var is not None:
-                part = part + noise_scale * var.clamp(min=0).sqrt() * torch.randn(
-                    part.shape, generator=cb.noise_generator, device=part.device, dtype=part.dtype)
-            c = cb.config
-            z = quantize(part, c.adc_bits, c.adc_range).sum(1)[..., : cb.out_features] * (c.input_max * c.w_max)
+        c = cb.config
+
+        def measure_sums(z: torch.Tensor) -> torch.Tensor:
+            """Costs of P chip states from the layer's digital column sums (P, N, padded cols)."""
+            P = z.shape[0]
+            z = z[..., : cb.out_features] * (c.input_max * c.w_max)
             z = layer.shape_output(z.reshape(P * n_rows, cb.out_features), (P * batch, *out_shape[1:]))
             out = network(layer.activate(z), start=idx + 1)
             return cost_per_sample(out, y.repeat(P), cost).reshape(P, batch).mean(1)
 
+        def measure(part: torch.Tensor, var: torch.Tensor | None) -> torch.Tensor:
+            """Costs of P chip states from their partial sums (P, nr, N, cols): noise, ADC, neurons, above."""
+            if var is not None:
+                part = part + noise_scale * var.clamp(min=0).sqrt() * torch.randn(
+                    part.shape, generator=cb.noise_generator, device=part.device, dtype=part.dtype)
+            return measure_sums(quantize(part, c.adc_bits, c.adc_range).sum(1))
+
+        # Without read noise every other column converts as in the base state: only the perturbed column's
+        # ADC output changes, so a perturbation costs (N, cols) instead of (row tiles, N, cols).
+        q0 = quantize(part0, c.adc_bits, c.adc_range) if var0 is None else None
+        z0 = q0.sum(0) if q0 is not None else None
+
         c0 = measure(part0[None], var0[None] if var0 is not None else None)[0]
         rows, outs = cb.in_features, cb.out_features
         total = rows * outs
-        chunk = cfg.chunk or max(1, _CHUNK_ELEMENTS // max(1, nr * n_rows * cols))
+        chunk = cfg.chunk or max(1, _CHUNK_ELEMENTS // max(1, (nr if var0 is not None else 1) * n_rows * cols))
         dw_nom = _nominal_dw(layer, cfg)
         signs = (1.0, -1.0) if cfg.difference == "central" else (1.0,)
         effects = [perturbation_effect(layer, cfg, s) for s in signs]
@@ -108,6 +118,12 @@ def dgc_exact(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: to
             ar = torch.arange(P, device=xt.device)
             xi = xt[r, :, ii]                                              # (P, N) input of the perturbed row
             for (dw_hat, dgsq), store in zip(effects, costs, strict=True):
+                if z0 is not None:
+                    column = part0[r, :, j] + xi * dw_hat[i, j][:, None]           # (P, N)
+                    z = z0.expand(P, n_rows, cols).clone()
+                    z[ar, :, j] += quantize(column, c.adc_bits, c.adc_range) - q0[r, :, j]
+                    store[start:start + P] = measure_sums(z)
+                    continue
                 part = part0.expand(P, nr, n_rows, cols).clone()
                 part[ar, r, :, j] += xi * dw_hat[i, j][:, None]
                 var = None
@@ -162,33 +178,55 @@ def dgc_sequential(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, 
     return grad, float(c0)
 
 
-def dgc_linearized(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: torch.Tensor, cost: str,
-                   cfg: DGCConfig, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
-    """Autograd through the non-ideal model, scaled by the real/nominal perturbation, plus measurement noise."""
-    cb = layer.crossbar
-    w_real = cb.weights().detach().clone().requires_grad_(True)
+def dgc_linearized_layers(network: AnalogNetwork, layers: list[AnalogLayer], x: torch.Tensor, y: torch.Tensor,
+                          cost: str, cfg: DGCConfig, generator: torch.Generator | None = None
+                          ) -> tuple[dict[str, torch.Tensor], float]:
+    """Linearized DGC of several layers of one step: one autograd pass through the noise-free non-ideal model
+    and one estimate of the measurement noise serve them all (the chip would measure them all on one state)."""
+    leaves = {layer.name: layer.crossbar.weights().detach().clone().requires_grad_(True) for layer in layers}
     with noise_free(network), torch.enable_grad():
-        c_lin = cost_per_sample(network(x, mode="linearized", weights={layer.name: w_real}), y, cost).mean()
-        (g_lin,) = torch.autograd.grad(c_lin, w_real)
+        c_lin = cost_per_sample(network(x, mode="linearized", weights=leaves), y, cost).mean()
+        grads = torch.autograd.grad(c_lin, list(leaves.values()))
     with torch.no_grad():
         # The spread of one cost measurement on this chip, from a few noisy measurements.
         samples = torch.stack([cost_per_sample(network(x), y, cost).mean() for _ in range(cfg.noise_samples)])
         sigma = float(samples.std())
-        c0 = float(samples[0])
-        dw_nom = _nominal_dw(layer, cfg)
-        shape = (cb.in_features, cb.out_features)
-        g = generator or cb.noise_generator
-        signs = (1.0, -1.0) if cfg.difference == "central" else (1.0,)
-        real = [perturbation_effect(layer, cfg, s)[0][: shape[0], : shape[1]] * cb.config.w_max for s in signs]
-        if cfg.difference == "central":
-            ratio = (real[0] - real[1]) / (2 * dw_nom)
-            noise = sigma * (torch.randn(shape, generator=g, device=cb.device, dtype=cb.dtype)
-                             - torch.randn(shape, generator=g, device=cb.device, dtype=cb.dtype)) / (2 * dw_nom)
-        else:
-            ratio = real[0] / dw_nom
-            base_noise = torch.randn((), generator=g, device=cb.device, dtype=cb.dtype)  # C(w): one measurement
-            noise = sigma * (torch.randn(shape, generator=g, device=cb.device, dtype=cb.dtype) - base_noise) / dw_nom
-        return g_lin * ratio + noise, c0
+        out = {}
+        for layer, g_lin in zip(layers, grads, strict=True):
+            out[layer.name] = g_lin * _ratio(layer, cfg) + _measurement_noise(layer, cfg, sigma, generator)
+        return out, float(samples[0])
+
+
+def _ratio(layer: AnalogLayer, cfg: DGCConfig) -> torch.Tensor:
+    """Real over nominal perturbation of every weight (the device model's step, not the controller's)."""
+    cb = layer.crossbar
+    shape = (cb.in_features, cb.out_features)
+    dw_nom = _nominal_dw(layer, cfg)
+    if cfg.difference == "central":
+        up, down = (perturbation_effect(layer, cfg, s)[0][: shape[0], : shape[1]] * cb.config.w_max
+                    for s in (1.0, -1.0))
+        return (up - down) / (2 * dw_nom)
+    return perturbation_effect(layer, cfg, 1.0)[0][: shape[0], : shape[1]] * cb.config.w_max / dw_nom
+
+
+def _measurement_noise(layer: AnalogLayer, cfg: DGCConfig, sigma: float, generator: torch.Generator | None):
+    """(ε_p − ε_0)/Δw for forward differences (ε_0: the one shared base measurement), (ε_+ − ε_−)/2Δw central."""
+    cb = layer.crossbar
+    shape = (cb.in_features, cb.out_features)
+    g = generator or cb.noise_generator
+    dw_nom = _nominal_dw(layer, cfg)
+    draw = torch.randn(shape, generator=g, device=cb.device, dtype=cb.dtype)
+    if cfg.difference == "central":
+        return sigma * (draw - torch.randn(shape, generator=g, device=cb.device, dtype=cb.dtype)) / (2 * dw_nom)
+    base = torch.randn((), generator=g, device=cb.device, dtype=cb.dtype)
+    return sigma * (draw - base) / dw_nom
+
+
+def dgc_linearized(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: torch.Tensor, cost: str,
+                   cfg: DGCConfig, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """Autograd through the non-ideal model, scaled by the real/nominal perturbation, plus measurement noise."""
+    grads, c0 = dgc_linearized_layers(network, [layer], x, y, cost, cfg, generator)
+    return grads[layer.name], c0
 
 
 class DGCTrainer(Trainer):

@@ -117,6 +117,11 @@ def _inverse(y: torch.Tensor, a: torch.Tensor, em: torch.Tensor, linear: torch.T
     return torch.where(linear, y, -a * torch.log1p(y * em))
 
 
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The values of cells ``idx`` of a per-cell parameter, or the parameter itself if it is one scalar."""
+    return t if t.dim() == 0 else t.reshape(-1)[idx]
+
+
 def _constants(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(a clamped, expm1(−1/a), linear mask): what the curve needs of A, computed once per cell."""
     linear = a >= _LINEAR_A
@@ -191,9 +196,10 @@ class DeviceArray:
         g = generator
 
         def spread(nominal: float, sigma: float, floor: float) -> torch.Tensor:
-            # Relative Gaussian spread, truncated at a small positive floor so no cell is unphysical.
+            # Relative Gaussian spread, truncated at a small positive floor so no cell is unphysical. Without a
+            # spread the parameter is one broadcast scalar: no memory per cell, no gather when programming.
             if sigma == 0:
-                return torch.full(self.shape, nominal, **kw)
+                return torch.tensor(nominal, **kw)
             return (nominal * (1.0 + sigma * torch.randn(self.shape, generator=g, **kw))).clamp(min=floor)
 
         self.g_min = spread(spec.g_min, spec.g_min_dtod, 0.01 * spec.g_min)
@@ -213,8 +219,7 @@ class DeviceArray:
         self.stuck_high = (u >= spec.stuck_at_gmin) & (u < spec.stuck_at_gmin + spec.stuck_at_gmax)
         self.stuck = self.stuck_low | self.stuck_high
         self.any_stuck = bool(self.stuck.any())
-        self.g = self.g_min.clone()
-        self.g = self._apply_stuck(self.g)
+        self.g = self._apply_stuck(self.g_min.expand(self.shape).clone())
         self.t_programmed = torch.zeros(self.shape, **kw)
         self.time_s = 0.0  # the chip's clock, advanced by whoever owns the timeline (drift)
         self.version = 0  # bumped on every write, so readers can cache derived tensors
@@ -264,17 +269,17 @@ class DeviceArray:
             return self.g.clone()
         ns = n[idx]
         up = ns > 0
-        lo, hi = self.g_min.reshape(-1)[idx], self.g_max.reshape(-1)[idx]
+        lo, hi = _take(self.g_min, idx), _take(self.g_max, idx)
         span = hi - lo
         y = ((g[idx] - lo) / span).clamp(0.0, 1.0)
         (a_p, em_p, lin_p, n_p), (a_d, em_d, lin_d, n_d) = self._curves["ltp"], self._curves["ltd"]
-        a = torch.where(up, a_p.reshape(-1)[idx], a_d.reshape(-1)[idx])
-        em = torch.where(up, em_p.reshape(-1)[idx], em_d.reshape(-1)[idx])
-        lin = torch.where(up, lin_p.reshape(-1)[idx], lin_d.reshape(-1)[idx])
+        a = torch.where(up, _take(a_p, idx), _take(a_d, idx))
+        em = torch.where(up, _take(em_p, idx), _take(em_d, idx))
+        lin = torch.where(up, _take(lin_p, idx), _take(lin_d, idx))
         count = torch.where(up, n_p, n_d)
         # Potentiation moves up its curve from g_min; depression moves up its own curve from g_max.
         pos = torch.where(up, y, 1.0 - y)
-        x = _inverse(pos, a, em, lin) + ns.abs() * self.step.reshape(-1)[idx] / count
+        x = _inverse(pos, a, em, lin) + ns.abs() * _take(self.step, idx) / count
         moved = _curve(x.clamp(max=1.0), a, em, lin)
         g_new = lo + span * torch.where(up, moved, 1.0 - moved)
         if noise and self.spec.c2c > 0:
@@ -327,5 +332,7 @@ class DeviceArray:
             self.version += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("g", "g_min", "g_max", "a_ltp", "a_ltd", "step", "drift_nu",
-                                              "stuck_low", "stuck_high", "t_programmed")}
+        """Every per-cell tensor at the array's full shape (scalar parameters expanded)."""
+        names = ("g", "g_min", "g_max", "a_ltp", "a_ltd", "step", "drift_nu", "stuck_low", "stuck_high",
+                 "t_programmed")
+        return {k: getattr(self, k).expand(self.shape) for k in names}

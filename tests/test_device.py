@@ -132,10 +132,11 @@ def test_stuck_at_faults(spec_factory):
         # Binomial count: standard deviation sqrt(n p (1 − p)); allow 5 of them.
         assert abs(int(mask.sum()) - n * rate) < 5 * math.sqrt(n * rate * (1 - rate))
     cells.program(torch.full((200, 200), 10.0, dtype=torch.float64))
-    assert torch.equal(cells.g[cells.stuck_low], cells.g_min[cells.stuck_low])
-    assert torch.equal(cells.g[cells.stuck_high], cells.g_max[cells.stuck_high])
+    g_min, g_max = cells.g_min.expand(cells.shape), cells.g_max.expand(cells.shape)
+    assert torch.equal(cells.g[cells.stuck_low], g_min[cells.stuck_low])
+    assert torch.equal(cells.g[cells.stuck_high], g_max[cells.stuck_high])
     free = ~cells.stuck
-    assert bool((cells.g[free] > cells.g_min[free]).all())
+    assert bool((cells.g[free] > g_min[free]).all())
 
 
 def test_drift_follows_power_law(spec_factory):

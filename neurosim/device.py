@@ -117,9 +117,11 @@ def _inverse(y: torch.Tensor, a: torch.Tensor, em: torch.Tensor, linear: torch.T
     return torch.where(linear, y, -a * torch.log1p(y * em))
 
 
-def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The values of cells ``idx`` of a per-cell parameter, or the parameter itself if it is one scalar."""
-    return t if t.dim() == 0 else t.reshape(-1)[idx]
+def _take(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """The values of cells ``idx`` (None: all, flat) of a per-cell parameter; a scalar parameter as it is."""
+    if t.dim() == 0:
+        return t
+    return t.reshape(-1) if idx is None else t.reshape(-1)[idx]
 
 
 def _constants(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -263,15 +265,15 @@ class DeviceArray:
         hit = n != 0
         if self.any_stuck:
             hit &= ~self.stuck.reshape(-1)
-        idx = hit.nonzero().squeeze(1)
         g = self.g.reshape(-1)
-        if idx.numel() == 0:
+        idx = None if bool(hit.all()) else hit.nonzero().squeeze(1)  # None: every cell (DGC perturbs them all)
+        if idx is not None and idx.numel() == 0:
             return self.g.clone()
-        ns = n[idx]
+        ns = n if idx is None else n[idx]
         up = ns > 0
         lo, hi = _take(self.g_min, idx), _take(self.g_max, idx)
         span = hi - lo
-        y = ((g[idx] - lo) / span).clamp(0.0, 1.0)
+        y = ((_take(g, idx) - lo) / span).clamp(0.0, 1.0)
         (a_p, em_p, lin_p, n_p), (a_d, em_d, lin_d, n_d) = self._curves["ltp"], self._curves["ltd"]
         a = torch.where(up, _take(a_p, idx), _take(a_d, idx))
         em = torch.where(up, _take(em_p, idx), _take(em_d, idx))
@@ -283,10 +285,13 @@ class DeviceArray:
         moved = _curve(x.clamp(max=1.0), a, em, lin)
         g_new = lo + span * torch.where(up, moved, 1.0 - moved)
         if noise and self.spec.c2c > 0:
-            draw = torch.randn(idx.shape, generator=self.noise_generator, device=self.device, dtype=self.dtype)
+            draw = torch.randn(ns.shape, generator=self.noise_generator, device=self.device, dtype=self.dtype)
             g_new = g_new + draw * (self.spec.c2c * (self.spec.g_max - self.spec.g_min)) * ns.abs().sqrt()
+        g_new = torch.minimum(torch.maximum(g_new, lo), hi)
+        if idx is None:
+            return g_new.expand(g.shape).reshape(self.shape).clone()
         out = g.clone()
-        out[idx] = torch.minimum(torch.maximum(g_new, lo), hi)
+        out[idx] = g_new
         return out.reshape(self.shape)
 
     def program(self, pulses: torch.Tensor) -> None:

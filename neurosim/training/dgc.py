@@ -188,8 +188,11 @@ def dgc_linearized_layers(network: AnalogNetwork, layers: list[AnalogLayer], x: 
         c_lin = cost_per_sample(network(x, mode="linearized", weights=leaves), y, cost).mean()
         grads = torch.autograd.grad(c_lin, list(leaves.values()))
     with torch.no_grad():
-        # The spread of one cost measurement on this chip, from a few noisy measurements.
-        samples = torch.stack([cost_per_sample(network(x), y, cost).mean() for _ in range(cfg.noise_samples)])
+        # The spread of one cost measurement on this chip, from a few noisy measurements, read as one batch
+        # (every replica of the batch draws its own noise).
+        k = cfg.noise_samples
+        reps = (k,) + (1,) * (x.dim() - 1)
+        samples = cost_per_sample(network(x.repeat(reps)), y.repeat(k), cost).reshape(k, -1).mean(1)
         sigma = float(samples.std())
         out = {}
         for layer, g_lin in zip(layers, grads, strict=True):

@@ -204,12 +204,3 @@ def with_overrides(obj: T, overrides: Mapping[str, Any], *, source: str | None =
             raise ConfigError(key, value, "unknown field", source)
         node[parts[-1]] = value
     return build(type(obj), data, source=source)
-
-
-def describe(cls: type) -> list[tuple[str, str, Any]]:
-    """(name, doc, default) for each field: the source of the reference tables in docs/."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else "(required)"
-        rows.append((f.name, f.metadata.get("doc", ""), default))
-    return rows

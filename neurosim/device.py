@@ -240,9 +240,6 @@ class DeviceArray:
         self.t_programmed.fill_(self.time_s)
         self.version += 1
 
-    def levels(self, polarity: str = "ltp") -> int:
-        return self.spec.pulses_ltp if polarity == "ltp" else self.spec.pulses_ltd
-
     def pulse_position(self, g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Where each cell sits on its potentiation and depression curves, in nominal pulses."""
         g = self.g if g is None else g

@@ -124,6 +124,8 @@ class AnalogLayer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------
     def preactivation(self, x: torch.Tensor, mode: str = "inference", weights: torch.Tensor | None = None):
+        if mode not in MODES:
+            raise ValueError(f"{self.name}: mode must be one of {', '.join(MODES)}, got {mode!r}")
         xin = self.matrix_input(x)
         if mode == "bp":
             z = _HardwareRead.apply(xin, self.weight, self)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -213,7 +212,3 @@ class Trainer(abc.ABC):
 
     def fit(self) -> list[dict[str, Any]]:
         return self.run_epochs(self.config.epochs)
-
-
-def finite(value: float) -> bool:
-    return value is not None and math.isfinite(value)

@@ -282,22 +282,29 @@ class Crossbar:
         """Signed pulse counts (in, out) that the controller issues for a requested weight change."""
         n = dw / self.dw_pulse
         if self.config.rounding == "stochastic":
+            # floor(n + u), u uniform in [0, 1): one more pulse with probability frac(n), so unbiased.
             g = generator or self.noise_generator
-            low = torch.floor(n)
-            u = torch.rand(n.shape, generator=g, device=n.device, dtype=n.dtype)
-            return low + (u < (n - low)).to(n.dtype)
+            return n.add_(torch.rand(n.shape, generator=g, device=n.device, dtype=n.dtype)).floor_()
         return torch.round(n)
 
     def apply_pulses(self, n: torch.Tensor) -> dict[str, int]:
         """Fire signed pulse counts (in, out) at the weights: a pair moves both devices oppositely. Returns the
         pulse count and the sequential pulse slots (rows one after another, a row's cells in parallel, tiles
-        in parallel), which the engine turns into time and energy."""
-        n_pad = self._pad(n)
+        in parallel), which the engine turns into time and energy. Works on the pulsed cells only."""
+        flat = n.reshape(-1)
+        idx = (flat != 0).nonzero().squeeze(1)
+        counts = flat[idx]
+        rows, cols = idx // self.out_features, idx % self.out_features
+        cells = rows * self.padded_shape[1] + cols                       # flat index in the padded arrays
         for sign, array in zip((1.0, -1.0), self._arrays(), strict=False):
-            array.program(sign * n_pad)
-        self.believed = (self.believed + n * self.dw_pulse).clamp(-self.config.w_max, self.config.w_max)
-        mag = n_pad.abs().reshape(self.n_row_tiles, self.tile_rows, self.n_col_tiles, self.tile_cols)
-        slots = mag.amax(dim=3).sum(dim=1).amax()
+            array.program_cells(cells, counts if sign > 0 else -counts)
+        believed = self.believed.view(-1)
+        believed[idx] = (believed[idx] + counts * self.dw_pulse).clamp(-self.config.w_max, self.config.w_max)
+        # Slots: per tile, the sum over its rows of the largest pulse count in the row; tiles in parallel.
+        mag = counts.abs()
+        per_row = torch.zeros(self.padded_shape[0] * self.n_col_tiles, device=n.device, dtype=n.dtype)
+        per_row.scatter_reduce_(0, rows * self.n_col_tiles + cols // self.tile_cols, mag, "amax")
+        slots = per_row.reshape(self.n_row_tiles, self.tile_rows, self.n_col_tiles).sum(1).amax()
         total = torch.stack([mag.sum(), slots]).tolist()  # one synchronisation for both numbers
         return {"pulses": int(total[0]) * len(self._arrays()), "pulse_slots": int(total[1])}
 

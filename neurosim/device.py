@@ -254,23 +254,28 @@ class DeviceArray:
         """Conductances that signed pulse counts (> 0 potentiation, < 0 depression) would give, without
         changing the array: each cell moves along the curve of the pulses' polarity by |n| times its own step,
         stops at its bounds, and gets cycle-to-cycle noise of sigma c2c·(g_max − g_min)·sqrt(|n|)
-        (independent noise per pulse). Stuck cells stay where they are.
-
-        Only pulsed cells are computed, each on the one curve of its polarity: a training step pulses a
-        fraction of the cells, and this is the simulator's hottest path."""
+        (independent noise per pulse). Stuck cells stay where they are."""
         n = torch.as_tensor(pulses, device=self.device, dtype=self.dtype).expand(self.shape).reshape(-1)
         hit = n != 0
         if self.any_stuck:
             hit &= ~self.stuck.reshape(-1)
-        g = self.g.reshape(-1)
-        idx = None if bool(hit.all()) else hit.nonzero().squeeze(1)  # None: every cell (DGC perturbs them all)
-        if idx is not None and idx.numel() == 0:
-            return self.g.clone()
-        ns = n if idx is None else n[idx]
+        if bool(hit.all()):  # every cell (DGC perturbs them all): no gathers
+            return self._moved(None, n, noise).reshape(self.shape).clone()
+        idx = hit.nonzero().squeeze(1)
+        out = self.g.reshape(-1).clone()
+        if idx.numel():
+            out[idx] = self._moved(idx, n[idx], noise)
+        return out.reshape(self.shape)
+
+    def _moved(self, idx: torch.Tensor | None, ns: torch.Tensor, noise: bool) -> torch.Tensor:
+        """New conductances of cells ``idx`` (flat; None: all) after signed pulse counts ``ns`` (non-zero).
+
+        Only pulsed cells are computed, each on the one curve of its polarity: a training step pulses a
+        fraction of the cells, and this is the simulator's hottest path."""
         up = ns > 0
         lo, hi = _take(self.g_min, idx), _take(self.g_max, idx)
         span = hi - lo
-        y = ((_take(g, idx) - lo) / span).clamp(0.0, 1.0)
+        y = ((_take(self.g, idx) - lo) / span).clamp(0.0, 1.0)
         (a_p, em_p, lin_p, n_p), (a_d, em_d, lin_d, n_d) = self._curves["ltp"], self._curves["ltd"]
         a = torch.where(up, _take(a_p, idx), _take(a_d, idx))
         em = torch.where(up, _take(em_p, idx), _take(em_d, idx))
@@ -285,19 +290,24 @@ class DeviceArray:
             draw = torch.randn(ns.shape, generator=self.noise_generator, device=self.device, dtype=self.dtype)
             g_new = g_new + draw * (self.spec.c2c * (self.spec.g_max - self.spec.g_min)) * ns.abs().sqrt()
         g_new = torch.minimum(torch.maximum(g_new, lo), hi)
-        if idx is None:
-            return g_new.expand(g.shape).reshape(self.shape).clone()
-        out = g.clone()
-        out[idx] = g_new
-        return out.reshape(self.shape)
+        return g_new.expand(ns.shape) if idx is not None else g_new.expand(self.g.numel())
 
     def program(self, pulses: torch.Tensor) -> None:
         """Apply signed pulse counts to every cell at once (see ``after_pulses``)."""
-        n = torch.as_tensor(pulses, device=self.device, dtype=self.dtype).expand(self.shape)
-        self.g = self.after_pulses(n)
-        if self.spec.drift_nu > 0:  # the age of a cell matters only where it drifts
-            self.t_programmed = torch.where(n != 0, torch.full_like(self.t_programmed, self.time_s),
-                                            self.t_programmed)
+        n = torch.as_tensor(pulses, device=self.device, dtype=self.dtype).expand(self.shape).reshape(-1)
+        idx = (n != 0).nonzero().squeeze(1)
+        self.program_cells(idx, n[idx])
+
+    def program_cells(self, idx: torch.Tensor, counts: torch.Tensor) -> None:
+        """Apply signed pulse counts to the cells of flat indices ``idx`` only, in place: a training update
+        pulses a few percent of the cells, so nothing scans or copies the whole array."""
+        if self.any_stuck:
+            free = ~self.stuck.reshape(-1)[idx]
+            idx, counts = idx[free], counts[free]
+        if idx.numel():
+            self.g.view(-1)[idx] = self._moved(idx, counts, True)
+            if self.spec.drift_nu > 0:  # the age of a cell matters only where it drifts
+                self.t_programmed.view(-1)[idx] = self.time_s
         self.version += 1
 
     def pulses_for(self, g_target: torch.Tensor) -> torch.Tensor:

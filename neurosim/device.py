@@ -304,7 +304,11 @@ class DeviceArray:
         if self.any_stuck:
             free = ~self.stuck.reshape(-1)[idx]
             idx, counts = idx[free], counts[free]
-        if idx.numel():
+        if idx.numel() == self.g.numel():  # every cell, in order (indices come sorted): no gathers
+            self.g = self._moved(None, counts, True).reshape(self.shape).clone()
+            if self.spec.drift_nu > 0:
+                self.t_programmed.fill_(self.time_s)
+        elif idx.numel():
             self.g.view(-1)[idx] = self._moved(idx, counts, True)
             if self.spec.drift_nu > 0:  # the age of a cell matters only where it drifts
                 self.t_programmed.view(-1)[idx] = self.time_s

@@ -66,6 +66,11 @@ class DeviceSpec:
     def validate(self) -> None:
         if self.g_max <= self.g_min:
             raise ConfigError("g_max", self.g_max, f"must be greater than g_min ({self.g_min})")
+        from neurosim.nonlinearity import MAX_LABEL
+
+        for name in ("nl_ltp", "nl_ltd"):
+            if abs(getattr(self, name)) >= MAX_LABEL:
+                raise ConfigError(name, getattr(self, name), f"|label| must be below {MAX_LABEL:.2f} (a step response)")
         if self.stuck_at_gmin + self.stuck_at_gmax > 1.0:
             raise ConfigError("stuck_at_gmax", self.stuck_at_gmax, "stuck_at_gmin + stuck_at_gmax must be <= 1")
         for key, text in self.source.items():

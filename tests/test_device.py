@@ -197,6 +197,7 @@ nl_ltp = "a paper"
     (GOOD.replace('states = 64', 'states = 1'), "states"),                          # too few states
     (GOOD.replace('states = 64', 'states = "many"'), "states"),                     # wrong type
     (GOOD.replace('g_min = 1e-6', 'g_min = -1e-6'), "g_min"),                       # negative conductance
+    (GOOD.replace('nl_ltp = 1.0', 'nl_ltp = 25.0'), "nl_ltp"),                      # beyond a step response
     (GOOD.replace('states = "a paper"\n', ''), "source.states"),                    # number without a source
     ("name = [unclosed", "not valid TOML"),                                          # not TOML at all
 ])

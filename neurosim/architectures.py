@@ -44,7 +44,7 @@ def build_network(config: NetworkConfig, spec: DeviceSpec, input_shape: tuple[in
                   ) -> AnalogNetwork:
     """The named architecture on analog hardware. ``derivative_circuits=False`` builds none (DGC-only chips)."""
     common = {"spec": spec, "crossbar": config.crossbar, "seed": seed, "device": device, "bias": config.bias,
-              "derivative_circuit": derivative_circuits}
+              "derivative_circuit": derivative_circuits, "init_scale": config.init_scale}
     hidden_act, out_act = config.activation, config.output_activation
     c, h, w = input_shape
     stages: list[nn.Module] = []
@@ -83,15 +83,7 @@ def build_network(config: NetworkConfig, spec: DeviceSpec, input_shape: tuple[in
         stages += [nn.Flatten(), AnalogLinear(512, classes, name="fc1", activation=out_act, **common)]
     # Neuron circuits sit right after their crossbar; max pooling after a monotone activation equals pooling
     # before it, so conv -> neuron -> pool is the order here.
-    net = AnalogNetwork(stages, name=config.architecture)
-    if config.init_scale is not None:
-        for layer in net.analog_layers:
-            g = torch.Generator(device=layer.crossbar.device).manual_seed(seed)
-            w0 = (torch.rand(layer.crossbar.in_features, layer.crossbar.out_features, generator=g,
-                             device=layer.crossbar.device) * 2 - 1) * config.init_scale
-            layer.crossbar.set_weights(w0)
-            layer.sync_believed()
-    return net
+    return AnalogNetwork(stages, name=config.architecture)
 
 
 _ACTIVATIONS = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu",

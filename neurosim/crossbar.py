@@ -187,13 +187,16 @@ class Crossbar:
         else:
             part = torch.bmm(xt, w_hat.reshape(self.n_row_tiles, self.tile_rows, -1))
         if gsq is not None:
-            # Read noise of every cell summed per column: Gaussian of variance Σ V²·(σ·G)², drawn at the output
-            # (the same distribution as one draw per cell, at the cost of one more matmul instead of B·R·C draws).
-            var = torch.bmm(xt * xt, gsq.reshape(self.n_row_tiles, self.tile_rows, -1))
-            sigma = (self.spec.read_noise / (self.k * c.w_max)) * var.clamp(min=0).sqrt()
-            part = part + sigma * torch.randn(part.shape, generator=self.noise_generator, device=part.device,
-                                              dtype=part.dtype)
+            part = self.add_read_noise(part, torch.bmm(xt * xt, gsq.reshape(self.n_row_tiles, self.tile_rows, -1)))
         return part
+
+    def add_read_noise(self, part: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """Read noise of every cell summed per column: Gaussian of variance Σ V̂²·(σ·G)² (``var`` = Σ V̂²·G²),
+        drawn at the output -- the same distribution as one draw per cell, for one matmul instead of B·R·C
+        draws. Normalized units, as the partial sums."""
+        sigma = (self.spec.read_noise / (self.k * self.config.w_max)) * var.clamp(min=0).sqrt()
+        return part + sigma * torch.randn(part.shape, generator=self.noise_generator, device=part.device,
+                                          dtype=part.dtype)
 
     def convert(self, part: torch.Tensor) -> torch.Tensor:
         """ADC of every tile column, digital sum over row tiles, back to weight × input units: (B, out)."""
@@ -218,11 +221,10 @@ class Crossbar:
         scale = d.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) if c.noise_management else \
             torch.full((d.shape[0], 1), c.input_max, device=d.device, dtype=d.dtype)
         dn = quantize(d / scale, dac_bits, 1.0)
-        B = dn.shape[0]
-        cols = self.padded_shape[1]
-        if cols > self.out_features:
-            dn = torch.cat([dn, dn.new_zeros(B, cols - self.out_features)], dim=1)
-        dt = dn.reshape(B, self.n_col_tiles, self.tile_cols).transpose(0, 1)       # (nc, B, C)
+        pad = self.padded_shape[1] - self.out_features
+        if pad:
+            dn = torch.nn.functional.pad(dn, (0, pad))
+        dt = dn.reshape(dn.shape[0], self.n_col_tiles, self.tile_cols).transpose(0, 1)   # (nc, B, C)
         unit = c.read_voltage * self.k * c.w_max
         if c.wire_resistance != "none":
             part = self._nodal_partials(dt * c.read_voltage, transposed=True) / unit
@@ -231,10 +233,7 @@ class Crossbar:
             part = torch.bmm(dt, w)                                                 # (nc, B, rows)
         if gsq is not None:
             g2 = gsq.reshape(-1, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
-            var = torch.bmm(dt * dt, g2)
-            sigma = (self.spec.read_noise / (self.k * c.w_max)) * var.clamp(min=0).sqrt()
-            part = part + sigma * torch.randn(part.shape, generator=self.noise_generator, device=part.device,
-                                              dtype=part.dtype)
+            part = self.add_read_noise(part, torch.bmm(dt * dt, g2))
         # Row partial sums of one column tile pass one ADC, then add digitally across column tiles.
         part = quantize(part, adc_bits, c.adc_range)
         y = part.sum(0)[:, : self.in_features]

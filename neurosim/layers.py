@@ -162,9 +162,10 @@ class AnalogLinear(AnalogLayer):
 
     def __init__(self, in_features: int, out_features: int, *, name: str, spec: DeviceSpec, bias: bool = True,
                  crossbar: CrossbarConfig | None = None, activation: ActivationConfig | None = None, seed: int = 0,
-                 device: torch.device | str = "cpu", derivative_circuit: bool = True):
+                 device: torch.device | str = "cpu", derivative_circuit: bool = True,
+                 init_scale: float | None = None):
         super().__init__(name, in_features, out_features, bias, spec, crossbar, activation, seed,
-                         torch.device(device), derivative_circuit)
+                         torch.device(device), derivative_circuit, init_scale)
         self.in_features, self.out_features = in_features, out_features
 
     def rows_of(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,9 +183,9 @@ class AnalogConv2d(AnalogLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, name: str, spec: DeviceSpec,
                  stride: int = 1, padding: int = 0, bias: bool = True, crossbar: CrossbarConfig | None = None,
                  activation: ActivationConfig | None = None, seed: int = 0, device: torch.device | str = "cpu",
-                 derivative_circuit: bool = True, input_size: int | None = None):
+                 derivative_circuit: bool = True, input_size: int | None = None, init_scale: float | None = None):
         super().__init__(name, in_channels * kernel_size * kernel_size, out_channels, bias, spec, crossbar,
-                         activation, seed, torch.device(device), derivative_circuit)
+                         activation, seed, torch.device(device), derivative_circuit, init_scale)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         if input_size is not None:

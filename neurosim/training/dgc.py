@@ -76,7 +76,6 @@ def dgc_exact(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: to
         cols = cb.padded_shape[1]
         part0 = torch.bmm(xt, w_hat.reshape(nr, R, cols))                 # noise-free partial sums
         var0 = torch.bmm(xt * xt, gsq.reshape(nr, R, cols)) if gsq is not None else None
-        noise_scale = cb.spec.read_noise / (cb.k * cb.config.w_max)
         batch = x.shape[0]
         out_shape = (batch, *h.shape[1:])
 
@@ -93,8 +92,7 @@ def dgc_exact(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: to
         def measure(part: torch.Tensor, var: torch.Tensor | None) -> torch.Tensor:
             """Costs of P chip states from their partial sums (P, nr, N, cols): noise, ADC, neurons, above."""
             if var is not None:
-                part = part + noise_scale * var.clamp(min=0).sqrt() * torch.randn(
-                    part.shape, generator=cb.noise_generator, device=part.device, dtype=part.dtype)
+                part = cb.add_read_noise(part, var)
             return measure_sums(quantize(part, c.adc_bits, c.adc_range).sum(1))
 
         # Without read noise every other column converts as in the base state: only the perturbed column's

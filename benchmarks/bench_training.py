@@ -23,7 +23,7 @@ disturbance from another process hits both alike.
                             tensor work, engine_epoch_ms) over the clock-off epoch: the same quantity, measured
                             without the noise of subtracting two epoch timings.
 
-    python benchmarks/bench_training.py [--quick]
+    python benchmarks/bench_training.py [--quick] [--only dgc|bp]
 """
 
 from __future__ import annotations
@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats, a smaller loop subset and 2,000 BP "
                    "training samples (a smoke run; ratios noisier)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--only", choices=("dgc", "bp"), help="run one group of figures")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,10 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# load average at start: {os.getloadavg()[0]:.2f} (other processes on this machine disturb timings)")
     samples = 2500 if args.quick else 12500        # test_fraction 0.2: 2,000 or 10,000 training samples
     data = load(DataConfig(name="synthetic", size=28, samples=samples, test_fraction=0.2), seed=0)
-    dgc_figures(data.x_train[:32], data.y_train[:32], subset=50 if args.quick else 200,
-                repeats=1 if args.quick else 3)
-    sys.stdout.flush()
-    bp_figures(data, repeats=2 if args.quick else 6)
+    if args.only != "bp":
+        dgc_figures(data.x_train[:32], data.y_train[:32], subset=50 if args.quick else 200,
+                    repeats=1 if args.quick else 3)
+        sys.stdout.flush()
+    if args.only != "dgc":
+        bp_figures(data, repeats=2 if args.quick else 6)
     print(f"# load average at end: {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -21,6 +21,7 @@ import torch
 from neurosim.backend import make_generator
 from neurosim.config import ConfigError, setting
 from neurosim.device import DeviceArray, DeviceSpec
+from neurosim.sampling import stochastic_round_sparse
 
 
 @dataclass(frozen=True)
@@ -277,31 +278,45 @@ class Crossbar:
         return torch.stack(outs)
 
     # -- programming --------------------------------------------------------------------------------------
-    def pulses_for_delta(self, dw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Signed pulse counts (in, out) that the controller issues for a requested weight change."""
-        n = dw / self.dw_pulse
+    def pulse_counts(self, dw: torch.Tensor, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pulses the controller issues for a requested weight change, sparsely: (flat indices into the
+        (in, out) matrix, signed counts), only cells with a non-zero count. Stochastic rounding fires
+        floor(m + u) pulses for m = |Δw|/Δw_pulse: unbiased, drawn by ``stochastic_round_sparse``."""
+        n = (dw.reshape(-1) / self.dw_pulse).to(self.dtype)
         if self.config.rounding == "stochastic":
-            # floor(n + u), u uniform in [0, 1): one more pulse with probability frac(n), so unbiased.
-            g = generator or self.noise_generator
-            return n.add_(torch.rand(n.shape, generator=g, device=n.device, dtype=n.dtype)).floor_()
-        return torch.round(n)
+            idx, mag = stochastic_round_sparse(n.abs(), generator or self.noise_generator)
+            return idx, mag.copysign_(n.index_select(0, idx))
+        n = n.round_()
+        idx = n.nonzero().squeeze(1)
+        return idx, n.index_select(0, idx)
+
+    def pulses_for_delta(self, dw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Signed pulse counts (in, out) that the controller issues for a requested weight change (dense)."""
+        idx, counts = self.pulse_counts(dw, generator)
+        n = torch.zeros(dw.numel(), device=dw.device, dtype=self.dtype)
+        return n.index_copy_(0, idx, counts).reshape(dw.shape)
 
     def apply_pulses(self, n: torch.Tensor) -> dict[str, int]:
         """Fire signed pulse counts (in, out) at the weights: a pair moves both devices oppositely. Returns the
         pulse count and the sequential pulse slots (rows one after another, a row's cells in parallel, tiles
         in parallel), which the engine turns into time and energy. Works on the pulsed cells only."""
-        flat = n.reshape(-1)
-        idx = (flat != 0).nonzero().squeeze(1)
-        counts = flat[idx]
+        flat = n.reshape(-1).to(self.dtype)
+        idx = flat.nonzero().squeeze(1)
+        return self.fire(idx, flat.index_select(0, idx))
+
+    def fire(self, idx: torch.Tensor, counts: torch.Tensor) -> dict[str, int]:
+        """``apply_pulses`` for sparse counts: flat indices into the (in, out) matrix and their signed counts."""
         rows, cols = idx // self.out_features, idx % self.out_features
-        cells = rows * self.padded_shape[1] + cols                       # flat index in the padded arrays
+        cells = rows * self.padded_shape[1] + cols if self.padded_shape[1] != self.out_features else idx
         for sign, array in zip((1.0, -1.0), self._arrays(), strict=False):
             array.program_cells(cells, counts if sign > 0 else -counts)
         believed = self.believed.view(-1)
-        believed[idx] = (believed[idx] + counts * self.dw_pulse).clamp(-self.config.w_max, self.config.w_max)
+        believed.index_copy_(0, idx, believed.index_select(0, idx).add_(counts, alpha=self.dw_pulse)
+                             .clamp_(-self.config.w_max, self.config.w_max))
         # Slots: per tile, the sum over its rows of the largest pulse count in the row; tiles in parallel.
         mag = counts.abs()
-        per_row = torch.zeros(self.padded_shape[0] * self.n_col_tiles, device=n.device, dtype=n.dtype)
+        per_row = torch.zeros(self.padded_shape[0] * self.n_col_tiles, device=mag.device, dtype=mag.dtype)
         per_row.scatter_reduce_(0, rows * self.n_col_tiles + cols // self.tile_cols, mag, "amax")
         slots = per_row.reshape(self.n_row_tiles, self.tile_rows, self.n_col_tiles).sum(1).amax()
         total = torch.stack([mag.sum(), slots]).tolist()  # one synchronisation for both numbers
@@ -310,7 +325,7 @@ class Crossbar:
     def program_delta(self, dw: torch.Tensor) -> dict[str, int]:
         """Update by a requested weight change: pulses through the device model (not an exact write)."""
         self._check_shape(dw)
-        return self.apply_pulses(self.pulses_for_delta(dw))
+        return self.fire(*self.pulse_counts(dw))
 
     def write_verify(self, w: torch.Tensor, tolerance: float = 0.01, max_iterations: int = 20) -> dict:
         """Program a weight matrix by write-and-verify: read every device (with read noise), pulse the ones

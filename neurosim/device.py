@@ -122,13 +122,6 @@ def _inverse(y: torch.Tensor, a: torch.Tensor, em: torch.Tensor, linear: torch.T
     return torch.where(linear, y, -a * torch.log1p(y * em))
 
 
-def _take(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """The values of cells ``idx`` (None: all, flat) of a per-cell parameter; a scalar parameter as it is."""
-    if t.dim() == 0:
-        return t
-    return t.reshape(-1) if idx is None else t.reshape(-1)[idx]
-
-
 def _constants(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(a clamped, expm1(−1/a), linear mask): what the curve needs of A, computed once per cell."""
     linear = a >= _LINEAR_A
@@ -226,6 +219,9 @@ class DeviceArray:
         self.stuck_high = (u >= spec.stuck_at_gmin) & (u < spec.stuck_at_gmin + spec.stuck_at_gmax)
         self.stuck = self.stuck_low | self.stuck_high
         self.any_stuck = bool(self.stuck.any())
+        if self.any_stuck and spec.drift_nu > 0:  # a stuck cell holds its value: it does not drift either
+            self.drift_nu = torch.where(self.stuck, 0.0, self.drift_nu.expand(self.shape))
+        self._table = self._pulse_table()
         self.g = self._apply_stuck(self.g_min.expand(self.shape).clone())
         self.t_programmed = torch.zeros(self.shape, **kw)
         self.time_s = 0.0  # the chip's clock, advanced by whoever owns the timeline (drift)
@@ -261,9 +257,7 @@ class DeviceArray:
         stops at its bounds, and gets cycle-to-cycle noise of sigma c2c·(g_max − g_min)·sqrt(|n|)
         (independent noise per pulse). Stuck cells stay where they are."""
         n = torch.as_tensor(pulses, device=self.device, dtype=self.dtype).expand(self.shape).reshape(-1)
-        hit = n != 0
-        if self.any_stuck:
-            hit &= ~self.stuck.reshape(-1)
+        hit = n != 0  # stuck cells are pulsed too, and stay put (their bounds in the table)
         if bool(hit.all()):  # every cell (DGC perturbs them all): no gathers
             return self._moved(None, n, noise).reshape(self.shape).clone()
         idx = hit.nonzero().squeeze(1)
@@ -272,30 +266,70 @@ class DeviceArray:
             out[idx] = self._moved(idx, n[idx], noise)
         return out.reshape(self.shape)
 
+    def _pulse_table(self) -> tuple[torch.Tensor, tuple[bool, bool]]:
+        """What a pulse needs of a cell, packed so that the sparse path fetches it with one gather, in affine
+        form so that the pulse takes few operations: rows (cell, polarity) -- or just (polarity) when every cell
+        is alike -- and columns
+
+            0, 1  position on the polarity's curve from G: c0 + c1·G  (LTP: (G − g_min)/span; LTD: 1 − that)
+            2     curve fraction per pulse, signed like the pulse: ±step / pulse count
+            3, 4  −A and expm1(−1/A) of the curve
+            5, 6  G from a curve position: c5 + c6·y
+            7, 8  lower and upper bound of G (both the stuck value for a stuck cell, which then stays put)
+
+        The linear flag is per polarity: a cell whose spread A reaches _LINEAR_A follows the exponential form,
+        which is then linear to < 1e-7."""
+        per_cell = self.any_stuck or any(t.dim() for t in (self.g_min, self.g_max, self.step, self.a_ltp,
+                                                           self.a_ltd))
+        shape = self.shape if per_cell else ()
+        lo, hi = self.g_min.expand(shape), self.g_max.expand(shape)
+        span = hi - lo
+        low = self._apply_stuck(lo) if per_cell else lo
+        high = self._apply_stuck(hi) if per_cell else hi
+        columns, linear = [], []
+        for name, sign in (("ltp", 1.0), ("ltd", -1.0)):
+            a, em, lin, count = self._curves[name]
+            linear.append(bool(lin.all()))
+            if sign > 0:
+                cols = (-lo / span, 1.0 / span, self.step / count, -a, em, lo, span, low, high)
+            else:
+                cols = (1.0 + lo / span, -1.0 / span, -self.step / count, -a, em, hi, -span, low, high)
+            columns.append(torch.stack([torch.as_tensor(c, dtype=self.dtype, device=self.device)
+                                        .expand(shape).reshape(-1) for c in cols], dim=-1))
+        table = torch.stack(columns, dim=-2)                     # (cells or 1, 2 polarities, 9)
+        return table.reshape(-1, 9).contiguous(), (linear[0], linear[1])
+
     def _moved(self, idx: torch.Tensor | None, ns: torch.Tensor, noise: bool) -> torch.Tensor:
         """New conductances of cells ``idx`` (flat; None: all) after signed pulse counts ``ns`` (non-zero).
 
-        Only pulsed cells are computed, each on the one curve of its polarity: a training step pulses a
-        fraction of the cells, and this is the simulator's hottest path."""
-        up = ns > 0
-        lo, hi = _take(self.g_min, idx), _take(self.g_max, idx)
-        span = hi - lo
-        y = ((_take(self.g, idx) - lo) / span).clamp(0.0, 1.0)
-        (a_p, em_p, lin_p, n_p), (a_d, em_d, lin_d, n_d) = self._curves["ltp"], self._curves["ltd"]
-        a = torch.where(up, _take(a_p, idx), _take(a_d, idx))
-        em = torch.where(up, _take(em_p, idx), _take(em_d, idx))
-        lin = torch.where(up, _take(lin_p, idx), _take(lin_d, idx))
-        count = torch.where(up, n_p, n_d)
-        # Potentiation moves up its curve from g_min; depression moves up its own curve from g_max.
-        pos = torch.where(up, y, 1.0 - y)
-        x = _inverse(pos, a, em, lin) + ns.abs() * _take(self.step, idx) / count
-        moved = _curve(x.clamp(max=1.0), a, em, lin)
-        g_new = lo + span * torch.where(up, moved, 1.0 - moved)
+        Only pulsed cells are computed, each on the one curve of its polarity, with one gather of the packed
+        table: a training step pulses a small fraction of the cells, and this is the simulator's hottest path,
+        where the cost is the number of operations rather than their size."""
+        table, (lin_p, lin_d) = self._table
+        down = ns < 0
+        if idx is None:
+            t = table.view(-1, 2, 9)
+            constants = torch.where(down.unsqueeze(1), t[:, 1], t[:, 0])
+            g = self.g.reshape(-1)
+        else:
+            rows = down.long() if table.shape[0] == 2 else idx.mul(2).add_(down)
+            constants = table.index_select(0, rows)
+            g = self.g.view(-1).index_select(0, idx)
+        c0, c1, per_pulse, neg_a, em, y0, dy, low, high = constants.unbind(1)
+        pos = torch.addcmul(c0, c1, g).clamp_(0.0, 1.0)   # where the cell is on the curve of its polarity
+        step = ns * per_pulse                              # |n| pulses along that curve
+        if lin_p and lin_d:
+            moved = pos.add_(step).clamp_(max=1.0)
+        else:
+            x = torch.log1p(pos * em).mul_(neg_a).add_(step).clamp_(max=1.0)
+            moved = torch.expm1(x.div_(neg_a)).div_(em)
+            if lin_p or lin_d:
+                moved = torch.where(down if lin_d else ~down, (pos + step).clamp_(max=1.0), moved)
+        g_new = torch.addcmul(y0, dy, moved)
         if noise and self.spec.c2c > 0:
             draw = torch.randn(ns.shape, generator=self.noise_generator, device=self.device, dtype=self.dtype)
-            g_new = g_new + draw * (self.spec.c2c * (self.spec.g_max - self.spec.g_min)) * ns.abs().sqrt()
-        g_new = torch.minimum(torch.maximum(g_new, lo), hi)
-        return g_new.expand(ns.shape) if idx is not None else g_new.expand(self.g.numel())
+            g_new.addcmul_(draw, ns.abs().sqrt_(), value=self.spec.c2c * (self.spec.g_max - self.spec.g_min))
+        return torch.minimum(torch.maximum(g_new, low), high)
 
     def program(self, pulses: torch.Tensor) -> None:
         """Apply signed pulse counts to every cell at once (see ``after_pulses``)."""
@@ -305,18 +339,18 @@ class DeviceArray:
 
     def program_cells(self, idx: torch.Tensor, counts: torch.Tensor) -> None:
         """Apply signed pulse counts to the cells of flat indices ``idx`` only, in place: a training update
-        pulses a few percent of the cells, so nothing scans or copies the whole array."""
-        if self.any_stuck:
-            free = ~self.stuck.reshape(-1)[idx]
-            idx, counts = idx[free], counts[free]
+        pulses a few percent of the cells, so nothing scans or copies the whole array. Stuck cells take the
+        pulses and stay put (and, not drifting, their age does not matter)."""
+        if idx.numel() == 0:
+            return
         if idx.numel() == self.g.numel():  # every cell, in order (indices come sorted): no gathers
             self.g = self._moved(None, counts, True).reshape(self.shape).clone()
             if self.spec.drift_nu > 0:
                 self.t_programmed.fill_(self.time_s)
-        elif idx.numel():
-            self.g.view(-1)[idx] = self._moved(idx, counts, True)
+        else:
+            self.g.view(-1).index_copy_(0, idx, self._moved(idx, counts, True))
             if self.spec.drift_nu > 0:  # the age of a cell matters only where it drifts
-                self.t_programmed.view(-1)[idx] = self.time_s
+                self.t_programmed.view(-1).index_fill_(0, idx, self.time_s)
         self.version += 1
 
     def pulses_for(self, g_target: torch.Tensor) -> torch.Tensor:

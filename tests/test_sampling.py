@@ -31,7 +31,7 @@ def test_counts_are_floor_or_ceil_sorted_and_zero_cells_never_fire(seed):
 def test_total_count_is_binomial(value):
     # Every cell at the same m: the number of fired cells is Binomial(n, m); 5 standard deviations.
     n = 200_000
-    idx, counts = stochastic_round_sparse(torch.full((n,), value, dtype=torch.float64),
+    _, counts = stochastic_round_sparse(torch.full((n,), value, dtype=torch.float64),
                                           torch.Generator().manual_seed(3))
     assert abs(float(counts.sum()) - n * value) < 5 * math.sqrt(n * value * (1 - value))
 

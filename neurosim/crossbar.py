@@ -153,19 +153,34 @@ class Crossbar:
         """The weights the conductances really hold now (noise-free): what the chip computes with."""
         return (self.conductance_difference() / self.k)[: self.in_features, : self.out_features]
 
+    def _state_key(self) -> tuple:
+        return (self.noise, *(a.read_key() for a in self._arrays()))
+
+    def _read_values(self, g: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        diff = g[0] - (g[1] if len(g) == 2 else self.g_mid)
+        w_hat = diff / (self.k * self.config.w_max)
+        gsq = None
+        if self.noise and self.config.read_noise and self.spec.read_noise > 0:
+            gsq = g[0] * g[0] if len(g) == 1 else torch.addcmul(g[0] * g[0], g[1], g[1])
+        return w_hat, gsq
+
     def _read_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalized weights ŵ = (G⁺ − G⁻)/(k·w_max) and, for read noise, Σ G², both padded; cached until a
-        write or drift changes the conductances."""
-        key = (self.noise, *((a.version, a.time_s) for a in self._arrays()))
+        write or drift changes the conductances (a sparse write updates the cache in place)."""
+        key = self._state_key()
         if key != self._cache_key:
-            g = [a.conductance() for a in self._arrays()]
-            diff = g[0] - (g[1] if len(g) == 2 else self.g_mid)
-            w_hat = diff / (self.k * self.config.w_max)
-            gsq = None
-            if self.noise and self.config.read_noise and self.spec.read_noise > 0:
-                gsq = g[0] * g[0] if len(g) == 1 else torch.addcmul(g[0] * g[0], g[1], g[1])
-            self._cache, self._cache_key, self._solvers = (w_hat, gsq), key, None
+            self._cache = self._read_values([a.conductance() for a in self._arrays()])
+            self._cache_key, self._solvers = key, None
         return self._cache
+
+    def _refresh_cells(self, cells: torch.Tensor) -> None:
+        """After a write of a few cells of a non-drifting array: recompute the cached read tensors there only
+        (the same arithmetic as a full rebuild, so the same bits)."""
+        values = self._read_values([a.g.view(-1).index_select(0, cells) for a in self._arrays()])
+        for cached, new in zip(self._cache, values, strict=True):
+            if cached is not None:
+                cached.view(-1).index_copy_(0, cells, new)
+        self._cache_key, self._solvers = self._state_key(), None
 
     def input_voltages(self, x: torch.Tensor) -> torch.Tensor:
         """Inputs after the DAC, normalized (x̂ in [−1, 1]), padded and split per row tile: (nr, B, R)."""
@@ -227,18 +242,19 @@ class Crossbar:
             dn = torch.nn.functional.pad(dn, (0, pad))
         dt = dn.reshape(dn.shape[0], self.n_col_tiles, self.tile_cols).transpose(0, 1)   # (nc, B, C)
         unit = c.read_voltage * self.k * c.w_max
+        rows = self.in_features  # padded rows carry no current: no converter or noise draw is spent on them
         if c.wire_resistance != "none":
-            part = self._nodal_partials(dt * c.read_voltage, transposed=True) / unit
+            part = self._nodal_partials(dt * c.read_voltage, transposed=True)[:, :, :rows] / unit
         else:
-            w = w_hat.reshape(-1, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
+            w = w_hat[:rows].reshape(rows, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
             part = torch.bmm(dt, w)                                                 # (nc, B, rows)
         if gsq is not None:
-            g2 = gsq.reshape(-1, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
+            g2 = gsq[:rows].reshape(rows, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
             part = self.add_read_noise(part, torch.bmm(dt * dt, g2))
         # Row partial sums of one column tile pass one ADC, then add digitally across column tiles.
         part = quantize(part, adc_bits, c.adc_range)
-        y = part.sum(0)[:, : self.in_features]
-        return y * scale * c.w_max
+        y = part[0] if self.n_col_tiles == 1 else part.sum(0)
+        return y * (scale * c.w_max)
 
     def _nodal_partials(self, v: torch.Tensor, transposed: bool = False) -> torch.Tensor:
         """Per-tile currents with wire resistance (exact nodal solve or its approximation), as (tiles along the
@@ -309,8 +325,13 @@ class Crossbar:
         """``apply_pulses`` for sparse counts: flat indices into the (in, out) matrix and their signed counts."""
         rows, cols = idx // self.out_features, idx % self.out_features
         cells = rows * self.padded_shape[1] + cols if self.padded_shape[1] != self.out_features else idx
+        # A write of a few percent of the cells patches the cached read tensors instead of rebuilding them.
+        patch = (self._cache_key == self._state_key() and 16 * cells.numel() < self.plus.g.numel()
+                 and not any(a.drifting for a in self._arrays()))
         for sign, array in zip((1.0, -1.0), self._arrays(), strict=False):
             array.program_cells(cells, counts if sign > 0 else -counts)
+        if patch:
+            self._refresh_cells(cells)
         believed = self.believed.view(-1)
         believed.index_copy_(0, idx, believed.index_select(0, idx).add_(counts, alpha=self.dw_pulse)
                              .clamp_(-self.config.w_max, self.config.w_max))

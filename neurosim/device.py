@@ -343,7 +343,10 @@ class DeviceArray:
         pulses and stay put (and, not drifting, their age does not matter)."""
         if idx.numel() == 0:
             return
-        if idx.numel() == self.g.numel():  # every cell, in order (indices come sorted): no gathers
+        if idx.numel() == self.g.numel():  # every cell: no gathers
+            if not bool((idx[1:] > idx[:-1]).all()):
+                idx, order = idx.sort()
+                counts = counts.index_select(0, order)
             self.g = self._moved(None, counts, True).reshape(self.shape).clone()
             if self.spec.drift_nu > 0:
                 self.t_programmed.fill_(self.time_s)
@@ -363,9 +366,18 @@ class DeviceArray:
         return torch.where(g_target >= self.g, up.clamp(min=0), down.clamp(max=0))
 
     # -- reading ------------------------------------------------------------------------------------------
+    @property
+    def drifting(self) -> bool:
+        """Whether conductance() differs from g: drift on, and the clock past t0."""
+        return self.spec.drift_nu > 0 and self.time_s > self.spec.drift_t0
+
+    def read_key(self) -> tuple:
+        """Changes whenever conductance() may: a write, or the clock moving while drifting."""
+        return (self.version, self.time_s if self.drifting else None)
+
     def conductance(self) -> torch.Tensor:
         """Noise-free conductance now, drift included: G·((t − t_prog)/t0)^-nu once t − t_prog exceeds t0."""
-        if self.spec.drift_nu == 0 or self.time_s <= self.spec.drift_t0:
+        if not self.drifting:
             return self.g  # no cell is older than t0 yet
         age = (self.time_s - self.t_programmed).clamp(min=self.spec.drift_t0)
         return self.g * (age / self.spec.drift_t0).pow(-self.drift_nu)
@@ -382,9 +394,7 @@ class DeviceArray:
         """Move the array's clock forward (drift)."""
         if seconds < 0:
             raise ValueError(f"advance: seconds must be >= 0, got {seconds}")
-        self.time_s += seconds
-        if self.spec.drift_nu > 0:
-            self.version += 1
+        self.time_s += seconds  # read_key() follows the clock once conductances drift
 
     def state_dict(self) -> dict[str, Any]:
         """Every per-cell tensor at the array's full shape (scalar parameters expanded)."""

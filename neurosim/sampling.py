@@ -22,22 +22,20 @@ import torch
 
 def stochastic_round_sparse(m: torch.Tensor, generator: torch.Generator | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """floor(m + u) with u ~ U[0, 1) independent per element, for m ≥ 0 (flat), returned sparsely:
-    (sorted flat indices of the non-zero results, their values). Same distribution as the dense rounding."""
+    """floor(m + u) with u ~ U[0, 1) independent per element, for m ≥ 0 (flat), returned sparsely: (flat
+    indices of the non-zero results, in no particular order, and their values). Same distribution as the
+    dense rounding; a few dozen operations whatever the size, since this runs for every layer at every step."""
     n = m.numel()
-    empty = (torch.zeros(0, dtype=torch.long, device=m.device), m.new_zeros(0))
-    if n == 0:
-        return empty
-    mean = float(m.mean())
+    mean = float(m.mean()) if n else 0.0
     if mean == 0.0:
-        return empty
+        return torch.zeros(0, dtype=torch.long, device=m.device), m.new_zeros(0)
     tau = min(0.5, max(4.0 * mean, 1.0 / n))
 
     def uniform(k: int) -> torch.Tensor:
         return torch.rand(k, generator=generator, device=m.device, dtype=m.dtype)
 
     big = (m > tau).nonzero().squeeze(1)
-    big_counts = (m.index_select(0, big) + uniform(big.numel())).floor_()
+    big_counts = m.index_select(0, big).add_(uniform(big.numel())).floor_()
 
     # Candidates: an independent Bernoulli(τ) per cell, as geometric gaps G ≥ 1 with P(G = g) = (1 − τ)^(g−1) τ.
     log_q = math.log1p(-tau)
@@ -45,17 +43,15 @@ def stochastic_round_sparse(m: torch.Tensor, generator: torch.Generator | None =
     chunk = int(expected + 6.0 * math.sqrt(expected) + 16)
     pieces, last = [], -1
     while last < n - 1:
-        gaps = (torch.log1p(-uniform(chunk)) / log_q).floor_().long() + 1
+        gaps = torch.log1p(uniform(chunk).neg_()).div_(log_q).floor_().long().add_(1)
         positions = gaps.cumsum_(0).add_(last)
         last = int(positions[-1])
-        pieces.append(positions[positions < n])
-    candidates = torch.cat(pieces)
+        pieces.append(positions[: int(torch.searchsorted(positions, n))])
+    candidates = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     m_c = m.index_select(0, candidates)
-    fire = (m_c <= tau) & (uniform(candidates.numel()) * tau < m_c)
-    small = candidates[fire]
+    small = candidates[(uniform(candidates.numel()).mul_(tau) < m_c) & (m_c <= tau)]
 
     keep = big_counts > 0
-    idx = torch.cat([big[keep], small])
-    counts = torch.cat([big_counts[keep], torch.ones(small.numel(), device=m.device, dtype=m.dtype)])
-    idx, order = idx.sort()
-    return idx, counts.index_select(0, order)
+    if not bool(keep.all()):
+        big, big_counts = big[keep], big_counts[keep]
+    return torch.cat([big, small]), torch.cat([big_counts, m.new_ones(small.numel())])

@@ -58,17 +58,19 @@ class CrossbarConfig:
                                      "to use the DAC range, and scales back digitally")
 
 
-def quantize(x: torch.Tensor, bits: int | None, limit: float) -> torch.Tensor:
+def quantize(x: torch.Tensor, bits: int | None, limit: float, inplace: bool = False) -> torch.Tensor:
     """Clip to ±limit and round to a signed mid-tread grid of 2^(bits−1) − 1 positive levels.
 
     The rounding passes gradients straight through (autograd sees the clipped identity), which is what a
-    linearized model of a converter can use."""
+    linearized model of a converter can use. ``inplace``: x is the caller's temporary and may be overwritten
+    (outside autograd)."""
     if bits is None:
         return x
     step = limit / (2 ** (bits - 1) - 1)
     if not (torch.is_grad_enabled() and x.requires_grad):
-        # One temporary instead of six: this runs on every read of every perturbation DGC evaluates.
-        return x.clamp(-limit, limit).div_(step).round_().mul_(step)
+        # One temporary at most: this runs on every read of every perturbation DGC evaluates.
+        x = x.clamp_(-limit, limit) if inplace else x.clamp(-limit, limit)
+        return x.div_(step).round_().mul_(step)
     x = x.clamp(-limit, limit)
     return x + ((x / step).round() * step - x).detach()
 
@@ -203,22 +205,27 @@ class Crossbar:
         else:
             part = torch.bmm(xt, w_hat.reshape(self.n_row_tiles, self.tile_rows, -1))
         if gsq is not None:
-            part = self.add_read_noise(part, torch.bmm(xt * xt, gsq.reshape(self.n_row_tiles, self.tile_rows, -1)))
+            var = torch.bmm(xt * xt, gsq.reshape(self.n_row_tiles, self.tile_rows, -1))
+            part = self.add_read_noise(part, var, nonnegative=True)
         return part
 
-    def add_read_noise(self, part: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    def add_read_noise(self, part: torch.Tensor, var: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
         """Read noise of every cell summed per column: Gaussian of variance Σ V̂²·(σ·G)² (``var`` = Σ V̂²·G²),
         drawn at the output -- the same distribution as one draw per cell, for one matmul instead of B·R·C
-        draws. Normalized units, as the partial sums."""
-        sigma = (self.spec.read_noise / (self.k * self.config.w_max)) * var.clamp(min=0).sqrt()
-        return part + sigma * torch.randn(part.shape, generator=self.noise_generator, device=part.device,
-                                          dtype=part.dtype)
+        draws. Normalized units, as the partial sums. Works in place on both buffers, which must be the
+        caller's own temporaries; ``nonnegative``: var is a plain sum of squares (no clamp needed)."""
+        if not nonnegative:
+            var = var.clamp_(min=0)
+        noise = torch.randn(part.shape, generator=self.noise_generator, device=part.device, dtype=part.dtype)
+        return part.addcmul_(var.sqrt_(), noise, value=self.spec.read_noise / (self.k * self.config.w_max))
 
     def convert(self, part: torch.Tensor) -> torch.Tensor:
-        """ADC of every tile column, digital sum over row tiles, back to weight × input units: (B, out)."""
+        """ADC of every tile column, digital sum over row tiles, back to weight × input units: (B, out). Consumes
+        ``part`` (the partial sums are a temporary of the read)."""
         c = self.config
-        y = quantize(part, c.adc_bits, c.adc_range).sum(0)[:, : self.out_features]
-        return y * (c.input_max * c.w_max)
+        part = quantize(part, c.adc_bits, c.adc_range, inplace=True)
+        y = part[0] if self.n_row_tiles == 1 else part.sum(0)
+        return y[:, : self.out_features] * (c.input_max * c.w_max)
 
     def read(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """Forward read y ≈ x·W of a batch (B, in) → (B, out), through DAC, tiles, read noise and ADCs."""
@@ -250,9 +257,9 @@ class Crossbar:
             part = torch.bmm(dt, w)                                                 # (nc, B, rows)
         if gsq is not None:
             g2 = gsq[:rows].reshape(rows, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
-            part = self.add_read_noise(part, torch.bmm(dt * dt, g2))
+            part = self.add_read_noise(part, torch.bmm(dt * dt, g2), nonnegative=True)
         # Row partial sums of one column tile pass one ADC, then add digitally across column tiles.
-        part = quantize(part, adc_bits, c.adc_range)
+        part = quantize(part, adc_bits, c.adc_range, inplace=True)
         y = part[0] if self.n_col_tiles == 1 else part.sum(0)
         return y * (scale * c.w_max)
 
@@ -294,16 +301,16 @@ class Crossbar:
         return torch.stack(outs)
 
     # -- programming --------------------------------------------------------------------------------------
-    def pulse_counts(self, dw: torch.Tensor, generator: torch.Generator | None = None
+    def pulse_counts(self, dw: torch.Tensor, generator: torch.Generator | None = None, scale: float = 1.0
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pulses the controller issues for a requested weight change, sparsely: (flat indices into the
-        (in, out) matrix, signed counts), only cells with a non-zero count. Stochastic rounding fires
+        """The pulses the controller issues for a requested weight change scale·dw, sparsely: (flat indices
+        into the (in, out) matrix, signed counts), only cells with a non-zero count. Stochastic rounding fires
         floor(m + u) pulses for m = |Δw|/Δw_pulse: unbiased, drawn by ``stochastic_round_sparse``."""
-        n = (dw.reshape(-1) / self.dw_pulse).to(self.dtype)
+        n = dw.to(self.dtype) * (scale / self.dw_pulse)
         if self.config.rounding == "stochastic":
             idx, mag = stochastic_round_sparse(n.abs(), generator or self.noise_generator)
-            return idx, mag.copysign_(n.index_select(0, idx))
-        n = n.round_()
+            return idx, mag.copysign_(n.view(-1).index_select(0, idx))
+        n = n.round_().view(-1)
         idx = n.nonzero().squeeze(1)
         return idx, n.index_select(0, idx)
 
@@ -343,10 +350,11 @@ class Crossbar:
         total = torch.stack([mag.sum(), slots]).tolist()  # one synchronisation for both numbers
         return {"pulses": int(total[0]) * len(self._arrays()), "pulse_slots": int(total[1])}
 
-    def program_delta(self, dw: torch.Tensor) -> dict[str, int]:
-        """Update by a requested weight change: pulses through the device model (not an exact write)."""
+    def program_delta(self, dw: torch.Tensor, scale: float = 1.0) -> dict[str, int]:
+        """Update by a requested weight change scale·dw: pulses through the device model (not an exact write).
+        (``scale`` saves the caller a pass over the matrix, e.g. −learning rate times a gradient.)"""
         self._check_shape(dw)
-        return self.fire(*self.pulse_counts(dw))
+        return self.fire(*self.pulse_counts(dw, scale=scale))
 
     def write_verify(self, w: torch.Tensor, tolerance: float = 0.01, max_iterations: int = 20) -> dict:
         """Program a weight matrix by write-and-verify: read every device (with read noise), pulse the ones

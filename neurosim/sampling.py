@@ -22,9 +22,11 @@ import torch
 
 def stochastic_round_sparse(m: torch.Tensor, generator: torch.Generator | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """floor(m + u) with u ~ U[0, 1) independent per element, for m ≥ 0 (flat), returned sparsely: (flat
+    """floor(m + u) with u ~ U[0, 1) independent per element, for m ≥ 0 (any shape), returned sparsely: (flat
     indices of the non-zero results, in no particular order, and their values). Same distribution as the
-    dense rounding; a few dozen operations whatever the size, since this runs for every layer at every step."""
+    dense rounding; a few dozen operations whatever the size, since this runs for every layer at every step.
+    A matrix is searched for its few large elements row by row (a row maximum, then only the rows that
+    have one), which is much cheaper than a full comparison and index search."""
     n = m.numel()
     mean = float(m.mean()) if n else 0.0
     if mean == 0.0:
@@ -34,7 +36,8 @@ def stochastic_round_sparse(m: torch.Tensor, generator: torch.Generator | None =
     def uniform(k: int) -> torch.Tensor:
         return torch.rand(k, generator=generator, device=m.device, dtype=m.dtype)
 
-    big = (m > tau).nonzero().squeeze(1)
+    big = _above(m, tau)
+    m = m.reshape(-1)
     big_counts = m.index_select(0, big).add_(uniform(big.numel())).floor_()
 
     # Candidates: an independent Bernoulli(τ) per cell, as geometric gaps G ≥ 1 with P(G = g) = (1 − τ)^(g−1) τ.
@@ -55,3 +58,14 @@ def stochastic_round_sparse(m: torch.Tensor, generator: torch.Generator | None =
     if not bool(keep.all()):
         big, big_counts = big[keep], big_counts[keep]
     return torch.cat([big, small]), torch.cat([big_counts, m.new_ones(small.numel())])
+
+
+def _above(m: torch.Tensor, tau: float) -> torch.Tensor:
+    """Flat indices of the elements of m above tau, ascending."""
+    if m.dim() != 2 or m.shape[1] < 8:
+        return (m.reshape(-1) > tau).nonzero().squeeze(1)
+    rows = (m.amax(1) > tau).nonzero().squeeze(1)
+    if rows.numel() * 4 > m.shape[0]:  # many rows have one: the plain search is as cheap
+        return (m.reshape(-1) > tau).nonzero().squeeze(1)
+    hit = (m.index_select(0, rows) > tau).nonzero()
+    return rows.index_select(0, hit[:, 0]).mul_(m.shape[1]).add_(hit[:, 1])

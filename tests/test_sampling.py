@@ -71,3 +71,17 @@ def test_same_generator_state_same_draw():
     a = stochastic_round_sparse(m, torch.Generator().manual_seed(9))
     b = stochastic_round_sparse(m, torch.Generator().manual_seed(9))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("hot_rows", [3, 300])
+def test_matrix_search_gives_the_same_draw_as_the_flat_one(hot_rows):
+    # A matrix is searched row by row for its large elements; the result must be the flat search's, draw for
+    # draw (few hot rows: the row path; many: the plain path).
+    g = torch.Generator().manual_seed(4)
+    m = torch.rand(400, 64, generator=g) * 1e-3
+    rows = torch.randperm(400, generator=g)[:hot_rows]
+    m[rows, torch.randint(0, 64, (hot_rows,), generator=g)] = 1.7
+    a = stochastic_round_sparse(m, torch.Generator().manual_seed(8))
+    b = stochastic_round_sparse(m.reshape(-1), torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert int((a[1] >= 1).sum()) >= hot_rows           # every large element fires at least once

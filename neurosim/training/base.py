@@ -167,7 +167,7 @@ class Trainer(abc.ABC):
             v = grad if v is None else m * v + grad
             self.velocity[layer.name] = v
             grad = v
-        stats = layer.crossbar.program_delta(-self.config.learning_rate * grad.detach())
+        stats = layer.crossbar.program_delta(grad.detach(), scale=-self.config.learning_rate)
         layer.sync_believed()
         layer.weight.grad = None
         return stats

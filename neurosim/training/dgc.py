@@ -100,7 +100,7 @@ def dgc_exact(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: to
         q0 = quantize(part0, c.adc_bits, c.adc_range) if var0 is None else None
         z0 = q0.sum(0) if q0 is not None else None
 
-        c0 = measure(part0[None], var0[None] if var0 is not None else None)[0]
+        c0 = measure(part0[None].clone(), var0[None].clone() if var0 is not None else None)[0]
         rows, outs = cb.in_features, cb.out_features
         total = rows * outs
         chunk = cfg.chunk or max(1, _CHUNK_ELEMENTS // max(1, (nr if var0 is not None else 1) * n_rows * cols))

@@ -20,7 +20,7 @@ import torch
 
 from neurosim.backend import make_generator
 from neurosim.config import ConfigError, setting
-from neurosim.device import DeviceArray, DeviceSpec
+from neurosim.device import DeviceArray, DeviceSpec, program_pair
 from neurosim.sampling import stochastic_round_sparse
 
 
@@ -335,8 +335,10 @@ class Crossbar:
         # A write of a few percent of the cells patches the cached read tensors instead of rebuilding them.
         patch = (self._cache_key == self._state_key() and 16 * cells.numel() < self.plus.g.numel()
                  and not any(a.drifting for a in self._arrays()))
-        for sign, array in zip((1.0, -1.0), self._arrays(), strict=False):
-            array.program_cells(cells, counts if sign > 0 else -counts)
+        if self.minus is None:
+            self.plus.program_cells(cells, counts)
+        else:
+            program_pair(self.plus, self.minus, cells, counts)
         if patch:
             self._refresh_cells(cells)
         believed = self.believed.view(-1)

@@ -305,16 +305,24 @@ class DeviceArray:
         Only pulsed cells are computed, each on the one curve of its polarity, with one gather of the packed
         table: a training step pulses a small fraction of the cells, and this is the simulator's hottest path,
         where the cost is the number of operations rather than their size."""
-        table, (lin_p, lin_d) = self._table
         down = ns < 0
         if idx is None:
-            t = table.view(-1, 2, 9)
-            constants = torch.where(down.unsqueeze(1), t[:, 1], t[:, 0])
-            g = self.g.reshape(-1)
+            t = self._table[0].view(-1, 2, 9)
+            constants, g = torch.where(down.unsqueeze(1), t[:, 1], t[:, 0]), self.g.reshape(-1)
         else:
-            rows = down.long() if table.shape[0] == 2 else idx.mul(2).add_(down)
-            constants = table.index_select(0, rows)
-            g = self.g.view(-1).index_select(0, idx)
+            constants, g = self._gather(idx, down)
+        return self._pulse(constants, g, ns, down, noise)
+
+    def _gather(self, idx: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table rows of cells ``idx`` for their pulses' polarity, and their conductances."""
+        table = self._table[0]
+        rows = down.long() if table.shape[0] == 2 else idx.mul(2).add_(down)
+        return table.index_select(0, rows), self.g.view(-1).index_select(0, idx)
+
+    def _pulse(self, constants: torch.Tensor, g: torch.Tensor, ns: torch.Tensor, down: torch.Tensor,
+               noise: bool) -> torch.Tensor:
+        """The pulse response on gathered rows of the table (see ``_pulse_table`` for the columns)."""
+        lin_p, lin_d = self._table[1]
         c0, c1, per_pulse, neg_a, em, y0, dy, low, high = constants.unbind(1)
         pos = torch.addcmul(c0, c1, g).clamp_(0.0, 1.0)   # where the cell is on the curve of its polarity
         step = ns * per_pulse                              # |n| pulses along that curve
@@ -401,3 +409,25 @@ class DeviceArray:
         names = ("g", "g_min", "g_max", "a_ltp", "a_ltd", "step", "drift_nu", "stuck_low", "stuck_high",
                  "t_programmed")
         return {k: getattr(self, k).expand(self.shape) for k in names}
+
+
+def program_pair(first: DeviceArray, second: DeviceArray, idx: torch.Tensor, counts: torch.Tensor) -> None:
+    """Differential pairs: cells ``idx`` of ``first`` get ``counts`` pulses and the same cells of ``second``
+    get −counts, in one pass over both (half the operations of two ``program_cells`` calls, which is what a
+    training step's cost is made of). The arrays share a card and a noise generator, as a crossbar's do."""
+    n = idx.numel()
+    if n == 0 or n == first.g.numel() or first.spec is not second.spec \
+            or first.noise_generator is not second.noise_generator:
+        first.program_cells(idx, counts)
+        second.program_cells(idx, -counts)
+        return
+    down = counts < 0
+    c_first, g_first = first._gather(idx, down)
+    c_second, g_second = second._gather(idx, ~down)
+    new = first._pulse(torch.cat([c_first, c_second]), torch.cat([g_first, g_second]),
+                       torch.cat([counts, counts.neg()]), torch.cat([down, ~down]), True)
+    for array, part in zip((first, second), new.split(n), strict=True):
+        array.g.view(-1).index_copy_(0, idx, part)
+        if array.spec.drift_nu > 0:
+            array.t_programmed.view(-1).index_fill_(0, idx, array.time_s)
+        array.version += 1

@@ -163,6 +163,32 @@ def test_sparse_pulse_path_equals_the_whole_array_path(spec_factory, spread, lab
     assert torch.equal(whole.g[whole.stuck], stuck_value[whole.stuck])
 
 
+def test_program_pair_moves_both_devices_as_two_single_programs(spec_factory):
+    # The pair pass (one chain over both devices) against two program_cells calls: same conductances.
+    from neurosim.device import program_pair
+
+    spec = spec_factory(states=65, nl_ltp=2.4, nl_ltd=-4.88, g_min_dtod=0.1, g_max_dtod=0.1, nl_dtod=0.1,
+                        step_dtod=0.1, stuck_at_gmin=0.05)
+    noise = make_generator(0, "cpu", "noise")
+    pair = [DeviceArray(spec, (32, 32), make_generator(0, "cpu", name), dtype=torch.float64,
+                        noise_generator=noise) for name in ("plus", "minus")]
+    single = [DeviceArray(spec, (32, 32), make_generator(0, "cpu", name), dtype=torch.float64,
+                          noise_generator=noise) for name in ("plus", "minus")]
+    start = torch.rand(32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for cells in (*pair, *single):
+        cells.set_conductance(spec.g_min + start * (spec.g_max - spec.g_min))
+    before = pair[0].g.clone()
+    idx = torch.randperm(1024, generator=torch.Generator().manual_seed(3))[:300]
+    counts = torch.randint(1, 5, (300,), generator=torch.Generator().manual_seed(4)).double()
+    counts[::2] *= -1
+    program_pair(pair[0], pair[1], idx, counts)
+    single[0].program_cells(idx, counts)
+    single[1].program_cells(idx, -counts)
+    for a, b in zip(pair, single, strict=True):
+        torch.testing.assert_close(a.g, b.g, rtol=1e-12, atol=1e-12 * spec.g_max)
+    assert int((pair[0].g != before).sum()) > 250   # the pulses did move the free cells (~5% are stuck)
+
+
 def test_stuck_cells_do_not_drift(spec_factory):
     spec = spec_factory(drift_nu=0.1, drift_t0=1.0, stuck_at_gmin=0.1, stuck_at_gmax=0.1)
     cells = array(spec, (40, 40))

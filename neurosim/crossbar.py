@@ -20,7 +20,7 @@ import torch
 
 from neurosim.backend import make_generator
 from neurosim.config import ConfigError, setting
-from neurosim.device import DeviceArray, DeviceSpec, program_pair
+from neurosim.device import DeviceArray, DeviceSpec, pair_arrays, program_pair
 from neurosim.sampling import stochastic_round_sparse
 
 
@@ -102,6 +102,7 @@ class Crossbar:
         if c.mapping == "differential":
             self.minus = DeviceArray(spec, shape, make_generator(seed, self.device, name, "minus"), self.device,
                                      dtype, noise)
+            pair_arrays(self.plus, self.minus)
         self.noise_generator = noise
         span = spec.g_max - spec.g_min
         self.g_mid = 0.5 * (spec.g_max + spec.g_min)
@@ -175,10 +176,13 @@ class Crossbar:
             self._cache_key, self._solvers = key, None
         return self._cache
 
-    def _refresh_cells(self, cells: torch.Tensor) -> None:
+    def _refresh_cells(self, cells: torch.Tensor, new: torch.Tensor | None = None) -> None:
         """After a write of a few cells of a non-drifting array: recompute the cached read tensors there only
-        (the same arithmetic as a full rebuild, so the same bits)."""
-        values = self._read_values([a.g.view(-1).index_select(0, cells) for a in self._arrays()])
+        (the same arithmetic as a full rebuild, so the same bits). ``new``: the pair's new conductances of
+        those cells, as ``program_pair`` returns them."""
+        g = new.split(cells.numel()) if new is not None else [a.g.view(-1).index_select(0, cells)
+                                                               for a in self._arrays()]
+        values = self._read_values(list(g))
         for cached, new in zip(self._cache, values, strict=True):
             if cached is not None:
                 cached.view(-1).index_copy_(0, cells, new)
@@ -337,17 +341,19 @@ class Crossbar:
                  and not any(a.drifting for a in self._arrays()))
         if self.minus is None:
             self.plus.program_cells(cells, counts)
+            new = None
         else:
-            program_pair(self.plus, self.minus, cells, counts)
+            new = program_pair(self.plus, self.minus, cells, counts)
         if patch:
-            self._refresh_cells(cells)
+            self._refresh_cells(cells, new)
         believed = self.believed.view(-1)
         believed.index_copy_(0, idx, believed.index_select(0, idx).add_(counts, alpha=self.dw_pulse)
                              .clamp_(-self.config.w_max, self.config.w_max))
         # Slots: per tile, the sum over its rows of the largest pulse count in the row; tiles in parallel.
         mag = counts.abs()
         per_row = torch.zeros(self.padded_shape[0] * self.n_col_tiles, device=mag.device, dtype=mag.dtype)
-        per_row.scatter_reduce_(0, rows * self.n_col_tiles + cols // self.tile_cols, mag, "amax")
+        where = rows if self.n_col_tiles == 1 else rows * self.n_col_tiles + cols // self.tile_cols
+        per_row.scatter_reduce_(0, where, mag, "amax")
         slots = per_row.reshape(self.n_row_tiles, self.tile_rows, self.n_col_tiles).sum(1).amax()
         total = torch.stack([mag.sum(), slots]).tolist()  # one synchronisation for both numbers
         return {"pulses": int(total[0]) * len(self._arrays()), "pulse_slots": int(total[1])}

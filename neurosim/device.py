@@ -319,9 +319,10 @@ class DeviceArray:
         rows = down.long() if table.shape[0] == 2 else idx.mul(2).add_(down)
         return table.index_select(0, rows), self.g.view(-1).index_select(0, idx)
 
-    def _pulse(self, constants: torch.Tensor, g: torch.Tensor, ns: torch.Tensor, down: torch.Tensor,
+    def _pulse(self, constants: torch.Tensor, g: torch.Tensor, ns: torch.Tensor, down: torch.Tensor | None,
                noise: bool) -> torch.Tensor:
-        """The pulse response on gathered rows of the table (see ``_pulse_table`` for the columns)."""
+        """The pulse response on gathered rows of the table (see ``_pulse_table`` for the columns); ``down``
+        (ns < 0) is needed only when one polarity is linear and the other not (None: computed here)."""
         lin_p, lin_d = self._table[1]
         c0, c1, per_pulse, neg_a, em, y0, dy, low, high = constants.unbind(1)
         pos = torch.addcmul(c0, c1, g).clamp_(0.0, 1.0)   # where the cell is on the curve of its polarity
@@ -332,6 +333,7 @@ class DeviceArray:
             x = torch.log1p(pos * em).mul_(neg_a).add_(step).clamp_(max=1.0)
             moved = torch.expm1(x.div_(neg_a)).div_(em)
             if lin_p or lin_d:
+                down = ns < 0 if down is None else down
                 moved = torch.where(down if lin_d else ~down, (pos + step).clamp_(max=1.0), moved)
         g_new = torch.addcmul(y0, dy, moved)
         if noise and self.spec.c2c > 0:
@@ -411,23 +413,40 @@ class DeviceArray:
         return {k: getattr(self, k).expand(self.shape) for k in names}
 
 
-def program_pair(first: DeviceArray, second: DeviceArray, idx: torch.Tensor, counts: torch.Tensor) -> None:
+def pair_arrays(first: DeviceArray, second: DeviceArray) -> None:
+    """Make the two pulse tables halves of one tensor, so that ``program_pair`` fetches the rows of both
+    devices of the pulsed pairs with one gather (no extra memory: the halves are views)."""
+    shared = torch.cat([first._table[0], second._table[0]])
+    m = first._table[0].shape[0]
+    first._table, second._table = (shared[:m], first._table[1]), (shared[m:], second._table[1])
+    first._pair = (second, shared)
+
+
+def program_pair(first: DeviceArray, second: DeviceArray, idx: torch.Tensor, counts: torch.Tensor
+                 ) -> torch.Tensor | None:
     """Differential pairs: cells ``idx`` of ``first`` get ``counts`` pulses and the same cells of ``second``
     get −counts, in one pass over both (half the operations of two ``program_cells`` calls, which is what a
-    training step's cost is made of). The arrays share a card and a noise generator, as a crossbar's do."""
+    training step's cost is made of). Returns the new conductances (first's, then second's), or None when
+    it fell back to two separate calls (arrays not paired by ``pair_arrays``, or every cell pulsed)."""
     n = idx.numel()
-    if n == 0 or n == first.g.numel() or first.spec is not second.spec \
-            or first.noise_generator is not second.noise_generator:
+    paired = getattr(first, "_pair", None)
+    if n == 0 or n == first.g.numel() or paired is None or paired[0] is not second:
         first.program_cells(idx, counts)
         second.program_cells(idx, -counts)
-        return
-    down = counts < 0
-    c_first, g_first = first._gather(idx, down)
-    c_second, g_second = second._gather(idx, ~down)
-    new = first._pulse(torch.cat([c_first, c_second]), torch.cat([g_first, g_second]),
-                       torch.cat([counts, counts.neg()]), torch.cat([down, ~down]), True)
+        return None
+    shared = paired[1]
+    m = first._table[0].shape[0]
+    down = (counts < 0).long()
+    if m == 2:                                   # every cell alike: rows are (first, second) × polarity
+        rows = torch.cat([down, 3 - down])
+    else:
+        base = idx * 2
+        rows = torch.cat([base + down, base.add_(m + 1).sub_(down)])
+    g = torch.cat([first.g.view(-1).index_select(0, idx), second.g.view(-1).index_select(0, idx)])
+    new = first._pulse(shared.index_select(0, rows), g, torch.cat([counts, counts.neg()]), None, True)
     for array, part in zip((first, second), new.split(n), strict=True):
         array.g.view(-1).index_copy_(0, idx, part)
         if array.spec.drift_nu > 0:
             array.t_programmed.view(-1).index_fill_(0, idx, array.time_s)
         array.version += 1
+    return new

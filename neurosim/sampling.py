@@ -29,17 +29,21 @@ def stochastic_round_sparse(m: torch.Tensor, generator: torch.Generator | None =
     A matrix is searched for its few large elements row by row (a row maximum, then only the rows that
     have one), which is much cheaper than a full comparison and index search."""
     n = m.numel()
-    mean = float(m.mean()) if n else 0.0
-    if mean == 0.0:
+    mean, largest = torch.stack([m.mean(), m.max()]).tolist() if n else (0.0, 0.0)
+    if largest == 0.0:
         return torch.zeros(0, dtype=torch.long, device=m.device), m.new_zeros(0)
     tau = min(0.5, max(16.0 * mean, 1.0 / n))
 
     def uniform(k: int) -> torch.Tensor:
         return torch.rand(k, generator=generator, device=m.device, dtype=m.dtype)
 
-    big = _above(m, tau)
-    m = m.reshape(-1)
-    big_counts = m.index_select(0, big).add_(uniform(big.numel())).floor_()
+    flat = m.reshape(-1)
+    big = big_counts = None
+    if largest > tau:
+        big = _above(m, tau)
+        big_counts = flat.index_select(0, big).add_(uniform(big.numel())).floor_()
+        keep = big_counts > 0
+        big, big_counts = big[keep], big_counts[keep]
 
     # Candidates: an independent Bernoulli(τ) per cell, as geometric gaps G ≥ 1 with P(G = g) = (1 − τ)^(g−1) τ.
     log_q = math.log1p(-tau)
@@ -52,13 +56,15 @@ def stochastic_round_sparse(m: torch.Tensor, generator: torch.Generator | None =
         last = int(positions[-1])
         pieces.append(positions[: int(torch.searchsorted(positions, n))])
     candidates = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    m_c = m.index_select(0, candidates)
-    small = candidates[(uniform(candidates.numel()).mul_(tau) < m_c) & (m_c <= tau)]
-
-    keep = big_counts > 0
-    if not bool(keep.all()):
-        big, big_counts = big[keep], big_counts[keep]
-    return torch.cat([big, small]), torch.cat([big_counts, m.new_ones(small.numel())])
+    m_c = flat.index_select(0, candidates)
+    fire = uniform(candidates.numel()).mul_(tau) < m_c
+    if big is not None:
+        fire &= m_c <= tau  # those above τ were drawn on their own
+    small = candidates[fire]
+    ones = m.new_ones(small.numel())
+    if big is None:
+        return small, ones
+    return torch.cat([big, small]), torch.cat([big_counts, ones])
 
 
 def _above(m: torch.Tensor, tau: float) -> torch.Tensor:

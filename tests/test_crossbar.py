@@ -52,30 +52,35 @@ def test_quantize_grid_and_saturation():
     assert torch.equal(x.grad, torch.tensor([0.0, 1, 1, 1, 1, 1, 1, 1, 0]))
 
 
-def test_converters_in_the_read(spec_factory):
+@pytest.mark.parametrize("rows", [32, 40, 7])
+def test_converters_in_the_read(spec_factory, rows):
+    # 32 rows: two full 16-row tiles; 40: a ragged third tile of 8 rows; 7: one tile of 7 rows.
     spec = spec_factory(states=4097)
     cfg = CrossbarConfig(tile_rows=16, tile_cols=8, dac_bits=4, adc_bits=6, adc_range=2.0)
-    bar = Crossbar(spec, 32, 8, cfg, seed=0, dtype=torch.float64)
-    w = rand((32, 8), 1) * 0.5
+    bar = Crossbar(spec, rows, 8, cfg, seed=0, dtype=torch.float64)
+    w = rand((rows, 8), 1) * 0.5
     bar.set_weights(w)
-    x = rand((5, 32), 2)
+    x = rand((5, rows), 2)
     # Reference computed here: DAC grid of 7 levels per sign, per-tile partial sums, ADC of 31 levels per sign.
     xq = torch.round(x.clamp(-1, 1) * 7) / 7
-    parts = torch.stack([xq[:, :16] @ w[:16], xq[:, 16:] @ w[16:]])
+    parts = torch.stack([xq[:, i:i + 16] @ w[i:i + 16] for i in range(0, rows, 16)])
     step = 2.0 / 31
     expected = (torch.round(parts.clamp(-2.0, 2.0) / step) * step).sum(0)
     torch.testing.assert_close(bar.read(x), expected, rtol=1e-9, atol=1e-9)
-    # Saturation: a partial sum beyond the range reads as the range.
-    bar.set_weights(torch.ones(32, 8))
-    y = bar.read(torch.ones(1, 32))
-    torch.testing.assert_close(y, torch.full((1, 8), 4.0, dtype=torch.float64))
+    # Saturation: a partial sum beyond the range reads as the range, per tile.
+    bar.set_weights(torch.ones(rows, 8))
+    y = bar.read(torch.ones(1, rows))
+    per_tile = torch.tensor([min(2.0, float(min(16, rows - i))) for i in range(0, rows, 16)]).sum()
+    torch.testing.assert_close(y, torch.full((1, 8), float(per_tile), dtype=torch.float64))
 
 
-def test_read_noise_at_the_output_matches_per_cell_noise(spec_factory):
-    """Output noise variance equals Σ x²·(σ·G)² summed over both devices, in weight units."""
+@pytest.mark.parametrize("tile_rows", [256, 24])
+def test_read_noise_at_the_output_matches_per_cell_noise(spec_factory, tile_rows):
+    """Output noise variance equals Σ x²·(σ·G)² summed over both devices, in weight units (one tile, or three
+    tiles with a ragged last one: the tiles' noises add)."""
     sigma = 0.05
     spec = spec_factory(read_noise=sigma)
-    bar = Crossbar(spec, 64, 4, seed=0, dtype=torch.float64)
+    bar = Crossbar(spec, 64, 4, CrossbarConfig(tile_rows=tile_rows), seed=0, dtype=torch.float64)
     w = rand((64, 4), 1)
     bar.set_weights(w)
     x = rand((1, 64), 2).expand(20000, 64)
@@ -186,3 +191,18 @@ def test_sparse_write_patches_the_read_cache_exactly(spec_factory, mapping):
     rebuilt = bar._read_values([a.conductance() for a in bar._arrays()])
     for a, b in zip(patched, rebuilt, strict=True):
         assert torch.equal(a, b)
+
+
+def test_read_through_given_weights_is_differentiable_with_a_ragged_tile(spec_factory):
+    # The linearized model reads through weights that require grad: the ragged-tile path must keep autograd
+    # (no out= buffers) and agree with the stored-weight read.
+    spec = spec_factory(states=4097)
+    bar = Crossbar(spec, 40, 6, CrossbarConfig(tile_rows=16), seed=0, dtype=torch.float64)
+    w = rand((40, 6), 1) * 0.5
+    bar.set_weights(w)
+    x = rand((3, 40), 2)
+    wg = bar.weights().clone().requires_grad_(True)
+    y = bar.read(x, w=wg)
+    torch.testing.assert_close(y, bar.read(x), rtol=1e-12, atol=1e-12)
+    y.sum().backward()
+    torch.testing.assert_close(wg.grad, x.sum(0)[:, None].expand(40, 6), rtol=1e-12, atol=1e-12)

@@ -183,9 +183,9 @@ class Crossbar:
         g = new.split(cells.numel()) if new is not None else [a.g.view(-1).index_select(0, cells)
                                                                for a in self._arrays()]
         values = self._read_values(list(g))
-        for cached, new in zip(self._cache, values, strict=True):
+        for cached, fresh in zip(self._cache, values, strict=True):
             if cached is not None:
-                cached.view(-1).index_copy_(0, cells, new)
+                cached.view(-1).index_copy_(0, cells, fresh)
         self._cache_key, self._solvers = self._state_key(), None
 
     def dac(self, x: torch.Tensor) -> torch.Tensor:

@@ -354,16 +354,20 @@ class DeviceArray:
         if idx.numel() == 0:
             return
         if idx.numel() == self.g.numel():  # every cell: no gathers
-            if not bool((idx[1:] > idx[:-1]).all()):
-                idx, order = idx.sort()
-                counts = counts.index_select(0, order)
+            if not bool((idx[1:] > idx[:-1]).all()):  # sparse sampling returns cells in no order
+                counts = counts.index_select(0, idx.argsort())
             self.g = self._moved(None, counts, True).reshape(self.shape).clone()
             if self.spec.drift_nu > 0:
                 self.t_programmed.fill_(self.time_s)
+            self.version += 1
         else:
-            self.g.view(-1).index_copy_(0, idx, self._moved(idx, counts, True))
-            if self.spec.drift_nu > 0:  # the age of a cell matters only where it drifts
-                self.t_programmed.view(-1).index_fill_(0, idx, self.time_s)
+            self._store(idx, self._moved(idx, counts, True))
+
+    def _store(self, idx: torch.Tensor, g: torch.Tensor) -> None:
+        """Write new conductances of cells ``idx`` (flat), their programming time and the version."""
+        self.g.view(-1).index_copy_(0, idx, g)
+        if self.spec.drift_nu > 0:  # the age of a cell matters only where it drifts
+            self.t_programmed.view(-1).index_fill_(0, idx, self.time_s)
         self.version += 1
 
     def pulses_for(self, g_target: torch.Tensor) -> torch.Tensor:
@@ -445,8 +449,5 @@ def program_pair(first: DeviceArray, second: DeviceArray, idx: torch.Tensor, cou
     g = torch.cat([first.g.view(-1).index_select(0, idx), second.g.view(-1).index_select(0, idx)])
     new = first._pulse(shared.index_select(0, rows), g, torch.cat([counts, counts.neg()]), None, True)
     for array, part in zip((first, second), new.split(n), strict=True):
-        array.g.view(-1).index_copy_(0, idx, part)
-        if array.spec.drift_nu > 0:
-            array.t_programmed.view(-1).index_fill_(0, idx, array.time_s)
-        array.version += 1
+        array._store(idx, part)
     return new

@@ -192,6 +192,21 @@ def test_program_pair_moves_both_devices_as_two_single_programs(spec_factory, va
     assert int((pair[0].g != before).sum()) > 250   # the pulses did move the free cells (≤ 5% are stuck)
 
 
+def test_every_cell_in_any_order_is_the_whole_array_path(spec_factory):
+    # The sparse sampler returns cells in no order; when it happens to return every cell, counts must still
+    # land on their own cells.
+    spec = spec_factory(states=65, nl_ltp=2.0, nl_ltd=-3.0, g_min_dtod=0.1)
+    n = torch.randint(1, 6, (16, 16), generator=torch.Generator().manual_seed(1)).double()
+    n[::2] *= -1
+    ordered, shuffled = array(spec, (16, 16)), array(spec, (16, 16))
+    for cells in (ordered, shuffled):
+        cells.set_conductance(torch.full((16, 16), 0.5 * (spec.g_min + spec.g_max), dtype=torch.float64))
+    ordered.program(n)
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(2))
+    shuffled.program_cells(perm, n.reshape(-1)[perm])
+    assert torch.equal(ordered.g, shuffled.g)
+
+
 def test_stuck_cells_do_not_drift(spec_factory):
     spec = spec_factory(drift_nu=0.1, drift_t0=1.0, stuck_at_gmin=0.1, stuck_at_gmax=0.1)
     cells = array(spec, (40, 40))

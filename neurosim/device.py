@@ -284,8 +284,7 @@ class DeviceArray:
         shape = self.shape if per_cell else ()
         lo, hi = self.g_min.expand(shape), self.g_max.expand(shape)
         span = hi - lo
-        low = self._apply_stuck(lo) if per_cell else lo
-        high = self._apply_stuck(hi) if per_cell else hi
+        low, high = self._apply_stuck(lo), self._apply_stuck(hi)  # unchanged when no cell is stuck
         columns, linear = [], []
         for name, sign in (("ltp", 1.0), ("ltd", -1.0)):
             a, em, lin, count = self._curves[name]

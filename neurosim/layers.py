@@ -45,17 +45,23 @@ class _HardwareRead(torch.autograd.Function):
     def backward(ctx, grad_out):
         (xin,) = ctx.saved_tensors
         layer = ctx.layer
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            if layer.backward_path == "transposed_read":
-                grad_x = layer.crossbar.read_transposed(grad_out)
-            elif layer.backward_path == "digital_model":
-                grad_x = grad_out @ layer.crossbar.believed.T
-            else:  # "exact": autograd of the real weights (a reference, not a chip)
-                grad_x = grad_out @ layer.crossbar.weights().T
-        if ctx.needs_input_grad[1]:
-            grad_w = xin.T @ grad_out
+        grad_x = layer.error_rows(grad_out) if ctx.needs_input_grad[0] else None
+        grad_w = xin.T @ grad_out if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
+
+
+def derivative_backward(unit: ActivationUnit, z: torch.Tensor, grad_out: torch.Tensor,
+                        input_grad: bool = True) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+    """The error behind a neuron circuit: the derivative circuit's output times the incoming error, and the
+    gradients of the unit's trainable coefficients (from the circuit's own function), keyed by id."""
+    grad_z = grad_out * unit.derivative(z) if input_grad else None
+    params = [p for p in unit.trainable_parameters() if p.requires_grad]
+    if not params:
+        return grad_z, {}
+    with torch.enable_grad():
+        out = unit.ideal(z.detach())
+        grads = torch.autograd.grad(out, params, grad_out, allow_unused=True)
+    return grad_z, {id(p): g for p, g in zip(params, grads, strict=True)}
 
 
 class _DerivativeCircuit(torch.autograd.Function):
@@ -73,16 +79,8 @@ class _DerivativeCircuit(torch.autograd.Function):
     def backward(ctx, grad_out):
         (z,) = ctx.saved_tensors
         unit = ctx.unit
-        grad_z = grad_out * unit.derivative(z) if ctx.needs_input_grad[0] else None
-        params = [p for p in unit.trainable_parameters() if p.requires_grad]
-        grads = [None] * len(params)
-        if params:
-            with torch.enable_grad():
-                out = unit.ideal(z.detach())
-                grads = list(torch.autograd.grad(out, params, grad_out, allow_unused=True))
-        by_id = {id(p): g for p, g in zip(params, grads, strict=True)}
-        all_params = list(unit.trainable_parameters())
-        return (grad_z, None, *[by_id.get(id(p)) for p in all_params])
+        grad_z, by_id = derivative_backward(unit, z, grad_out, ctx.needs_input_grad[0])
+        return (grad_z, None, *[by_id.get(id(p)) for p in unit.trainable_parameters()])
 
 
 class AnalogLayer(nn.Module):
@@ -147,6 +145,47 @@ class AnalogLayer(nn.Module):
     def forward(self, x: torch.Tensor, mode: str = "inference", weights: torch.Tensor | None = None):
         return self.activate(self.preactivation(x, mode, weights), mode)
 
+    # -- the chip's backward pass ------------------------------------------------------------------------------
+    def error_rows(self, grad_rows: torch.Tensor) -> torch.Tensor:
+        """Errors (N, cols) at the crossbar's columns → errors at its rows (N, rows), bias row included, by the
+        chip's backward path."""
+        if self.backward_path == "transposed_read":
+            return self.crossbar.read_transposed(grad_rows)
+        if self.backward_path == "digital_model":
+            return grad_rows @ self.crossbar.believed.T
+        return grad_rows @ self.crossbar.weights().T  # "exact": autograd of the real weights (a reference)
+
+    def forward_bp(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """The forward of mode "bp" without autograd, returning what ``backward_bp`` needs. Hardware BP runs
+        these two instead of autograd: the arithmetic and the random draws are the same (so are the
+        gradients, bit for bit), and a training step is spared the graph's bookkeeping, which on a CPU costs
+        as much as the arithmetic of a small layer."""
+        with torch.no_grad():
+            xin = self.matrix_input(x)
+            z = self.shape_output(self.crossbar.read(xin), tuple(x.shape))
+            return self.activation(z), (xin, z, tuple(x.shape))
+
+    def backward_bp(self, saved: tuple, grad_out: torch.Tensor, weight_grad: bool, input_grad: bool
+                    ) -> torch.Tensor | None:
+        """Errors back through the derivative circuit and the chip's backward path. ``weight_grad``: the
+        controller's outer product lands in ``weight.grad``; trainable coefficients of the neuron circuit get
+        theirs in ``p.grad``. Returns the error at the layer's input when ``input_grad``."""
+        xin, z, x_shape = saved
+        with torch.no_grad():
+            grad_z, by_id = derivative_backward(self.activation, z, grad_out)
+            for p in self.activation.trainable_parameters():
+                g = by_id.get(id(p))
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+            rows = self.output_rows(grad_z)
+            grad_x = self.error_rows(rows) if input_grad else None
+            if weight_grad:
+                g = xin.T @ rows
+                self.weight.grad = g if self.weight.grad is None else self.weight.grad + g
+            if grad_x is None:
+                return None
+            return self.input_from_rows(grad_x[:, : grad_x.shape[1] - int(self.has_bias)], x_shape)
+
     # -- programming -----------------------------------------------------------------------------------------
     def sync_believed(self) -> None:
         """After programming, the digital copy is what the controller believes it wrote."""
@@ -173,6 +212,12 @@ class AnalogLinear(AnalogLayer):
 
     def shape_output(self, z: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
         return z
+
+    def output_rows(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+    def input_from_rows(self, grad_rows: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
+        return grad_rows.reshape(x_shape)
 
 
 class AnalogConv2d(AnalogLayer):
@@ -202,6 +247,16 @@ class AnalogConv2d(AnalogLayer):
     def shape_output(self, z: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
         b, h, w = x_shape[0], self.output_side(x_shape[2]), self.output_side(x_shape[3])
         return z.reshape(b, h * w, -1).transpose(1, 2).reshape(b, -1, h, w)
+
+    def output_rows(self, grad: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``shape_output``: (B, out, h, w) → one row per sample and output position."""
+        return grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(1, 2).reshape(-1, grad.shape[1])
+
+    def input_from_rows(self, grad_rows: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
+        """The adjoint of ``rows_of``: each row's error goes back to the input pixels it read (fold)."""
+        b = x_shape[0]
+        cols = grad_rows.reshape(b, -1, grad_rows.shape[1]).transpose(1, 2)
+        return nn.functional.fold(cols, x_shape[2:], self.kernel_size, padding=self.padding, stride=self.stride)
 
 
 class AnalogNetwork(nn.Module):

@@ -17,6 +17,7 @@ from neurosim.data import DataConfig, Dataset, load
 from neurosim.engine import HardwareTable
 from neurosim.layers import AnalogConv2d, AnalogLinear, AnalogNetwork
 from neurosim.training import TrainerConfig, make_trainer, noise_free
+from neurosim.training.base import cost_per_sample
 from neurosim.training.bp import bp_gradients
 from neurosim.training.config import DGCConfig
 from neurosim.training.dgc import dgc_exact, dgc_linearized, dgc_sequential
@@ -77,6 +78,77 @@ def test_bp_backward_uses_the_derivative_circuit_not_autograd():
     first = net.analog_layers[0].weight.grad
     assert cosine(first, ref[0]) < 0.999
     torch.testing.assert_close(net.analog_layers[1].weight.grad, ref[1], rtol=1e-4, atol=1e-6)  # top: no f'
+
+
+def autograd_bp(network: AnalogNetwork, x, y, layers, cost="cross_entropy") -> float:
+    """Hardware BP through the autograd Functions of mode "bp": the reference for ``bp_gradients``."""
+    chosen = {id(layer) for layer in layers}
+    for layer in network.analog_layers:
+        layer.weight.requires_grad_(id(layer) in chosen)
+        layer.weight.grad = None
+    loss = cost_per_sample(network(x, mode="bp"), y, cost).mean()
+    loss.backward()
+    return float(loss.detach())
+
+
+NOISY_ACT = ActivationConfig(function="sigmoid", gain_dtod=0.1, offset_dtod=0.05, noise=0.02,
+                             derivative_gain_dtod=0.1, derivative_offset_dtod=0.05, derivative_noise=0.02)
+
+
+def noisy_cnn(spec, seed=0):
+    common = {"spec": spec, "seed": seed, "crossbar": CrossbarConfig(tile_rows=7, tile_cols=3, dac_bits=7,
+                                                                     adc_bits=7, adc_range=4.0)}
+    return AnalogNetwork([AnalogConv2d(2, 4, 3, name="conv1", padding=1, input_size=6, activation=NOISY_ACT,
+                                       **common),
+                          nn.MaxPool2d(2), nn.Dropout(0.3), nn.Flatten(),
+                          AnalogLinear(36, 5, name="fc1", activation=NOISY_ACT, **common),
+                          AnalogLinear(5, 3, name="fc2", **common)])
+
+
+@pytest.mark.parametrize("case", ["mlp_transposed", "mlp_digital_model", "mlp_upper_layer_only", "cnn",
+                                  "cnn_top_only", "taylor_coefficients_only"])
+def test_stage_by_stage_bp_equals_the_autograd_path_bit_for_bit(case):
+    """The trainer's BP (no autograd graph) draws the same noise in the same order as mode "bp" with
+    loss.backward(): same loss, same weight and coefficient gradients, every noise source on."""
+    spec = make_spec(states=65, nl_ltp=2.0, nl_ltd=-2.0, g_min_dtod=0.1, read_noise=0.05, c2c=0.02)
+
+    def build_pair():
+        if case.startswith("cnn"):
+            return noisy_cnn(spec), noisy_cnn(spec)
+        act = NOISY_ACT
+        if case == "taylor_coefficients_only":
+            act = ActivationConfig(function="sigmoid", mode="taylor", terms=4, train_coefficients=True,
+                                   gain_dtod=0.1, noise=0.02, derivative_noise=0.02)
+        xbar = CrossbarConfig(tile_rows=4, tile_cols=3, dac_bits=6, adc_bits=6, adc_range=4.0)
+        return tuple(mlp(spec, hidden=(7, 5), act=act, crossbar=xbar, seed=2) for _ in range(2))
+
+    ours, ref = build_pair()
+    for net in (ours, ref):
+        for layer in net.analog_layers:
+            layer.backward_path = "digital_model" if case == "mlp_digital_model" else "transposed_read"
+    if case.startswith("cnn"):
+        x, y = torch.rand(6, 2, 6, 6, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2])
+    else:
+        data = tiny_data()
+        x, y = data.x_train[:16], data.y_train[:16]
+    pick = {"mlp_upper_layer_only": slice(1, None), "cnn_top_only": slice(2, None),
+            "taylor_coefficients_only": slice(0, 0)}.get(case, slice(None))
+    for _ in range(2):  # twice: the second step starts from advanced noise streams
+        torch.manual_seed(5)
+        loss = bp_gradients(ours, x, y, "cross_entropy", ours.analog_layers[pick])
+        torch.manual_seed(5)
+        loss_ref = autograd_bp(ref, x, y, ref.analog_layers[pick])
+        assert loss == loss_ref
+        for a, b in zip(ours.analog_layers, ref.analog_layers, strict=True):
+            if b.weight.grad is None:
+                assert a.weight.grad is None, a.name
+            else:
+                assert torch.equal(a.weight.grad, b.weight.grad), a.name
+            for pa, pb in zip(a.activation.trainable_parameters(), b.activation.trainable_parameters(), strict=True):
+                assert pb.grad is not None and torch.equal(pa.grad, pb.grad), a.name
+                pa.grad = pb.grad = None
+    chosen = [layer.name for layer in ours.analog_layers[pick]]
+    assert [layer.name for layer in ours.analog_layers if layer.weight.grad is not None] == chosen
 
 
 def test_dgc_exact_follows_the_nonideal_network_under_variation():

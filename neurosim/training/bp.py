@@ -11,14 +11,48 @@ from neurosim.training.base import Trainer, cost_per_sample
 
 def bp_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, cost: str,
                  layers: list[AnalogLayer]) -> float:
-    """Gradients of the mean cost for ``layers`` (into ``weight.grad``); other layers are left alone and the
-    error stops below the lowest of ``layers``, as the chip's backward pass would."""
+    """Gradients of the mean cost for ``layers`` (into ``weight.grad``; trainable neuron-circuit coefficients
+    into theirs); other layers are left alone and the error stops below the lowest layer that needs it, as the
+    chip's backward pass would.
+
+    The chip's backward pass is run stage by stage (``AnalogLayer.forward_bp``/``backward_bp``), not by
+    autograd: the same arithmetic and random draws as ``network(x, mode="bp")`` followed by
+    ``loss.backward()`` -- the same gradients, bit for bit (tested) -- at a fraction of the bookkeeping.
+    Digital stages (pooling, dropout, flatten) are differentiated by autograd, each on its own."""
     chosen = {id(layer) for layer in layers}
+    stages = list(network.stages)
     for layer in network.analog_layers:
-        layer.weight.requires_grad_(id(layer) in chosen)
         layer.weight.grad = None
-    loss = cost_per_sample(network(x, mode="bp"), y, cost).mean()
-    loss.backward()
+    # The lowest stage whose error anyone needs: a chosen layer, or a neuron circuit with trainable coefficients.
+    wants = [i for i, s in enumerate(stages) if isinstance(s, AnalogLayer)
+             and (id(s) in chosen or any(p.requires_grad for p in s.activation.trainable_parameters()))]
+    lowest = min(wants, default=len(stages))
+    saved: list = []
+    h = x
+    for i, stage in enumerate(stages):
+        if isinstance(stage, AnalogLayer):
+            h, keep = stage.forward_bp(h)
+        elif i > lowest:  # errors must pass back through this digital stage: keep its graph
+            inp = h.detach().requires_grad_(True)
+            with torch.enable_grad():
+                h = stage(inp)
+            keep = (inp, h)
+        else:
+            with torch.no_grad():
+                h = stage(h)
+            keep = None
+        saved.append(keep)
+    out = h.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = cost_per_sample(out, y, cost).mean()
+        (grad,) = torch.autograd.grad(loss, out)
+    for i in range(len(stages) - 1, lowest - 1, -1):
+        stage, keep = stages[i], saved[i]
+        if isinstance(stage, AnalogLayer):
+            grad = stage.backward_bp(keep, grad, weight_grad=id(stage) in chosen, input_grad=i > lowest)
+        else:
+            inp, h = keep
+            (grad,) = torch.autograd.grad(h, inp, grad)
     return float(loss.detach())
 
 

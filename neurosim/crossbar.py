@@ -20,7 +20,7 @@ import torch
 
 from neurosim.backend import make_generator
 from neurosim.config import ConfigError, setting
-from neurosim.device import DeviceArray, DeviceSpec, pair_arrays, program_pair
+from neurosim.device import DeviceArray, DeviceSpec, pair_arrays, program_pair, program_pairs
 from neurosim.sampling import stochastic_round_sparse
 
 
@@ -140,7 +140,7 @@ class Crossbar:
         self._check_shape(w)
         for array, g in zip(self._arrays(), self.target_conductances(w), strict=True):
             array.set_conductance(g)
-        self.believed = w.clamp(-self.config.w_max, self.config.w_max).clone()
+        self.believed.copy_(w.clamp(-self.config.w_max, self.config.w_max))  # in place: layers alias it
 
     def _check_shape(self, w: torch.Tensor) -> None:
         if tuple(w.shape) != (self.in_features, self.out_features):
@@ -360,16 +360,26 @@ class Crossbar:
 
     def fire(self, idx: torch.Tensor, counts: torch.Tensor) -> dict[str, int]:
         """``apply_pulses`` for sparse counts: flat indices into the (in, out) matrix and their signed counts."""
-        rows, cols = idx // self.out_features, idx % self.out_features
-        cells = rows * self.padded_shape[1] + cols if self.padded_shape[1] != self.out_features else idx
-        # A write of a few percent of the cells patches the cached read tensors instead of rebuilding them.
+        cells, patch = self._cells(idx)
+        new = self.plus.program_cells(cells, counts) if self.minus is None else \
+            program_pair(self.plus, self.minus, cells, counts)
+        return _stats([self._written(idx, counts, cells, new, patch)])[0]
+
+    def _cells(self, idx: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Flat (in, out) indices → flat cells of the padded arrays, and whether the write may patch the
+        cached read tensors (a write of a few percent of the cells) instead of having them rebuilt."""
+        if self.padded_shape[1] != self.out_features:
+            cells = idx // self.out_features * self.padded_shape[1] + idx % self.out_features
+        else:
+            cells = idx
         patch = (self._cache_key == self._state_key() and 16 * cells.numel() < self.plus.g.numel()
                  and not any(a.drifting for a in self._arrays()))
-        if self.minus is None:
-            self.plus.program_cells(cells, counts)
-            new = None
-        else:
-            new = program_pair(self.plus, self.minus, cells, counts)
+        return cells, patch
+
+    def _written(self, idx: torch.Tensor, counts: torch.Tensor, cells: torch.Tensor, new: torch.Tensor | None,
+                 patch: bool) -> torch.Tensor:
+        """After the devices took the pulses: the read cache, the controller's belief, and (as a tensor, so that
+        a whole network's numbers come back in one synchronisation) the pulse count and the pulse slots."""
         if patch:
             self._refresh_cells(cells, new)
         believed = self.believed.view(-1)
@@ -378,11 +388,11 @@ class Crossbar:
         # Slots: per tile, the sum over its rows of the largest pulse count in the row; tiles in parallel.
         mag = counts.abs()
         per_row = torch.zeros(self.padded_shape[0] * self.n_col_tiles, device=mag.device, dtype=mag.dtype)
-        where = rows if self.n_col_tiles == 1 else rows * self.n_col_tiles + cols // self.tile_cols
+        rows = idx // self.out_features
+        where = rows if self.n_col_tiles == 1 else rows * self.n_col_tiles + idx % self.out_features // self.tile_cols
         per_row.scatter_reduce_(0, where, mag, "amax")
         slots = per_row.reshape(self.n_row_tiles, self.tile_rows, self.n_col_tiles).sum(1).amax()
-        total = torch.stack([mag.sum(), slots]).tolist()  # one synchronisation for both numbers
-        return {"pulses": int(total[0]) * len(self._arrays()), "pulse_slots": int(total[1])}
+        return torch.stack([mag.sum() * len(self._arrays()), slots])
 
     def program_delta(self, dw: torch.Tensor, scale: float = 1.0) -> dict[str, int]:
         """Update by a requested weight change scale·dw: pulses through the device model (not an exact write).
@@ -417,7 +427,7 @@ class Crossbar:
                 pending += int(off.sum().item())
             if pending == 0:
                 break
-        self.believed = w.clamp(-self.config.w_max, self.config.w_max).clone()
+        self.believed.copy_(w.clamp(-self.config.w_max, self.config.w_max))
         error = (self.weights() - self.believed).abs()
         return {"iterations": iterations, "pulses": total, "pulse_slots": slots,
                 "unconverged": pending, "max_error": float(error.max()), "mean_error": float(error.mean())}
@@ -436,3 +446,41 @@ class Crossbar:
     def footprint(self) -> dict[str, int]:
         """Plain numbers the engine needs to time this layer."""
         return {"tiles": self.tiles, "tile_rows": self.tile_rows, "tile_cols": self.tile_cols}
+
+
+def _stats(numbers: list[torch.Tensor]) -> list[dict[str, int]]:
+    """(pulses, slots) tensors of several writes → plain numbers, in one synchronisation."""
+    values = torch.stack(numbers).tolist()
+    return [{"pulses": int(p), "pulse_slots": int(q)} for p, q in values]
+
+
+def _poolable(crossbars: list[Crossbar]) -> bool:
+    """Whether one pulse pass can serve all these crossbars: the same device card, dtype and device, and all
+    differential pairs."""
+    first = crossbars[0]
+    return all(cb.spec == first.spec and cb.dtype == first.dtype and cb.device == first.device
+               and cb.minus is not None and cb.plus._table[1] == first.plus._table[1]
+               and cb.minus._table[1] == first.plus._table[1] for cb in crossbars)
+
+
+def program_deltas(crossbars: list[Crossbar], dws: list[torch.Tensor], scale: float = 1.0
+                   ) -> list[dict[str, int]]:
+    """``program_delta`` of several crossbars at once (a network's layers at one training step).
+
+    Each layer rounds its own requests (its own stream and threshold, see ``stochastic_round_sparse``); then
+    the pulsed devices of all layers go through one pass of the device model (``program_pairs``), and the
+    pulse counts and slots of all layers come back in one synchronisation. The distributions are those of
+    separate calls (each pulse takes its own cycle-to-cycle draw, from the first layer's stream), for fewer
+    operations, which is what a training step on a CPU is made of. Crossbars that differ in card or are not
+    differential pairs are programmed one by one."""
+    for cb, dw in zip(crossbars, dws, strict=True):
+        cb._check_shape(dw)
+    if len(crossbars) < 2 or not _poolable(crossbars):
+        return [cb.program_delta(dw, scale) for cb, dw in zip(crossbars, dws, strict=True)]
+    parts = []
+    for cb, dw in zip(crossbars, dws, strict=True):
+        idx, counts = cb.pulse_counts(dw, scale=scale)
+        parts.append((cb, idx, counts, *cb._cells(idx)))
+    news = program_pairs([(cb.plus, cb.minus, cells, n) for cb, _, n, cells, _ in parts])
+    return _stats([cb._written(idx, n, cells, new, patch)
+                   for (cb, idx, n, cells, patch), new in zip(parts, news, strict=True)])

@@ -431,22 +431,55 @@ def program_pair(first: DeviceArray, second: DeviceArray, idx: torch.Tensor, cou
     get −counts, in one pass over both (half the operations of two ``program_cells`` calls, which is what a
     training step's cost is made of). Returns the new conductances (first's, then second's), or None when
     it fell back to two separate calls (arrays not paired by ``pair_arrays``, or every cell pulsed)."""
-    n = idx.numel()
-    paired = getattr(first, "_pair", None)
-    if n == 0 or n == first.g.numel() or paired is None or paired[0] is not second:
-        first.program_cells(idx, counts)
-        second.program_cells(idx, -counts)
-        return None
-    shared = paired[1]
-    m = first._table[0].shape[0]
-    down = (counts < 0).long()
-    if m == 2:                                   # every cell alike: rows are (first, second) × polarity
-        rows = torch.cat([down, 3 - down])
+    return program_pairs([(first, second, idx, counts)])[0]
+
+
+def program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, torch.Tensor]]
+                  ) -> list[torch.Tensor | None]:
+    """``program_pair`` for several pairs of arrays (the layers of a network) in one pass of the device model.
+    The pairs must share the card (the first pair's cycle-to-cycle stream draws for all); a pair that
+    cannot join (not paired, or every cell pulsed) is programmed on its own. Returns, per pair, the new
+    conductances of its cells (first's, then second's) or None where it fell back."""
+    out: list[torch.Tensor | None] = [None] * len(writes)
+    joined, others = [], []
+    for i, (first, second, idx, counts) in enumerate(writes):
+        n = idx.numel()
+        paired = getattr(first, "_pair", None)
+        if n == 0:
+            continue
+        if n == first.g.numel() or paired is None or paired[0] is not second:
+            first.program_cells(idx, counts)
+            second.program_cells(idx, -counts)
+            continue
+        if joined and (first.spec != joined[0][1].spec or first._table[1] != joined[0][1]._table[1]
+                       or first.dtype != joined[0][1].dtype):
+            others.append(i)  # another card: its own pass
+            continue
+        shared = paired[1]
+        m = first._table[0].shape[0]
+        down = (counts < 0).long()
+        if m == 2:                                   # every cell alike: rows are (first, second) × polarity
+            rows = torch.cat([down, 3 - down])
+        else:
+            base = idx * 2
+            rows = torch.cat([base + down, base.add_(m + 1).sub_(down)])
+        joined.append((i, first, second, idx, shared.index_select(0, rows),
+                       torch.cat([first.g.view(-1).index_select(0, idx), second.g.view(-1).index_select(0, idx)]),
+                       torch.cat([counts, counts.neg()])))
+    if others:
+        for i, part in zip(others, program_pairs([writes[i] for i in others]), strict=True):
+            out[i] = part
+    if not joined:
+        return out
+    lead = joined[0][1]
+    if len(joined) == 1:
+        constants, g, ns = joined[0][4:]
     else:
-        base = idx * 2
-        rows = torch.cat([base + down, base.add_(m + 1).sub_(down)])
-    g = torch.cat([first.g.view(-1).index_select(0, idx), second.g.view(-1).index_select(0, idx)])
-    new = first._pulse(shared.index_select(0, rows), g, torch.cat([counts, counts.neg()]), None, True)
-    for array, part in zip((first, second), new.split(n), strict=True):
-        array._store(idx, part)
-    return new
+        constants, g, ns = (torch.cat([j[k] for j in joined]) for k in (4, 5, 6))
+    new = lead._pulse(constants, g, ns, None, True)
+    for (i, first, second, idx, *_), part in zip(joined, new.split([2 * j[3].numel() for j in joined]),
+                                                  strict=True):
+        for array, half in zip((first, second), part.split(idx.numel()), strict=True):
+            array._store(idx, half)
+        out[i] = part
+    return out

@@ -99,8 +99,9 @@ class AnalogLayer(nn.Module):
         bound = init_scale if init_scale is not None else 1.0 / math.sqrt(rows)
         w0 = (torch.rand(rows + int(bias), cols, generator=g, device=device) * 2 - 1) * bound
         self.crossbar.set_weights(w0)
-        # The controller's digital copy of the weights it believes it programmed; gradients land here.
-        self.weight = nn.Parameter(self.crossbar.believed.clone())
+        # The controller's digital copy of the weights it believes it programmed, where gradients land: the
+        # crossbar's own record (shared memory, so programming needs no copy back).
+        self.weight = nn.Parameter(self.crossbar.believed)
         self.activation_config = activation or ActivationConfig(function="identity")
         self.activation = ActivationUnit(self.activation_config, cols, generator=make_generator(seed, device, name,
                                          "neurons"), device=device, derivative_circuit=derivative_circuit)
@@ -189,8 +190,9 @@ class AnalogLayer(nn.Module):
     # -- programming -----------------------------------------------------------------------------------------
     def sync_believed(self) -> None:
         """After programming, the digital copy is what the controller believes it wrote."""
-        with torch.no_grad():
-            self.weight.copy_(self.crossbar.believed)
+        if self.weight.data_ptr() != self.crossbar.believed.data_ptr():  # no longer shared (e.g. after .to())
+            with torch.no_grad():
+                self.weight.copy_(self.crossbar.believed)
 
     def footprint(self) -> dict:
         return {"name": self.name, **self.crossbar.footprint(), "reads_per_sample": self.reads_per_sample}

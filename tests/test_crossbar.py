@@ -206,3 +206,74 @@ def test_read_through_given_weights_is_differentiable_with_a_ragged_tile(spec_fa
     torch.testing.assert_close(y, bar.read(x), rtol=1e-12, atol=1e-12)
     y.sum().backward()
     torch.testing.assert_close(wg.grad, x.sum(0)[:, None].expand(40, 6), rtol=1e-12, atol=1e-12)
+
+
+def _bars(spec, rounding, seed=0):
+    """Three layers of different shapes and tilings (one with padded columns, one with a ragged row tile)."""
+    shapes = [((30, 7), (8, 4)), ((7, 5), (256, 256)), ((12, 9), (5, 9))]
+    return [Crossbar(spec, r, c, CrossbarConfig(tile_rows=tr, tile_cols=tc, rounding=rounding), seed=seed,
+                     name=f"fc{i}") for i, ((r, c), (tr, tc)) in enumerate(shapes)]
+
+
+def test_pooled_programming_equals_layer_by_layer_without_randomness(spec_factory):
+    """Deterministic rounding, no cycle-to-cycle noise: one pass over all layers lands exactly where separate
+    program_delta calls land (conductances, read caches, belief, pulses and slots), with per-cell spreads,
+    stuck cells and a nonlinear device."""
+    from neurosim.crossbar import program_deltas
+
+    spec = spec_factory(states=33, nl_ltp=2.0, nl_ltd=-3.0, g_min_dtod=0.1, step_dtod=0.2, nl_dtod=0.1,
+                        stuck_at_gmin=0.05, read_noise=0.02)
+    pooled, separate = _bars(spec, "deterministic"), _bars(spec, "deterministic")
+    for step in range(3):
+        dws = [rand((bar.in_features, bar.out_features), 10 * step + i, -0.2, 0.2).float()
+               for i, bar in enumerate(pooled)]
+        for bar in pooled + separate:  # warm the read caches, so the sparse patch path is taken
+            bar.read(torch.ones(1, bar.in_features))
+        got = program_deltas(pooled, dws, scale=0.5)
+        want = [bar.program_delta(dw, scale=0.5) for bar, dw in zip(separate, dws, strict=True)]
+        assert got == want
+        assert sum(s["pulses"] for s in got) > 0
+        for a, b in zip(pooled, separate, strict=True):
+            assert torch.equal(a.plus.g, b.plus.g) and torch.equal(a.minus.g, b.minus.g)
+            assert torch.equal(a.believed, b.believed)
+            for ca, cb in zip(a._read_tensors(), b._read_tensors(), strict=True):
+                assert torch.equal(ca, cb)
+
+
+def test_pooled_stochastic_pulses_per_layer_are_binomial(spec_factory):
+    """Stochastic rounding through one pooled pass: each layer's pulse total has the binomial mean and
+    variance of its own requests (a mixed-up split between layers would shift them)."""
+    from neurosim.crossbar import program_deltas
+
+    spec = spec_factory(states=1025)
+    bars = _bars(spec, "stochastic")
+    levels = (0.3, 0.02, 0.7)                        # requested pulses per cell, layer by layer
+    dws = [torch.full((b.in_features, b.out_features), lv * b.dw_pulse) for b, lv in zip(bars, levels, strict=True)]
+    runs = 400
+    totals = torch.tensor([[s["pulses"] / 2 for s in program_deltas(bars, [d * s for d in dws])]
+                           for s in (1.0, -1.0) * (runs // 2)])   # alternate signs: weights stay in range
+    for j, (bar, lv) in enumerate(zip(bars, levels, strict=True)):
+        n = bar.in_features * bar.out_features
+        mean, var = n * lv, n * lv * (1 - lv)
+        assert abs(float(totals[:, j].mean()) - mean) < 5 * math.sqrt(var / runs), bar.name
+        assert abs(float(totals[:, j].var()) / var - 1) < 5 * math.sqrt(2 / (runs - 1)), bar.name
+
+
+def test_pooled_programming_falls_back_for_different_cards(spec_factory):
+    """Layers on different devices are programmed one by one, each through its own card."""
+    from neurosim.crossbar import program_deltas
+    from neurosim.device import program_pairs
+
+    a = Crossbar(spec_factory(states=33), 6, 4, CrossbarConfig(rounding="deterministic"), seed=1, name="a")
+    b = Crossbar(spec_factory(states=9), 6, 4, CrossbarConfig(rounding="deterministic"), seed=1, name="b")
+    a2 = Crossbar(spec_factory(states=33), 6, 4, CrossbarConfig(rounding="deterministic"), seed=1, name="a")
+    b2 = Crossbar(spec_factory(states=9), 6, 4, CrossbarConfig(rounding="deterministic"), seed=1, name="b")
+    dw = rand((6, 4), 3, -0.5, 0.5).float()
+    assert program_deltas([a, b], [dw, dw]) == [a2.program_delta(dw), b2.program_delta(dw)]
+    assert torch.equal(a.plus.g, a2.plus.g) and torch.equal(b.minus.g, b2.minus.g)
+    # The device-level pass splits mixed cards itself too.
+    idx, counts = torch.tensor([0, 5, 9]), torch.tensor([2.0, -1.0, 3.0])
+    new = program_pairs([(a.plus, a.minus, idx, counts), (b.plus, b.minus, idx, counts)])
+    ref = [program_pairs([(x.plus, x.minus, idx, counts)])[0] for x in (a2, b2)]
+    for got, want in zip(new, ref, strict=True):
+        assert torch.equal(got, want)

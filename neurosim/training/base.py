@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from neurosim.backend import make_generator
+from neurosim.crossbar import program_deltas
 from neurosim.data import Dataset
 from neurosim.engine import Engine, HardwareTable, LayerFootprint
 from neurosim.layers import AnalogLayer, AnalogNetwork
@@ -148,11 +149,9 @@ class Trainer(abc.ABC):
         for layer in dgc_layers:
             p = layer.crossbar.in_features * layer.crossbar.out_features
             yield eng.perturb(layer.name, p, batch, evaluations)
-        programs = []
-        for layer in layers:
-            stats = self.update(layer, grads[layer.name])
-            programs.append(eng.program(layer.name, stats["pulses"], stats["pulse_slots"]))
-        yield eng.parallel(*programs)
+        stats = self.update_layers(layers, [grads[layer.name] for layer in layers])
+        yield eng.parallel(*[eng.program(layer.name, s["pulses"], s["pulse_slots"])
+                             for layer, s in zip(layers, stats, strict=True)])
         if eng.enabled:  # conductances drift on the chip's own clock
             for layer in layers:
                 layer.crossbar.set_time(eng.env.now)
@@ -160,16 +159,22 @@ class Trainer(abc.ABC):
         return float(loss)
 
     def update(self, layer: AnalogLayer, grad: torch.Tensor) -> dict[str, int]:
-        """Momentum in the controller, then the weight change becomes pulses through the device model."""
+        """``update_layers`` for one layer."""
+        return self.update_layers([layer], [grad])[0]
+
+    def update_layers(self, layers: list[AnalogLayer], grads: list[torch.Tensor]) -> list[dict[str, int]]:
+        """Momentum in the controller, then the weight changes become pulses through the device model, all
+        layers in one pass (``program_deltas``). Returns each layer's pulses and pulse slots."""
         m = self.config.momentum
         if m > 0:
-            v = self.velocity.get(layer.name)
-            v = grad if v is None else m * v + grad
-            self.velocity[layer.name] = v
-            grad = v
-        stats = layer.crossbar.program_delta(grad.detach(), scale=-self.config.learning_rate)
-        layer.sync_believed()
-        layer.weight.grad = None
+            for i, (layer, grad) in enumerate(zip(layers, grads, strict=True)):
+                v = self.velocity.get(layer.name)
+                grads[i] = self.velocity[layer.name] = grad if v is None else m * v + grad
+        stats = program_deltas([layer.crossbar for layer in layers], [g.detach() for g in grads],
+                               scale=-self.config.learning_rate)
+        for layer in layers:
+            layer.sync_believed()
+            layer.weight.grad = None
         return stats
 
     def update_activations(self) -> None:

@@ -26,11 +26,12 @@ class TwoStageTrainer(Trainer):
             layers = []  # coefficients only: the error still flows, weights are left alone
         return bp_gradients(self.network, x, y, self.config.cost, layers)
 
-    def update(self, layer, grad):
+    def update_layers(self, layers, grads):
         if self.stage == 2 and not self.config.two_stage.train_weights:
-            layer.weight.grad = None
-            return {"pulses": 0, "pulse_slots": 0}
-        return super().update(layer, grad)
+            for layer in layers:
+                layer.weight.grad = None
+            return [{"pulses": 0, "pulse_slots": 0} for _ in layers]
+        return super().update_layers(layers, grads)
 
     def step(self, x, y, schemes):
         if self.stage == 2 and not self.config.two_stage.train_weights:

@@ -21,6 +21,7 @@ import time
 import torch
 
 from neurosim.activation import ActivationConfig, ActivationUnit, exact
+from neurosim.backend import tune_allocator
 
 
 def _clock(fn, device: torch.device) -> float:
@@ -68,6 +69,7 @@ def _timers(forward, x: torch.Tensor, g: torch.Tensor):
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # as the neurosim command does: large temporaries are reused, not re-mapped
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")

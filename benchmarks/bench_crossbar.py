@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 
+from neurosim.backend import tune_allocator
 from neurosim.config import with_overrides
 from neurosim.crossbar import Crossbar, CrossbarConfig
 from neurosim.device import DeviceSpec, load_card
@@ -121,6 +122,7 @@ def nodal_reads(sizes: tuple[int, ...], repeats: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # as the neurosim command does: large temporaries are reused, not re-mapped
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, noisier figures)")
     p.add_argument("--repeats", type=int, default=0, help="repeats of every timing (0: 200, quick 30)")

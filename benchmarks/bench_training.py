@@ -40,6 +40,7 @@ from torch import nn
 
 from neurosim.activation import ActivationConfig
 from neurosim.architectures import NetworkConfig, build_network
+from neurosim.backend import tune_allocator
 from neurosim.config import build, with_overrides
 from neurosim.crossbar import CrossbarConfig
 from neurosim.data import DataConfig, load
@@ -232,6 +233,7 @@ def bp_figures(data, repeats: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # as the neurosim command does: large temporaries are reused, not re-mapped
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats, a smaller loop subset and 2,000 BP "
                    "training samples (a smoke run; ratios noisier)")

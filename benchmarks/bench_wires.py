@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from neurosim.backend import tune_allocator
 from neurosim.wires import NodalSolver, _cg_read, approximate_read, nodal_read
 
 
@@ -39,6 +40,7 @@ def _median_ms(fn, repeats):
 
 
 def main(sizes=(32, 64, 128, 256), resistances=(0.1, 1.0, 10.0)) -> int:
+    tune_allocator()  # as the neurosim command does: large temporaries are reused, not re-mapped
     rng = np.random.default_rng(0)
     print(f"torch_threads = {torch.get_num_threads()}")
     for N in sizes:

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    from neurosim.backend import tune_allocator
+
+    tune_allocator()  # the command owns its process (see tune_allocator)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except ConfigError as e:

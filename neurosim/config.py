@@ -9,6 +9,7 @@ and the value -- the one line the CLI prints before exiting with status 2.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import tomllib
 import types
@@ -111,9 +112,16 @@ def _dataclass_in(tp: Any) -> type | None:
     return None
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of a config class (resolving them is slow, and configs are checked often:
+    ``dataclasses.replace`` of an activation config runs at every DGC step)."""
+    return typing.get_type_hints(cls)
+
+
 def check(obj: Any) -> None:
     """Type and bound checks of every field of a dataclass instance (nested ones are checked by build)."""
-    hints = typing.get_type_hints(type(obj))
+    hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         tp = hints[f.name]

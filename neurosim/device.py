@@ -307,7 +307,12 @@ class DeviceArray:
         down = ns < 0
         if idx is None:
             t = self._table[0].view(-1, 2, 9)
-            constants, g = torch.where(down.unsqueeze(1), t[:, 1], t[:, 0]), self.g.reshape(-1)
+            some_down = bool(down.any())
+            if some_down and not bool(down.all()):
+                constants = torch.where(down.unsqueeze(1), t[:, 1], t[:, 0])
+            else:  # one polarity for all (DGC's perturbations): the table's rows as they are, no selection
+                constants = t[:, 1] if some_down else t[:, 0]
+            g = self.g.reshape(-1)
         else:
             constants, g = self._gather(idx, down)
         return self._pulse(constants, g, ns, down, noise)

@@ -20,7 +20,7 @@ import torch
 
 from neurosim.backend import make_generator
 from neurosim.config import ConfigError, setting
-from neurosim.device import DeviceArray, DeviceSpec, pair_arrays, program_pair, program_pairs
+from neurosim.device import DeviceArray, DeviceSpec, pair_arrays, program_pairs
 from neurosim.sampling import stochastic_round_sparse
 
 
@@ -360,10 +360,7 @@ class Crossbar:
 
     def fire(self, idx: torch.Tensor, counts: torch.Tensor) -> dict[str, int]:
         """``apply_pulses`` for sparse counts: flat indices into the (in, out) matrix and their signed counts."""
-        cells, patch = self._cells(idx)
-        new = self.plus.program_cells(cells, counts) if self.minus is None else \
-            program_pair(self.plus, self.minus, cells, counts)
-        return _stats([self._written(idx, counts, cells, new, patch)])[0]
+        return _fire([(self, idx, counts)])[0]
 
     def _cells(self, idx: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Flat (in, out) indices → flat cells of the padded arrays, and whether the write may patch the
@@ -397,8 +394,7 @@ class Crossbar:
     def program_delta(self, dw: torch.Tensor, scale: float = 1.0) -> dict[str, int]:
         """Update by a requested weight change scale·dw: pulses through the device model (not an exact write).
         (``scale`` saves the caller a pass over the matrix, e.g. −learning rate times a gradient.)"""
-        self._check_shape(dw)
-        return self.fire(*self.pulse_counts(dw, scale=scale))
+        return program_deltas([self], [dw], scale)[0]
 
     def write_verify(self, w: torch.Tensor, tolerance: float = 0.01, max_iterations: int = 20) -> dict:
         """Program a weight matrix by write-and-verify: read every device (with read noise), pulse the ones
@@ -454,13 +450,16 @@ def _stats(numbers: list[torch.Tensor]) -> list[dict[str, int]]:
     return [{"pulses": int(p), "pulse_slots": int(q)} for p, q in values]
 
 
-def _poolable(crossbars: list[Crossbar]) -> bool:
-    """Whether one pulse pass can serve all these crossbars: the same device card, dtype and device, and all
-    differential pairs."""
-    first = crossbars[0]
-    return all(cb.spec == first.spec and cb.dtype == first.dtype and cb.device == first.device
-               and cb.minus is not None and cb.plus._table[1] == first.plus._table[1]
-               and cb.minus._table[1] == first.plus._table[1] for cb in crossbars)
+def _fire(writes: list[tuple[Crossbar, torch.Tensor, torch.Tensor]]) -> list[dict[str, int]]:
+    """Sparse pulse counts (crossbar, flat indices, signed counts) into the devices: the differential pairs of
+    all crossbars in one pass of the device model (``program_pairs``, which splits different cards), single
+    devices on their own; then each crossbar's bookkeeping, and all the numbers in one synchronisation."""
+    parts = [(cb, idx, counts, *cb._cells(idx)) for cb, idx, counts in writes]
+    paired = program_pairs([(cb.plus, cb.minus, cells, n) for cb, _, n, cells, _ in parts if cb.minus is not None])
+    news = iter(paired)
+    return _stats([cb._written(idx, n, cells, next(news) if cb.minus is not None else
+                               cb.plus.program_cells(cells, n), patch)
+                   for cb, idx, n, cells, patch in parts])
 
 
 def program_deltas(crossbars: list[Crossbar], dws: list[torch.Tensor], scale: float = 1.0
@@ -468,19 +467,11 @@ def program_deltas(crossbars: list[Crossbar], dws: list[torch.Tensor], scale: fl
     """``program_delta`` of several crossbars at once (a network's layers at one training step).
 
     Each layer rounds its own requests (its own stream and threshold, see ``stochastic_round_sparse``); then
-    the pulsed devices of all layers go through one pass of the device model (``program_pairs``), and the
-    pulse counts and slots of all layers come back in one synchronisation. The distributions are those of
-    separate calls (each pulse takes its own cycle-to-cycle draw, from the first layer's stream), for fewer
-    operations, which is what a training step on a CPU is made of. Crossbars that differ in card or are not
-    differential pairs are programmed one by one."""
+    the pulsed devices of all layers go through one pass of the device model, and the pulse counts and slots
+    of all layers come back in one synchronisation. The distributions are those of separate calls (each pulse
+    takes its own cycle-to-cycle draw, from the first layer's stream), for fewer operations, which is what a
+    training step on a CPU is made of. Layers on different cards get one pass per card; single-device
+    layers are programmed one by one."""
     for cb, dw in zip(crossbars, dws, strict=True):
         cb._check_shape(dw)
-    if len(crossbars) < 2 or not _poolable(crossbars):
-        return [cb.program_delta(dw, scale) for cb, dw in zip(crossbars, dws, strict=True)]
-    parts = []
-    for cb, dw in zip(crossbars, dws, strict=True):
-        idx, counts = cb.pulse_counts(dw, scale=scale)
-        parts.append((cb, idx, counts, *cb._cells(idx)))
-    news = program_pairs([(cb.plus, cb.minus, cells, n) for cb, _, n, cells, _ in parts])
-    return _stats([cb._written(idx, n, cells, new, patch)
-                   for (cb, idx, n, cells, patch), new in zip(parts, news, strict=True)])
+    return _fire([(cb, *cb.pulse_counts(dw, scale=scale)) for cb, dw in zip(crossbars, dws, strict=True)])

@@ -456,8 +456,9 @@ def program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, tor
             first.program_cells(idx, counts)
             second.program_cells(idx, -counts)
             continue
-        if joined and (first.spec != joined[0][1].spec or first._table[1] != joined[0][1]._table[1]
-                       or first.dtype != joined[0][1].dtype):
+        lead = joined[0][1] if joined else first
+        if (first.spec, first._table[1], first.dtype, first.device) != (lead.spec, lead._table[1], lead.dtype,
+                                                                       lead.device):
             others.append(i)  # another card: its own pass
             continue
         shared = paired[1]

@@ -158,24 +158,23 @@ class Trainer(abc.ABC):
         self.update_activations()
         return float(loss)
 
-    def update(self, layer: AnalogLayer, grad: torch.Tensor) -> dict[str, int]:
-        """``update_layers`` for one layer."""
-        return self.update_layers([layer], [grad])[0]
-
     def update_layers(self, layers: list[AnalogLayer], grads: list[torch.Tensor]) -> list[dict[str, int]]:
         """Momentum in the controller, then the weight changes become pulses through the device model, all
         layers in one pass (``program_deltas``). Returns each layer's pulses and pulse slots."""
         m = self.config.momentum
         if m > 0:
-            for i, (layer, grad) in enumerate(zip(layers, grads, strict=True)):
-                v = self.velocity.get(layer.name)
-                grads[i] = self.velocity[layer.name] = grad if v is None else m * v + grad
+            grads = [self._momentum(layer.name, grad, m) for layer, grad in zip(layers, grads, strict=True)]
         stats = program_deltas([layer.crossbar for layer in layers], [g.detach() for g in grads],
                                scale=-self.config.learning_rate)
         for layer in layers:
             layer.sync_believed()
             layer.weight.grad = None
         return stats
+
+    def _momentum(self, name: str, grad: torch.Tensor, m: float) -> torch.Tensor:
+        v = self.velocity.get(name)
+        self.velocity[name] = v = grad if v is None else m * v + grad
+        return v
 
     def update_activations(self) -> None:
         """Trainable neuron-circuit parameters (Taylor coefficients, PReLU slopes): plain SGD, digitally."""

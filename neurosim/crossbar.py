@@ -336,11 +336,10 @@ class Crossbar:
         """The pulses the controller issues for a requested weight change scale·dw, sparsely: (flat indices
         into the (in, out) matrix, signed counts), only cells with a non-zero count. Stochastic rounding fires
         floor(m + u) pulses for m = |Δw|/Δw_pulse: unbiased, drawn by ``stochastic_round_sparse``."""
-        n = dw.to(self.dtype) * (scale / self.dw_pulse)
+        factor = scale / self.dw_pulse
         if self.config.rounding == "stochastic":
-            idx, mag = stochastic_round_sparse(n.abs(), generator or self.noise_generator)
-            return idx, mag.copysign_(n.view(-1).index_select(0, idx))
-        n = n.round_().view(-1)
+            return stochastic_round_sparse(dw.to(self.dtype), generator or self.noise_generator, factor)
+        n = dw.to(self.dtype).mul(factor).round_().view(-1)
         idx = n.nonzero().squeeze(1)
         return idx, n.index_select(0, idx)
 

@@ -21,29 +21,36 @@ import math
 import torch
 
 
-def stochastic_round_sparse(m: torch.Tensor, generator: torch.Generator | None = None
+def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None = None, factor: float = 1.0
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """floor(m + u) with u ~ U[0, 1) independent per element, for m ≥ 0 (any shape), returned sparsely: (flat
-    indices of the non-zero results, in no particular order, and their values). Same distribution as the
-    dense rounding; a few dozen operations whatever the size, since this runs for every layer at every step.
-    A matrix is searched for its few large elements row by row (a row maximum, then only the rows that
-    have one), which is much cheaper than a full comparison and index search."""
-    n = m.numel()
-    mean, largest = torch.stack([m.mean(), m.max()]).tolist() if n else (0.0, 0.0)
+    """floor(m + u) with u ~ U[0, 1) independent per element, for m = |factor·x| (x any shape and sign),
+    returned sparsely with the sign of factor·x: (flat indices of the non-zero results, in no particular
+    order, and their signed values). Same distribution as the dense rounding; a few dozen operations whatever
+    the size, since this runs for every layer at every step. ``factor`` spares the caller a scaled copy of x
+    (a training update passes the gradient and −learning rate / pulse size): one pass over x finds its
+    mean and largest magnitude, and only the gathered elements are scaled. A matrix is searched for its few
+    large elements row by row (a row maximum, then only the rows that have one), which is much cheaper than
+    a full comparison and index search."""
+    n = x.numel()
+    flat = x.reshape(-1)
+    size = abs(factor)
+    a = flat.abs()
+    total, largest = torch.stack([a.sum(), a.amax()]).tolist() if n and size else (0.0, 0.0)
     if largest == 0.0:
-        return torch.zeros(0, dtype=torch.long, device=m.device), m.new_zeros(0)
-    tau = min(0.5, max(16.0 * mean, 1.0 / n))
+        return torch.zeros(0, dtype=torch.long, device=x.device), x.new_zeros(0)
+    tau = min(0.5, max(16.0 * total / n * size, 1.0 / n))
+    limit = tau / size  # |x| above it: m > τ
 
     def uniform(k: int) -> torch.Tensor:
-        return torch.rand(k, generator=generator, device=m.device, dtype=m.dtype)
+        return torch.rand(k, generator=generator, device=x.device, dtype=x.dtype)
 
-    flat = m.reshape(-1)
     big = big_counts = None
-    if largest > tau:
-        big = _above(m, tau)
-        big_counts = flat.index_select(0, big).add_(uniform(big.numel())).floor_()
-        keep = big_counts > 0
-        big, big_counts = big[keep], big_counts[keep]
+    if largest > limit:
+        big = _above(a.view(x.shape), limit)
+        big_counts = a.index_select(0, big).mul_(size).add_(uniform(big.numel())).floor_()
+        keep = (big_counts > 0).nonzero().squeeze(1)
+        big = big.index_select(0, keep)
+        big_counts = big_counts.index_select(0, keep).copysign_(flat.index_select(0, big))
 
     # Candidates: an independent Bernoulli(τ) per cell, as geometric gaps G ≥ 1 with P(G = g) = (1 − τ)^(g−1) τ.
     log_q = math.log1p(-tau)
@@ -56,15 +63,15 @@ def stochastic_round_sparse(m: torch.Tensor, generator: torch.Generator | None =
         last = int(positions[-1])
         pieces.append(positions[: int(torch.searchsorted(positions, n))])
     candidates = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    m_c = flat.index_select(0, candidates)
-    fire = uniform(candidates.numel()).mul_(tau) < m_c
+    a_c = a.index_select(0, candidates)
+    fire = uniform(candidates.numel()).mul_(limit) < a_c  # u·τ < m: probability m/τ
     if big is not None:
-        fire &= m_c <= tau  # those above τ were drawn on their own
-    small = candidates[fire]
-    ones = m.new_ones(small.numel())
-    if big is None:
-        return small, ones
-    return torch.cat([big, small]), torch.cat([big_counts, ones])
+        fire &= a_c <= limit  # those above τ were drawn on their own
+    chosen = fire.nonzero().squeeze(1)
+    small = candidates.index_select(0, chosen)
+    signs = flat.index_select(0, small).sign_()
+    idx, counts = (small, signs) if big is None else (torch.cat([big, small]), torch.cat([big_counts, signs]))
+    return idx, (counts.neg_() if factor < 0 else counts)
 
 
 def _above(m: torch.Tensor, tau: float) -> torch.Tensor:

@@ -85,3 +85,32 @@ def test_matrix_search_gives_the_same_draw_as_the_flat_one(hot_rows):
     b = stochastic_round_sparse(m.reshape(-1), torch.Generator().manual_seed(8))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert int((a[1] >= 1).sum()) >= hot_rows           # every large element fires at least once
+
+
+def test_signed_input_and_factor_give_signed_counts_of_the_scaled_magnitude():
+    # x of both signs, a negative factor (an update: −learning rate / pulse size): each count is floor or ceil
+    # of |factor·x| with the sign of factor·x, and each cell's mean count over repetitions is factor·x.
+    n, reps, factor = 300, 3000, -40.0
+    g = torch.Generator().manual_seed(11)
+    x = torch.logspace(-5, -3, n, dtype=torch.float64) * torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+    x[::60] *= 200.0                                              # a few above τ: the direct path
+    target = factor * x
+    sums = torch.zeros(n, dtype=torch.float64)
+    for _ in range(reps):
+        idx, counts = stochastic_round_sparse(x, g, factor)
+        c = dense(idx, counts, n)
+        assert bool((c * target >= 0).all())                      # the sign of factor·x, or zero
+        assert bool(((c.abs() == target.abs().floor()) | (c.abs() == target.abs().floor() + 1)).all())
+        sums += c
+    frac = target.abs() - target.abs().floor()
+    sd = (frac * (1 - frac) / reps).sqrt()
+    assert bool(((sums / reps - target).abs() < 5 * sd + 1e-12).all())
+
+
+def test_factor_draws_as_a_prescaled_input():
+    # factor·x and x·factor given as the input are the same request: the same cells fire for the same stream
+    # (up to the rounding of the products, which these powers of two avoid).
+    x = torch.rand(20_000, generator=torch.Generator().manual_seed(2)) * 0.01 - 0.005
+    a = stochastic_round_sparse(x, torch.Generator().manual_seed(6), factor=-4.0)
+    b = stochastic_round_sparse(x * -4.0, torch.Generator().manual_seed(6))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].numel() > 0

@@ -191,7 +191,10 @@ class Crossbar:
     def dac(self, x: torch.Tensor) -> torch.Tensor:
         """Inputs after the DAC, normalized (x̂ in [−1, 1]): (B, in)."""
         c = self.config
-        return quantize(x.to(self.dtype) / c.input_max, c.dac_bits, 1.0)
+        xn = x.to(self.dtype)
+        if c.input_max != 1.0:
+            xn = xn / c.input_max
+        return quantize(xn, c.dac_bits, 1.0, inplace=xn is not x)
 
     def _row_tiles(self, xn: torch.Tensor) -> torch.Tensor:
         pad = self.padded_shape[0] - self.in_features
@@ -255,7 +258,10 @@ class Crossbar:
         c = self.config
         part = quantize(part, c.adc_bits, c.adc_range, inplace=True)
         y = part[0] if self.n_row_tiles == 1 else part.sum(0)
-        return y[:, : self.out_features] * (c.input_max * c.w_max)
+        if y.shape[1] != self.out_features:
+            y = y[:, : self.out_features]
+        scale = c.input_max * c.w_max
+        return y * scale if scale != 1.0 else y
 
     def read(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """Forward read y ≈ x·W of a batch (B, in) → (B, out), through DAC, tiles, read noise and ADCs."""

@@ -17,6 +17,12 @@ disturbance from another process hits both alike.
                             every device and circuit non-ideality on except the exact wire solve, clock on,
                             divided by the same network in plain torch (Linear + Sigmoid, SGD, batch 64, same
                             tensors, same test evaluation). bp_vs_digital_train_only leaves the evaluations out.
+  bp_floor_vs_digital       what the arithmetic of the physics costs on its own: the hardware-BP step's matrix
+                            products (operand shapes recorded from one real step) and the same count of random
+                            numbers (one call each for the Gaussian and the uniform ones), nothing else, over
+                            the plain-torch step (both per training step; bp_floor_step_ms is its time). The
+                            periphery (DAC and ADC, mismatch, derivative circuits, pulse programming, the
+                            controller's bookkeeping) has to fit in bp_vs_digital_train_only − this.
   engine_overhead           (t_clock_on − t_clock_off) / t_clock_off for that hardware-BP epoch, the median of
                             the per-round ratios (the two settings alternate which runs first).
   engine_overhead_direct    the engine's own time per epoch (the same engine calls in a simpy process without
@@ -29,14 +35,17 @@ disturbance from another process hits both alike.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from neurosim.activation import ActivationConfig
 from neurosim.architectures import NetworkConfig, build_network
@@ -161,6 +170,54 @@ def digital_epoch(model: nn.Module, opt: torch.optim.Optimizer, data, batch: int
     times["digital_accuracy"].append(correct / len(data.x_test))
 
 
+class _StepRecorder(TorchDispatchMode):
+    """Records the matrix products (operand shapes) and the random numbers (how many) of what runs under it."""
+
+    PRODUCTS: ClassVar[dict[str, int]] = {"mm": 2, "bmm": 2, "addmm": 3}
+
+    def __init__(self):
+        super().__init__()
+        self.products: list[tuple[str, list[tuple[int, ...]]]] = []
+        self.draws = {"normal": 0, "uniform": 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in self.PRODUCTS:
+            self.products.append((name, [tuple(a.shape) for a in args[:self.PRODUCTS[name]]]))
+        elif name in ("randn", "normal_", "normal"):
+            self.draws["normal"] += out.numel()
+        elif name in ("rand", "uniform_"):
+            self.draws["uniform"] += out.numel()
+        return out
+
+
+def floor_step(net_cfg, spec, data, batch: int):
+    """A function doing one hardware-BP step's matrix products and random draws and nothing else, recorded from
+    one real step (gradients and the update of every layer) of a fresh copy of the benchmark's network."""
+    net = build_network(net_cfg, spec, data.image_shape, data.classes, seed=1)
+    trainer = make_trainer(net, data, build(TrainerConfig, {"scheme": "bp", "batch_size": batch}), seed=1)
+    x, y, layers = data.x_train[:batch], data.y_train[:batch], net.analog_layers
+    trainer.bp_gradients(x, y, layers)   # warm-up: the read caches are built once, not every step
+    trainer.update_layers(layers, [layer.weight.grad for layer in layers])
+    recorder = _StepRecorder()
+    with recorder:
+        trainer.bp_gradients(x, y, layers)
+        trainer.update_layers(layers, [layer.weight.grad for layer in layers])
+    gen = torch.Generator().manual_seed(0)
+    operands = [(getattr(torch, name), [torch.rand(s, generator=gen) for s in shapes])
+                for name, shapes in recorder.products]
+    normal, uniform = recorder.draws["normal"], recorder.draws["uniform"]
+
+    def step():
+        for fn, args in operands:
+            fn(*args)
+        torch.randn(normal, generator=gen)
+        torch.rand(uniform, generator=gen)
+
+    return step, recorder
+
+
 def engine_epoch(network, steps: int, repeats: int = 5) -> float:
     """Seconds the clock alone costs in one BP epoch: the engine calls a BP step issues (forward pass,
     transposed backward pass, outer products, programming of every layer in parallel), ``steps`` times, in a
@@ -194,6 +251,8 @@ def bp_figures(data, repeats: int) -> None:
         cfg = build(TrainerConfig, {"scheme": "bp", "epochs": 1, "batch_size": 64, "clock": clock_on})
         trainers["on" if clock_on else "off"] = make_trainer(net, data, cfg, seed=0)
 
+    floor, recorded = floor_step(net_cfg, spec, data, 64)
+    steps = -(-len(data.x_train) // 64)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.Sigmoid(), nn.Linear(256, 128), nn.Sigmoid(),
                           nn.Linear(128, 10))
@@ -201,7 +260,7 @@ def bp_figures(data, repeats: int) -> None:
     shuffle = torch.Generator().manual_seed(0)
 
     times: dict[str, list[float]] = {"on": [], "off": [], "on_train": [], "off_train": [], "digital": [],
-                                     "digital_train": [], "digital_accuracy": []}
+                                     "digital_train": [], "digital_accuracy": [], "floor": []}
     for r in range(repeats + 1):                   # the first round is the warm-up
         # Alternate which clock setting goes first, so an order effect cancels in the median.
         for key in (("on", "off") if r % 2 else ("off", "on")):
@@ -210,11 +269,11 @@ def bp_figures(data, repeats: int) -> None:
             times[key].append(t)
             times[f"{key}_train"].append(trainer.history[-1]["wall_time_s"])
         digital_epoch(model, opt, data, 64, shuffle, times)
+        times["floor"].append(clock(lambda: [floor() for _ in range(steps)]))
         if r == 0:
             times = {k: [] for k in times}
     med = {k: statistics.median(v) for k, v in times.items()}
     overhead = statistics.median((on - off) / off for on, off in zip(times["on"], times["off"], strict=True))
-    steps = -(-len(data.x_train) // 64)
     engine_s = engine_epoch(trainers["on"].network, steps)
     row = trainers["on"].history[-1]
     print(f"# BP: 784-256-128-10 sigmoid MLP, batch 64, {len(data.x_train)} training and {len(data.x_test)} "
@@ -224,6 +283,13 @@ def bp_figures(data, repeats: int) -> None:
     print(f"digital_epoch_s = {med['digital']:.4f}")
     print(f"bp_vs_digital = {med['on'] / med['digital']:.1f}")
     print(f"bp_vs_digital_train_only = {med['on_train'] / med['digital_train']:.1f}")
+    print(f"# floor: {len(recorded.products)} matrix products "
+          f"({sum(math.prod(s[-2]) * s[-1][-1] for _, s in recorded.products) / 1e6:.1f} M "
+          f"multiply-adds), {recorded.draws['normal']:,} Gaussian and {recorded.draws['uniform']:,} uniform "
+          f"numbers a step")
+    print(f"bp_floor_step_ms = {1e3 * med['floor'] / steps:.3f}")
+    print(f"digital_step_ms = {1e3 * med['digital_train'] / steps:.3f}")
+    print(f"bp_floor_vs_digital = {med['floor'] / med['digital_train']:.2f}")
     print(f"engine_overhead = {overhead:.3f}")
     print(f"engine_epoch_ms = {1e3 * engine_s:.2f}")
     print(f"engine_overhead_direct = {engine_s / med['off']:.4f}")

@@ -258,10 +258,10 @@ class Crossbar:
         c = self.config
         part = quantize(part, c.adc_bits, c.adc_range, inplace=True)
         y = part[0] if self.n_row_tiles == 1 else part.sum(0)
-        if y.shape[1] != self.out_features:
-            y = y[:, : self.out_features]
         scale = c.input_max * c.w_max
-        return y * scale if scale != 1.0 else y
+        if y.shape[1] == self.out_features and scale == 1.0:
+            return y  # nothing to cut off or scale (the default ranges): the digital sum itself
+        return y[:, : self.out_features] * scale
 
     def read(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """Forward read y ≈ x·W of a batch (B, in) → (B, out), through DAC, tiles, read noise and ADCs."""

@@ -13,7 +13,7 @@ from neurosim.activation import ActivationConfig
 from neurosim.config import ConfigError, setting
 from neurosim.crossbar import CrossbarConfig
 from neurosim.device import DeviceSpec
-from neurosim.layers import AnalogConv2d, AnalogLinear, AnalogNetwork
+from neurosim.layers import AnalogConv2d, AnalogLinear, AnalogNetwork, StepDropout
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,8 @@ class NetworkConfig:
                                 choices=("mlp", "lenet", "vgg11"))
     hidden: tuple[int, ...] = setting((32,), "mlp: widths of the hidden layers")
     bias: bool = setting(True, "each layer has a bias row (driven at full-scale input)")
-    dropout: float = setting(0.0, "dropout probability after hidden layers (lenet uses 0.5 by default)", ge=0.0,
-                             lt=1.0)
+    dropout: float | None = setting(None, "dropout probability after hidden layers (none: 0 for mlp and vgg11, "
+                                    "0.5 for lenet, as published; 0 switches it off)", ge=0.0, lt=1.0)
     activation: ActivationConfig = setting(default_factory=lambda: ActivationConfig(function="sigmoid"),
                                            doc="neuron circuit of the hidden layers")
     output_activation: ActivationConfig = setting(default_factory=lambda: ActivationConfig(function="identity"),
@@ -55,17 +55,21 @@ def build_network(config: NetworkConfig, spec: DeviceSpec, input_shape: tuple[in
             last = i == len(widths) - 2
             stages.append(AnalogLinear(a, b, name=f"fc{i + 1}", activation=out_act if last else hidden_act,
                                        **common))
-            if not last and config.dropout > 0:
-                stages.append(nn.Dropout(config.dropout))
+            if not last and config.dropout:
+                stages.append(StepDropout(config.dropout, seed=seed, name=f"dropout{i + 1}", device=device))
     elif config.architecture == "lenet":
         if (h, w) != (28, 28):
             raise ConfigError("data.size", h, "lenet expects 28×28 inputs (set data.size = 28)")
-        p = config.dropout or 0.5
+        p = 0.5 if config.dropout is None else config.dropout
+
+        def drop(name: str, channels: bool = False) -> list[nn.Module]:
+            return [StepDropout(p, channels, seed=seed, name=name, device=device)] if p else []
+
         stages += [AnalogConv2d(c, 10, 5, name="conv1", activation=hidden_act, input_size=28, **common),
                    nn.MaxPool2d(2),
                    AnalogConv2d(10, 20, 5, name="conv2", activation=hidden_act, input_size=12, **common),
-                   nn.Dropout2d(p), nn.MaxPool2d(2), nn.Flatten(),
-                   AnalogLinear(320, 50, name="fc1", activation=hidden_act, **common), nn.Dropout(p),
+                   *drop("dropout1", channels=True), nn.MaxPool2d(2), nn.Flatten(),
+                   AnalogLinear(320, 50, name="fc1", activation=hidden_act, **common), *drop("dropout2"),
                    AnalogLinear(50, classes, name="fc2", activation=out_act, **common)]
     else:  # vgg11, CIFAR-sized
         if (h, w) != (32, 32):
@@ -146,6 +150,8 @@ def convert(model: nn.Module, spec: DeviceSpec, crossbar: CrossbarConfig | None 
             side = side // k
         if not isinstance(m, nn.MaxPool2d | nn.AvgPool2d | nn.Dropout | nn.Dropout2d | nn.Flatten):
             raise ConfigError("model", type(m).__name__, "cannot be mapped onto analog hardware")
+        if isinstance(m, nn.Dropout | nn.Dropout2d):  # the controller's dropout: one mask per step, seeded
+            m = StepDropout(m.p, isinstance(m, nn.Dropout2d), seed=seed, name=f"dropout{i + 1}", device=device)
         stages.append(m)
         i += 1
     return AnalogNetwork(stages, name="converted")

@@ -108,10 +108,20 @@ class Crossbar:
         self.g_mid = 0.5 * (spec.g_max + spec.g_min)
         # Conductance per unit weight: a pair spans ±span, a single device ±span/2 around the reference.
         self.k = span / c.w_max if c.mapping == "differential" else span / (2 * c.w_max)
-        # Nominal weight change of one update pulse (a pair moves both devices, oppositely).
-        self.dw_pulse = 2 * c.w_max / spec.pulses_ltp
+        # Nominal weight change of one update pulse, as the controller computes it from the card. A pair
+        # moves both devices oppositely, one along its potentiation and one along its depression curve, in
+        # either direction: w_max·(1/P_ltp + 1/P_ltd). A single device moves up by 2·w_max/P_ltp or down by
+        # 2·w_max/P_ltd.
+        if c.mapping == "differential":
+            self.dw_up = self.dw_down = c.w_max * (1.0 / spec.pulses_ltp + 1.0 / spec.pulses_ltd)
+        else:
+            self.dw_up, self.dw_down = 2 * c.w_max / spec.pulses_ltp, 2 * c.w_max / spec.pulses_ltd
+        self.dw_pulse = 0.5 * (self.dw_up + self.dw_down)
+        self.seed = seed
         self.believed = torch.zeros(in_features, out_features, device=self.device, dtype=dtype)
         self.noise = True  # False: noise-free reads (linearized models, references); the card is unchanged
+        # Arithmetic of forward reads; DGC measures in float64 so that small cost differences survive.
+        self.read_dtype = dtype
         self._cache_key = None
         self._cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._solvers = None
@@ -174,6 +184,8 @@ class Crossbar:
         if key != self._cache_key:
             self._cache = self._read_values([a.conductance() for a in self._arrays()])
             self._cache_key, self._solvers = key, None
+        if self.read_dtype != self.dtype:
+            return tuple(t.to(self.read_dtype) if t is not None else None for t in self._cache)
         return self._cache
 
     def _refresh_cells(self, cells: torch.Tensor, new: torch.Tensor | None = None) -> None:
@@ -191,7 +203,7 @@ class Crossbar:
     def dac(self, x: torch.Tensor) -> torch.Tensor:
         """Inputs after the DAC, normalized (x̂ in [−1, 1]): (B, in)."""
         c = self.config
-        xn = x.to(self.dtype)
+        xn = x.to(self.read_dtype)
         if c.input_max != 1.0:
             xn = xn / c.input_max
         return quantize(xn, c.dac_bits, 1.0, inplace=xn is not x)
@@ -342,10 +354,13 @@ class Crossbar:
         """The pulses the controller issues for a requested weight change scale·dw, sparsely: (flat indices
         into the (in, out) matrix, signed counts), only cells with a non-zero count. Stochastic rounding fires
         floor(m + u) pulses for m = |Δw|/Δw_pulse: unbiased, drawn by ``stochastic_round_sparse``."""
-        factor = scale / self.dw_pulse
+        dw = dw.to(self.dtype)
+        factor = scale / self.dw_up
+        if self.dw_up != self.dw_down:  # a single device whose two curves have different pulse counts
+            dw = torch.where(dw * scale > 0, dw, dw * (self.dw_up / self.dw_down))
         if self.config.rounding == "stochastic":
-            return stochastic_round_sparse(dw.to(self.dtype), generator or self.noise_generator, factor)
-        n = dw.to(self.dtype).mul(factor).round_().view(-1)
+            return stochastic_round_sparse(dw, generator or self.noise_generator, factor)
+        n = dw.mul(factor).round_().view(-1)
         idx = n.nonzero().squeeze(1)
         return idx, n.index_select(0, idx)
 
@@ -385,7 +400,11 @@ class Crossbar:
         if patch:
             self._refresh_cells(cells, new)
         believed = self.believed.view(-1)
-        believed.index_copy_(0, idx, believed.index_select(0, idx).add_(counts, alpha=self.dw_pulse)
+        if self.dw_up == self.dw_down:
+            step = counts * self.dw_up
+        else:
+            step = torch.where(counts > 0, counts * self.dw_up, counts * self.dw_down)
+        believed.index_copy_(0, idx, believed.index_select(0, idx).add_(step)
                              .clamp_(-self.config.w_max, self.config.w_max))
         # Slots: per tile, the sum over its rows of the largest pulse count in the row; tiles in parallel.
         mag = counts.abs()

@@ -266,6 +266,18 @@ class DeviceArray:
             out[idx] = self._moved(idx, n[idx], noise)
         return out.reshape(self.shape)
 
+    def pulsed(self, g: torch.Tensor, pulses: torch.Tensor, noise: bool = True) -> torch.Tensor:
+        """Conductances that signed pulse counts would give to cells at conductances ``g`` (full shape), every
+        cell pulsed, without changing the array: what DGC's perturbing and restoring pulses do to all cells
+        of a layer (each cell on its own, as the chip does one after another)."""
+        n = torch.as_tensor(pulses, device=self.device, dtype=self.dtype).expand(self.shape).reshape(-1)
+        saved = self.g
+        try:
+            self.g = g.reshape(self.shape)
+            return self._moved(None, n, noise).reshape(self.shape).clone()
+        finally:
+            self.g = saved
+
     def _pulse_table(self) -> tuple[torch.Tensor, tuple[bool, bool]]:
         """What a pulse needs of a cell, packed so that the sparse path fetches it with one gather, in affine
         form so that the pulse takes few operations: rows (cell, polarity) -- or just (polarity) when every cell

@@ -69,10 +69,11 @@ class HardwareTable:
                              "[s]; MLP+NeuroSim V3.0 RealDevice: 80 ns", ge=0)
     pulse_j: float = setting(_NS_PULSE_J, "energy of one pulse on one cell [J]; V_w^2*G_max*t_w with "
                              "NeuroSim's 2 V, 10 uS, 80 ns = 3.2 pJ", ge=0)
-    dgc_cycle_s: float = setting(2 * _NS_PULSE_S, "DGC perturb + restore of one weight, excluding the "
-                                 "measurement reads [s]; one perturbing and one restoring pulse (Kim et al., "
-                                 "Adv. Intell. Syst. 2021) = 2*pulse_s", ge=0)
-    dgc_cycle_j: float = setting(2 * _NS_PULSE_J, "energy of that perturb + restore [J]; 2*pulse_j", ge=0)
+    bias_s: float = setting(_NS_CLOCK_S, "DGC 'temporary' perturbation: applying or removing the temporal "
+                            "change of one cell's read (a bias-DAC code change) [s]; assumption: one 2 GHz "
+                            "controller clock, the settling being part of the measurement's read", ge=0)
+    bias_j: float = setting(1e-15, "energy of one such bias change [J]; assumption: C·V² of one line, "
+                            "C = 25 fF (a 128-cell wire) at the 0.2 V read voltage = 1 fJ", ge=0)
     digital_op_s: float = setting(_NS_CLOCK_S, "one operation (MAC/add/compare) of the digital controller "
                                   "[s]; one 2 GHz clock as in MLP+NeuroSim V3.0", ge=0)
     digital_op_j: float = setting(4.6e-12, "energy of one digital operation [J]; a 32-bit float multiply "
@@ -254,21 +255,29 @@ class Engine:
         duration = slots * self.hardware.pulse_s
         return self._issue([tiles], duration, self._book_program, layer, pulses, duration)
 
-    def perturb(self, layer: str, perturbations: int, batch: int, evaluations: int = 1) -> simpy.Event | None:
-        """DGC on ``layer``: ``perturbations`` sequential perturb-measure-restore cycles, each dgc_cycle_s
-        plus ``evaluations`` pipelined forward passes of ``batch`` samples through the whole network. One
-        event: P perturbations take P cycles on the clock, however the numerics batch them."""
+    def perturb(self, layer: str, perturbations: int, batch: int, pulses: int = 0, pulse_slots: int = 0,
+                cell_reads: int = 0, bias_changes: int = 0) -> simpy.Event | None:
+        """DGC on ``layer``: ``perturbations`` sequential perturb-measure-restore cycles (a central difference
+        is two cycles), each measuring with one pipelined forward pass of ``batch`` samples through the whole
+        network, plus what perturbing and restoring did, as counted by the simulation of it: ``pulses`` fired
+        in ``pulse_slots`` sequential slots, ``cell_reads`` single-cell reads (write-and-verify: one read and
+        one conversion each) and ``bias_changes`` (temporary perturbations). One event: the cycles take their
+        time in sequence on the clock, however the numerics batch them."""
         if not self.enabled:
             return None
         n = _count("perturbations", perturbations)
-        batch, evals = _positive("batch", batch), _count("evaluations", evaluations)
+        batch = _positive("batch", batch)
+        pulses, slots = _count("pulses", pulses), _count("pulse_slots", pulse_slots)
+        cell_reads, bias = _count("cell_reads", cell_reads), _count("bias_changes", bias_changes)
         self._check_layer(layer)
         hw = self.hardware
         fwd = self._pass(None, False)
-        duration = n * (hw.dgc_cycle_s + evals * fwd.duration(batch))
-        energy = n * (hw.dgc_cycle_j + evals * batch * fwd.energy)
-        return self._issue(fwd.resources, duration, self._book_perturb, layer, n, n * evals * batch, energy,
-                           duration)
+        duration = (n * fwd.duration(batch) + slots * hw.pulse_s + cell_reads * (hw.read_s + hw.adc_s)
+                    + bias * hw.bias_s)
+        energy = (n * batch * fwd.energy + pulses * hw.pulse_j + cell_reads * (hw.read_j + hw.adc_j)
+                  + bias * hw.bias_j)
+        return self._issue(fwd.resources, duration, self._book_perturb, layer, n, n * batch, energy, duration,
+                           pulses, cell_reads)
 
     def digital(self, layer: str, ops: int) -> simpy.Event | None:
         """``ops`` operations of the digital controller for ``layer`` (any label): ceil(ops/lanes) clocks."""
@@ -384,14 +393,15 @@ class Engine:
         if pulses:
             self._log.append((t0, duration, b"program", layer.encode(), pulses, energy))
 
-    def _book_perturb(self, t0: float, layer: str, n: int, samples: int, energy: float,
-                      duration: float) -> None:
+    def _book_perturb(self, t0: float, layer: str, n: int, samples: int, energy: float, duration: float,
+                      pulses: int, cell_reads: int) -> None:
         fwd = self._pass(None, False)
         self._energy += energy
         c = self._counts
         c["perturbations"] += n
-        c["reads"] += samples * fwd.counts[0]
-        c["adc_conversions"] += samples * fwd.counts[1]
+        c["pulses"] += pulses
+        c["reads"] += samples * fwd.counts[0] + cell_reads
+        c["adc_conversions"] += samples * fwd.counts[1] + cell_reads
         c["neuron_evals"] += samples * fwd.counts[1]
         if n:
             self._log.append((t0, duration, b"perturb", layer.encode(), n, energy))

@@ -18,7 +18,9 @@ Convolutions are mapped onto a crossbar through unfold: every output position is
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -261,6 +263,51 @@ class AnalogConv2d(AnalogLayer):
         return nn.functional.fold(cols, x_shape[2:], self.kernel_size, padding=self.padding, stride=self.stride)
 
 
+class StepDropout(nn.Module):
+    """Dropout as the chip's controller applies it: one mask per training step, from the network's own seeded
+    stream (runs repeat bit for bit; torch's global generator is not used).
+
+    Inside ``AnalogNetwork.one_mask_per_step()`` the first training-mode call of a step draws the mask for a
+    batch of N samples and every later call of the step reuses it: the base measurement of DGC, each of its
+    perturbations (inputs of k·N samples, k replicas of the batch, get the mask tiled k times) and the BP
+    pass of a hybrid step all see the same dropped units, as on the chip. Outside that context every call
+    draws afresh, like ``nn.Dropout``. ``channels``: drop whole feature maps (``nn.Dropout2d``)."""
+
+    def __init__(self, p: float, channels: bool = False, seed: int = 0, name: str = "dropout",
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"{name}: dropout probability must be in [0, 1), got {p}")
+        self.p, self.channels, self.name = float(p), bool(channels), name
+        self.generator = make_generator(seed, torch.device(device), name, "dropout")
+        self.hold = False            # set by one_mask_per_step
+        self.mask: torch.Tensor | None = None
+
+    def _draw(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[0], x.shape[1], *([1] * (x.dim() - 2))) if self.channels else x.shape
+        if self.generator.device != x.device:
+            self.generator = make_generator(0, x.device, self.name, "dropout")
+        keep = torch.rand(shape, generator=self.generator, device=x.device) >= self.p
+        return keep.to(x.dtype) / (1.0 - self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if not self.hold:
+            return x * self._draw(x)
+        if self.mask is None:
+            self.mask = self._draw(x)
+        n = self.mask.shape[0]
+        if x.shape[0] == n:
+            return x * self.mask
+        if x.shape[0] % n:
+            raise RuntimeError(f"{self.name}: a batch of {x.shape[0]} inside a step whose mask has {n} samples")
+        return x * self.mask.repeat(x.shape[0] // n, *([1] * (x.dim() - 1)))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, channels={self.channels}"
+
+
 class AnalogNetwork(nn.Module):
     """A sequence of analog layers and digital stages; ``forward(x, mode)`` threads the mode through."""
 
@@ -282,6 +329,18 @@ class AnalogNetwork(nn.Module):
             else:
                 x = stage(x)
         return x
+
+    @contextlib.contextmanager
+    def one_mask_per_step(self) -> Iterator[None]:
+        """One dropout mask for everything measured in a training step (see ``StepDropout``)."""
+        drops = [s for s in self.stages if isinstance(s, StepDropout)]
+        for d in drops:
+            d.hold, d.mask = True, None
+        try:
+            yield
+        finally:
+            for d in drops:
+                d.hold, d.mask = False, None
 
     def parameter_count(self) -> int:
         return sum(layer.crossbar.in_features * layer.crossbar.out_features for layer in self.analog_layers)

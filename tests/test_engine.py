@@ -12,7 +12,7 @@ from neurosim.engine import EVENT_DTYPE, Engine, HardwareTable, LayerFootprint
 # Round numbers, so every expected value below can be checked with pencil and paper.
 HAND = dict(read_s=10e-9, read_j=2e-12, adc_s=1e-9, adc_j=0.5e-12, adcs_per_tile=4,
             neuron_s=2e-9, neuron_j=0.1e-12, derivative_s=3e-9, derivative_j=0.2e-12,
-            pulse_s=50e-9, pulse_j=1e-12, dgc_cycle_s=100e-9, dgc_cycle_j=2e-12,
+            pulse_s=50e-9, pulse_j=1e-12, bias_s=3e-9, bias_j=5e-15,
             digital_op_s=1e-9, digital_op_j=4e-12, digital_lanes=10)
 
 
@@ -65,7 +65,7 @@ def test_defaults_are_the_cited_values():
     assert hw.read_j == pytest.approx(2.4e-3 / 8 * 100e-9)  # ISAAC: 2.4 mW for 8 arrays
     assert hw.pulse_s == pytest.approx(80e-9)               # MLP+NeuroSim V3.0 RealDevice
     assert hw.pulse_j == pytest.approx(2.0**2 * 10e-6 * 80e-9)
-    assert (hw.dgc_cycle_s, hw.dgc_cycle_j) == (pytest.approx(2 * hw.pulse_s), pytest.approx(2 * hw.pulse_j))
+    assert (hw.bias_s, hw.bias_j) == (pytest.approx(0.5e-9), pytest.approx(25e-15 * 0.2**2))  # stated assumptions
     assert hw.digital_op_j == pytest.approx(4.6e-12)        # Horowitz 2014: fp32 mult + add
     assert build(HardwareTable, {}) == hw
 
@@ -112,19 +112,25 @@ def test_shared_adcs_make_columns_wait():
     assert (t8, t16) == (pytest.approx(13e-9), pytest.approx(7e-9))     # ceil(100/8), ceil(100/16)
 
 
-@pytest.mark.parametrize("evaluations", [1, 2])
-def test_perturb_cost_is_linear_in_the_number_of_perturbations(evaluations):
+@pytest.mark.parametrize(("pulses", "slots", "cell_reads", "bias"), [(0, 0, 0, 0), (0, 0, 0, 6), (8, 4, 0, 0),
+                                                                     (8, 5, 12, 0)])
+def test_perturb_cost_is_the_measurements_plus_what_perturbing_and_restoring_did(pulses, slots, cell_reads, bias):
     layers = [LayerFootprint("a", 1, 32, 8), LayerFootprint("b", 1, 8, 16)]
     fwd = Engine(hand_table(), layers)
     run(fwd, ("forward", (4,), {}))
     t_fwd, e_fwd = fwd.env.now, fwd.totals["energy_j"]
+    hw = hand_table()
     for p in (1, 3, 10):
         eng = Engine(hand_table(), layers)
-        run(eng, ("perturb", ("b", p, 4), {"evaluations": evaluations}))
-        assert eng.env.now == pytest.approx(p * (100e-9 + evaluations * t_fwd), rel=1e-12)
-        assert eng.totals["energy_j"] == pytest.approx(p * (2e-12 + evaluations * e_fwd), rel=1e-12)
+        run(eng, ("perturb", ("b", p, 4), {"pulses": p * pulses, "pulse_slots": p * slots,
+                                          "cell_reads": p * cell_reads, "bias_changes": p * bias}))
+        each_s = t_fwd + slots * hw.pulse_s + cell_reads * (hw.read_s + hw.adc_s) + bias * hw.bias_s
+        each_j = e_fwd + pulses * hw.pulse_j + cell_reads * (hw.read_j + hw.adc_j) + bias * hw.bias_j
+        assert eng.env.now == pytest.approx(p * each_s, rel=1e-12)
+        assert eng.totals["energy_j"] == pytest.approx(p * each_j, rel=1e-12)
         assert eng.totals["perturbations"] == p
-        assert eng.totals["reads"] == p * evaluations * fwd.totals["reads"]
+        assert eng.totals["pulses"] == p * pulses
+        assert eng.totals["reads"] == p * (fwd.totals["reads"] + cell_reads)
         ev = eng.events()
         assert len(ev) == 1 and ev[0]["op"] == b"perturb" and ev[0]["count"] == p   # one grouped event
 

@@ -87,6 +87,7 @@ class Trainer(abc.ABC):
         self.history: list[dict[str, Any]] = []
         self.epoch = 0
         self.activation_lr = 0.0
+        self._plans: dict = {}  # the DGC perturbation cycles of the current step, per layer (for the engine)
         for layer in network.analog_layers:
             layer.backward_path = self.config.bp.backward
 
@@ -105,14 +106,20 @@ class Trainer(abc.ABC):
     def dgc_gradients(self, layers: list[AnalogLayer], x: torch.Tensor, y: torch.Tensor
                       ) -> tuple[dict[str, torch.Tensor], float]:
         """DGC gradients of ``layers`` and the measured base cost."""
-        from neurosim.training.dgc import dgc_exact, dgc_linearized_layers
+        from neurosim.training.dgc import commit, dgc_linearized_layers, dgc_measure, perturbation_plan
 
         cfg = self.config
         if cfg.dgc.mode == "linearized":
-            return dgc_linearized_layers(self.network, layers, x, y, cfg.cost, cfg.dgc, self.generator)
+            grads, c0 = dgc_linearized_layers(self.network, layers, x, y, cfg.cost, cfg.dgc, self.generator)
+            for layer in layers:  # the chip's perturbation cycles happen all the same (pulse modes leave errors)
+                plan = self._plans[layer.name] = perturbation_plan(layer, cfg.dgc)
+                commit(layer, plan)
+            return grads, c0
         grads, c0 = {}, 0.0
-        for layer in layers:
-            grads[layer.name], c0 = dgc_exact(self.network, layer, x, y, cfg.cost, cfg.dgc, self.generator)
+        for layer in layers:  # in network order: each layer's measurements see what the ones below left
+            m = dgc_measure(self.network, layer, x, y, cfg.cost, cfg.dgc)
+            grads[layer.name], c0 = m.grad, m.cost
+            self._plans[layer.name] = m.plan
         return grads, c0
 
     # -- one step ----------------------------------------------------------------------------------------------
@@ -124,14 +131,16 @@ class Trainer(abc.ABC):
         dgc_layers = [layer for layer in layers if schemes[layer.name] == "dgc"]
         batch = len(x)
         grads: dict[str, torch.Tensor] = {}
-        if bp_layers:
-            loss = self.bp_gradients(x, y, bp_layers)
-            grads.update({layer.name: layer.weight.grad for layer in bp_layers})
-        if dgc_layers:
-            dgc_grads, c0 = self.dgc_gradients(dgc_layers, x, y)
-            grads.update(dgc_grads)
-            if not bp_layers:
-                loss = c0
+        self._plans = {}
+        with self.network.one_mask_per_step():  # the step's one dropout mask, whatever measures what
+            if bp_layers:
+                loss = self.bp_gradients(x, y, bp_layers)
+                grads.update({layer.name: layer.weight.grad for layer in bp_layers})
+            if dgc_layers:
+                dgc_grads, c0 = self.dgc_gradients(dgc_layers, x, y)
+                grads.update(dgc_grads)
+                if not bp_layers:
+                    loss = c0
         if not layers:
             return 0.0
         # The hardware timeline of this step.
@@ -145,10 +154,10 @@ class Trainer(abc.ABC):
             ops = sum(batch * layer.reads_per_sample * layer.crossbar.in_features * layer.crossbar.out_features
                       for layer in bp_layers)
             yield eng.digital("outer_product", ops)
-        evaluations = 2 if cfg.dgc.difference == "central" else 1
         for layer in dgc_layers:
-            p = layer.crossbar.in_features * layer.crossbar.out_features
-            yield eng.perturb(layer.name, p, batch, evaluations)
+            plan = self._plans[layer.name]
+            yield eng.perturb(layer.name, plan.cycles, batch, plan.pulses, plan.pulse_slots, plan.cell_reads,
+                              plan.bias_changes)
         stats = self.update_layers(layers, [grads[layer.name] for layer in layers])
         yield eng.parallel(*[eng.program(layer.name, s["pulses"], s["pulse_slots"])
                              for layer, s in zip(layers, stats, strict=True)])

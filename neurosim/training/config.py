@@ -19,16 +19,47 @@ class BPConfig:
 
 @dataclass(frozen=True)
 class DGCConfig:
-    mode: str = setting("exact", "'exact': every perturbation measured (batched); 'linearized': autograd through "
-                        "the non-ideal model plus a model of the measurement noise", choices=("exact", "linearized"))
-    difference: str = setting("forward", "'forward' (C(w+Δ) − C(w))/Δ or 'central' (C(w+Δ) − C(w−Δ))/2Δ",
-                              choices=("forward", "central"))
-    perturbation_pulses: int = setting(1, "size of a perturbation in programming pulses", ge=1)
-    perturbation_dw: float | None = setting(None, "exact weight perturbation instead of pulses (an idealized "
-                                            "programmer)", gt=0.0)
+    mode: str = setting("exact", "'exact': every perturbation measured (batched, equal in distribution to the "
+                        "chip's sequence); 'linearized': autograd through the non-ideal model plus a model of the "
+                        "measurement noise (an approximation with a validity envelope, docs/training.md)",
+                        choices=("exact", "linearized"))
+    difference: str = setting("forward", "'forward' (C(w+Δ) − C(w))/Δ or 'central' (C(w+Δ) − C(w−Δ))/2Δ: two "
+                              "perturbation cycles per weight", choices=("forward", "central"))
+    perturbation: str = setting("temporary", "how the chip perturbs a weight: 'temporary' (a small temporal "
+                                "change of the cell's read, e.g. its bias, leaving the stored state untouched; "
+                                "Kim et al. 2021), 'pulse' (programming pulses through the device model, "
+                                "restored by the opposite pulses: restore errors accumulate), 'pulse_verify' "
+                                "(programming pulses, restored by write-and-verify to the value read before)",
+                                choices=("temporary", "pulse", "pulse_verify"))
+    perturbation_pulses: int = setting(1, "pulse modes: pulses per device of the pair per perturbation; "
+                                       "temporary: the change is this many nominal pulse steps unless "
+                                       "perturbation_dw is set", ge=1)
+    perturbation_dw: float | None = setting(None, "temporary: size of the change in weight units (none: "
+                                            "perturbation_pulses nominal pulse steps)", gt=0.0)
+    temporary_dtod: float = setting(0.0, "temporary: device-to-device spread of the change (sigma of its log, "
+                                    "sampled once per cell; the controller divides by the nominal size)", ge=0.0)
+    verify_tolerance: float = setting(0.01, "pulse_verify: restore tolerance, fraction of w_max on the pair",
+                                      gt=0.0)
+    verify_iterations: int = setting(20, "pulse_verify: most read-and-pulse iterations of one restore", ge=1)
+    lower_reads: str = setting("fresh", "'fresh': every measurement re-reads the layers below the perturbed "
+                               "one with fresh noise, as the chip does; 'shared': one read of them per step for "
+                               "all measurements (cheaper; an approximation whose error docs/training.md gives)",
+                               choices=("fresh", "shared"))
+    precision: str = setting("float64", "arithmetic of the measurements: 'float64' carries cost differences "
+                             "of any perturbation size; 'float32' is faster and loses small differences "
+                             "(measured error in docs/training.md)", choices=("float64", "float32"))
     chunk: int = setting(0, "perturbations evaluated per batch of work (0: automatic, bounded memory)", ge=0)
     noise_samples: int = setting(8, "linearized: noisy cost measurements used to estimate the measurement noise",
                                  ge=2)
+
+    def validate(self) -> None:
+        if self.perturbation_dw is not None and self.perturbation != "temporary":
+            raise ConfigError("perturbation_dw", self.perturbation_dw,
+                              f"sets the size of a temporary change; perturbation '{self.perturbation}' moves "
+                              "by whole pulses (use perturbation_pulses)")
+        if self.temporary_dtod and self.perturbation != "temporary":
+            raise ConfigError("temporary_dtod", self.temporary_dtod,
+                              f"applies to perturbation 'temporary', not '{self.perturbation}'")
 
 
 @dataclass(frozen=True)

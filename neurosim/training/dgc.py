@@ -1,179 +1,472 @@
 """Direct gradient calculation (Kim et al., Adv. Intell. Syst. 2021, doi 10.1002/aisy.202100064).
 
-The chip perturbs one weight at a time by a small programmed change, measures the cost through its output
-path (ADC, noise), restores the weight, and uses g = ΔC/Δw. It needs no derivative circuit and no transposed
-read: it measures the real chip, whatever its variation.
+The chip perturbs one weight at a time, measures the cost through its whole output path (ADC, noise, the
+layers above), restores the weight, and uses g = ΔC/Δw with the nominal Δw it believes it applied. It needs
+no derivative circuit and no transposed read: it measures the real chip, whatever its variation.
 
-The chip is sequential; this simulator is not. ``dgc_exact`` evaluates every perturbation of a layer as one
-batch: a perturbation of weight (i, j) changes only column j of the layer's pre-activation, by x_i·Δw_ij, so
-the noise-free partial sums are computed once and each perturbation adds its own change, fresh read noise
-(drawn at the output, exactly distributed), the ADC, fresh neuron-circuit noise and everything above the layer.
-What it shares across perturbations: the layers *below* the perturbed one are read once per step (one noise
-draw), where the chip would re-read them for each measurement; with noise off the results are identical to
-the sequential loop (``dgc_sequential``), which is kept as the reference.
+How a weight is perturbed and restored is one physical story (``DGCConfig.perturbation``), simulated and
+billed as it happens:
 
-The perturbation is a real programming pulse through the device model (nonlinear step, cycle-to-cycle
-noise), while the controller divides by the nominal Δw it believes it applied. The restore puts the
-conductance back exactly (the stored value is rewritten).
+- ``temporary``: a small temporal change of the cell's read (Kim et al.'s "small temporal change", e.g. a
+  change of its read bias): the stored conductance is untouched, no pulse is fired, nothing wears; the change
+  may carry its own device-to-device spread. One bias change per cycle is billed.
+- ``pulse``: programming pulses through the device model (nonlinear step, cycle-to-cycle noise), restored by
+  the opposite pulses, which land elsewhere on an asymmetric or noisy device: the restore errors stay in the
+  chip and accumulate, and every later measurement sees them.
+- ``pulse_verify``: programming pulses, restored by write-and-verify to the value read before the
+  perturbation (reads and pulses until within tolerance).
 
-``dgc_linearized`` replaces the measurements by autograd through the non-ideal model (converters straight
-through) times the ratio of real to nominal perturbation, plus Gaussian measurement noise of the cost's
-measured spread: a fast approximation, valid for small perturbations.
+The chip is sequential; this simulator is not. ``dgc_exact`` evaluates the measurements of a layer in batches,
+and every batch equals the sequence in distribution: measurement c sees the restore errors of every cycle
+before it (a prefix sum), fresh read noise in every layer and fresh neuron noise (``lower_reads = "fresh"``:
+the layers below the perturbed one are re-read for every measurement, as on the chip), the step's one dropout
+mask, and the layer's read as the chip does it. ``dgc_sequential`` is the chip's procedure literally, one
+weight after another: the reference the tests compare the batch against.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 
-from neurosim.crossbar import quantize
+from neurosim.backend import make_generator
+from neurosim.crossbar import Crossbar, quantize
 from neurosim.layers import AnalogLayer, AnalogNetwork
 from neurosim.training.base import Trainer, cost_per_sample, noise_free
 from neurosim.training.config import DGCConfig
 
-_CHUNK_ELEMENTS = 4_000_000  # partial sums held at once (floats), bounds memory of the batched evaluation
+_CHUNK_ELEMENTS = 4_000_000  # tensor elements held at once per batch of measurements (bounds memory)
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def _nominal_dw(layer: AnalogLayer, cfg: DGCConfig) -> float:
+    """The weight change the controller believes one perturbation makes (what it divides by)."""
     if cfg.perturbation_dw is not None:
         return cfg.perturbation_dw
     return cfg.perturbation_pulses * layer.crossbar.dw_pulse
 
 
-def perturbation_effect(layer: AnalogLayer, cfg: DGCConfig, sign: float = 1.0
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What perturbing every weight would really do, each cell on its own: the change of the normalized
-    weight (padded shape) and of Σ G² (for read noise). Pulses go through the device model."""
+@dataclass
+class PerturbationPlan:
+    """What the perturbation cycles of one layer do, every cell at once (each cell's cycles depend on that cell
+    alone). Per cycle e (0: +Δ; 1: −Δ for central differences), tensors of shape (cycles, rows, cols) of the
+    layer's (in, out) weights: the change of the normalized weight ŵ and of Σ G² (read noise) while the cell is
+    perturbed (relative to the cell before the cycle), and after its restore (the restore error). ``final``:
+    the conductances each array holds afterwards (pulse modes), committed by ``commit``."""
+
+    pert_w: torch.Tensor
+    pert_q: torch.Tensor | None
+    inc_w: torch.Tensor | None
+    inc_q: torch.Tensor | None
+    final: list[torch.Tensor] | None
+    pulses: int = 0
+    pulse_slots: int = 0
+    cell_reads: int = 0
+    bias_changes: int = 0
+
+    @property
+    def cycles(self) -> int:
+        return self.pert_w.numel()
+
+
+def _temporary_factor(cb: Crossbar, sigma: float) -> torch.Tensor | float:
+    """Per-cell size of a temporary change relative to nominal: lognormal with median 1, sampled once per chip."""
+    if sigma == 0:
+        return 1.0
+    cache = getattr(cb, "_temporary_factor", None)
+    if cache is None or cache[0] != sigma:
+        g = make_generator(cb.seed, cb.device, cb.name, "dgc_temporary")
+        z = torch.randn((cb.in_features, cb.out_features), generator=g, device=cb.device, dtype=torch.float64)
+        cache = cb._temporary_factor = (sigma, torch.exp(sigma * z).to(cb.dtype))
+    return cache[1]
+
+
+@contextlib.contextmanager
+def _state(array, g: torch.Tensor) -> Iterator[None]:
+    """Let the array's own methods act on conductances ``g`` (full shape) without storing them."""
+    saved = array.g
+    array.g = g
+    try:
+        yield
+    finally:
+        array.g = saved
+
+
+def _verify_restore(array, g: torch.Tensor, target: torch.Tensor, tol: float, iterations: int,
+                    cells: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int, torch.Tensor]:
+    """Write-and-verify every cell of ``array`` from ``g`` back to ``target`` (each cell on its own, batched):
+    read, pulse towards the target if further than ``tol``, repeat. Returns the conductances, the reads, the
+    pulses, and the pulses per cell (for the slots)."""
+    reads, pulses = 0, 0
+    per_cell = torch.zeros_like(g)
+    active = ~array.stuck.expand(g.shape) if cells is None else cells & ~array.stuck.expand(g.shape)
+    spec = array.spec
+    for _ in range(iterations):
+        if not bool(active.any()):
+            break
+        reads += int(active.sum())
+        seen = g
+        if spec.read_noise > 0:
+            z = torch.randn(g.shape, generator=array.noise_generator, device=g.device, dtype=g.dtype)
+            seen = (g * (1.0 + spec.read_noise * z)).clamp(min=0.0)
+        active &= (seen - target).abs() > tol
+        if not bool(active.any()):
+            break
+        with _state(array, g):
+            n = torch.round(array.pulses_for(target))
+        n = torch.where(active, torch.where(n == 0, torch.sign(target - seen), n), torch.zeros_like(n))
+        g = array.pulsed(g, n)
+        pulses += int(n.abs().sum())
+        per_cell += n.abs()
+    return g, reads, pulses, per_cell
+
+
+def _difference(gs: list[torch.Tensor]) -> torch.Tensor:
+    return gs[0] - gs[1] if len(gs) == 2 else gs[0]
+
+
+def _squares(gs: list[torch.Tensor]) -> torch.Tensor:
+    return sum(g * g for g in gs)
+
+
+def perturbation_plan(layer: AnalogLayer, cfg: DGCConfig) -> PerturbationPlan:
+    """Simulate the perturbation cycles of every weight of ``layer`` through the device model (batched over
+    cells): see ``PerturbationPlan``. Counts what the chip fires and reads, for the engine."""
     cb = layer.crossbar
+    rows, cols = cb.in_features, cb.out_features
     arrays = cb._arrays()
-    if cfg.perturbation_dw is not None:
-        dw_hat = torch.full(cb.padded_shape, sign * cfg.perturbation_dw / cb.config.w_max, device=cb.device,
-                            dtype=cb.dtype)
-        new = [a.g + s * sign * cfg.perturbation_dw * cb.k / len(arrays) for a, s in zip(arrays, (1, -1),
-                                                                                         strict=False)]
-    else:
-        n = torch.full(cb.padded_shape, sign * float(cfg.perturbation_pulses), device=cb.device, dtype=cb.dtype)
-        new = [a.after_pulses(s * n) for a, s in zip(arrays, (1.0, -1.0), strict=False)]
-        if len(arrays) == 2:
-            dw_hat = ((new[0] - arrays[0].g) - (new[1] - arrays[1].g)) / (cb.k * cb.config.w_max)
-        else:
-            dw_hat = (new[0] - arrays[0].g) / (cb.k * cb.config.w_max)
-    dgsq = None
-    if cb._read_tensors()[1] is not None:
-        dgsq = sum(g_new ** 2 - a.g ** 2 for g_new, a in zip(new, arrays, strict=True))
-    return dw_hat, dgsq
+    norm = cb.k * cb.config.w_max
+    signs = (1.0, -1.0) if cfg.difference == "central" else (1.0,)
+    E, cells = len(signs), rows * cols
+    need_q = cb._read_tensors()[1] is not None
+    now = [a.conductance()[:rows, :cols] for a in arrays]
+    if cfg.perturbation == "temporary":
+        # One device (G+, or the single device) changes its read by ±k·Δw (the pair's difference by Δw).
+        dw = _nominal_dw(layer, cfg)
+        delta = cb.k * dw * _temporary_factor(cb, cfg.temporary_dtod)
+        pert_w, pert_q = [], []
+        for s in signs:
+            moved = (now[0] + s * delta).clamp(min=0.0)     # a conductance stays >= 0
+            pert_w.append((moved - now[0]) / norm)
+            if need_q:
+                pert_q.append(moved * moved - now[0] * now[0])
+        return PerturbationPlan(torch.stack(pert_w), torch.stack(pert_q) if need_q else None, None, None, None,
+                                bias_changes=2 * E * cells)
+    # Pulse modes: every device of the pair is pulsed (G+ up and G− down for +Δ), then restored.
+    n = float(cfg.perturbation_pulses)
+    full = [a.conductance().clone() for a in arrays]
+    region = (slice(0, rows), slice(0, cols))
+    before = [f.clone() for f in full]
+    tol = cfg.verify_tolerance * cb.config.w_max * cb.k / len(arrays)
+    pert_w, pert_q, inc_w, inc_q = [], [], [], []
+    pulses = slots = reads = 0
+    targets = []
+    if cfg.perturbation == "pulse_verify":
+        # The controller reads each device before perturbing it: the value write-and-verify restores.
+        for a, g in zip(arrays, full, strict=True):
+            t = g.clone()
+            if a.spec.read_noise > 0:
+                z = torch.randn(g.shape, generator=a.noise_generator, device=g.device, dtype=g.dtype)
+                t[region] = (g * (1.0 + a.spec.read_noise * z)).clamp(min=0.0)[region]
+            targets.append(t)
+            reads += cells
+    for s in signs:
+        moved, restored = [], []
+        verify_slots = torch.zeros((rows, cols), device=cb.device, dtype=cb.dtype)
+        for a, pol, g in zip(arrays, (1.0, -1.0), before, strict=False):
+            pulse = torch.zeros(cb.padded_shape, device=cb.device, dtype=cb.dtype)
+            pulse[region] = s * pol * n
+            g_pert = a.pulsed(g, pulse)
+            if cfg.perturbation == "pulse":
+                g_back = a.pulsed(g_pert, -pulse)
+            else:
+                g_back, r, p, per_cell = _verify_restore(a, g_pert, targets[len(moved)], tol, cfg.verify_iterations)
+                g_back[rows:], g_back[:, cols:] = g[rows:], g[:, cols:]
+                reads += r
+                pulses += p
+                verify_slots = torch.maximum(verify_slots, per_cell[region])
+            moved.append(g_pert)
+            restored.append(g_back)
+        pulses += int(2 * n * cells * len(arrays)) if cfg.perturbation == "pulse" else int(n * cells * len(arrays))
+        slots += int(2 * n * cells) if cfg.perturbation == "pulse" else int(n * cells + verify_slots.sum())
+        pert_w.append((_difference(moved) - _difference(before))[region] / norm)
+        inc_w.append((_difference(restored) - _difference(before))[region] / norm)
+        if need_q:
+            pert_q.append((_squares(moved) - _squares(before))[region])
+            inc_q.append((_squares(restored) - _squares(before))[region])
+        before = restored
+    return PerturbationPlan(torch.stack(pert_w), torch.stack(pert_q) if need_q else None, torch.stack(inc_w),
+                            torch.stack(inc_q) if need_q else None, before, pulses=pulses, pulse_slots=slots,
+                            cell_reads=reads)
+
+
+def commit(layer: AnalogLayer, plan: PerturbationPlan) -> None:
+    """The perturbed and restored cells hold what their restore left (pulse modes), programmed now."""
+    if plan.final is None:
+        return
+    cb = layer.crossbar
+    rows, cols = cb.in_features, cb.out_features
+    for a, g in zip(cb._arrays(), plan.final, strict=True):
+        new = a.g.clone()
+        new[:rows, :cols] = g[:rows, :cols]
+        a.g = new
+        a.t_programmed[:rows, :cols] = a.time_s
+        a.version += 1
+
+
+def _has_noise(layer: AnalogLayer) -> bool:
+    """Whether two reads of this layer (crossbar and neuron circuits) can differ."""
+    cb = layer.crossbar
+    return bool((cb.noise and cb.config.read_noise and cb.spec.read_noise > 0) or layer.activation.config.noise)
+
+
+@contextlib.contextmanager
+def measurement_precision(network: AnalogNetwork, dtype: torch.dtype) -> Iterator[None]:
+    """Reads of every layer computed in ``dtype`` (the stored conductances are unchanged)."""
+    layers = network.analog_layers
+    saved = [layer.crossbar.read_dtype for layer in layers]
+    try:
+        for layer in layers:
+            layer.crossbar.read_dtype = dtype
+        yield
+    finally:
+        for layer, d in zip(layers, saved, strict=True):
+            layer.crossbar.read_dtype = d
+
+
+@dataclass
+class Measurement:
+    """DGC of one layer at one step: the gradient, the base cost, and what the chip did to measure them."""
+
+    grad: torch.Tensor
+    cost: float
+    plan: PerturbationPlan
+
+
+def dgc_measure(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: torch.Tensor, cost: str,
+                cfg: DGCConfig) -> Measurement:
+    """Measured gradient of every weight of ``layer`` (in, out), the base cost C(w), and the perturbation plan
+    (committed to the chip: the restore errors of pulse modes stay in the devices)."""
+    plan = perturbation_plan(layer, cfg)
+    with measurement_precision(network, _DTYPES[cfg.precision]):
+        grad, c0 = _measure(network, layer, x, y, cost, cfg, plan)
+    commit(layer, plan)
+    return Measurement(grad.to(layer.crossbar.dtype), c0, plan)
 
 
 def dgc_exact(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: torch.Tensor, cost: str,
               cfg: DGCConfig, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
-    """Measured gradient of every weight of ``layer`` (in, out) and the base cost C(w), batched."""
+    """``dgc_measure``'s gradient and base cost."""
+    m = dgc_measure(network, layer, x, y, cost, cfg)
+    return m.grad, m.cost
+
+
+def _measure(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: torch.Tensor, cost: str,
+             cfg: DGCConfig, plan: PerturbationPlan) -> tuple[torch.Tensor, float]:
+    """The measurements of every cycle of ``plan``, in batches equal in distribution to the chip's sequence."""
     cb = layer.crossbar
-    idx = list(network.stages).index(layer)
+    c = cb.config
+    if c.wire_resistance != "none":
+        return _measure_wires(network, layer, x, y, cost, cfg, plan)
+    stages = list(network.stages)
+    idx = stages.index(layer)
+    fresh = cfg.lower_reads == "fresh" and any(_has_noise(s) for s in stages[:idx] if isinstance(s, AnalogLayer))
+    dtype = cb.read_dtype
+    rows, outs = cb.in_features, cb.out_features
+    nr, R, cols = cb.n_row_tiles, cb.tile_rows, cb.padded_shape[1]
+    batch = x.shape[0]
+    residues = plan.inc_w is not None
+    E = plan.pert_w.shape[0]
     with torch.no_grad():
-        h = network(x, start=0, stop=idx)
-        xt = cb.input_voltages(layer.matrix_input(h))                     # (nr, N, R)
-        w_hat, gsq = cb._read_tensors()
-        nr, n_rows, R = xt.shape
-        cols = cb.padded_shape[1]
-        part0 = torch.bmm(xt, w_hat.reshape(nr, R, cols))                 # noise-free partial sums
-        var0 = torch.bmm(xt * xt, gsq.reshape(nr, R, cols)) if gsq is not None else None
-        batch = x.shape[0]
-        out_shape = (batch, *h.shape[1:])
+        w_hat, gsq = (t.to(dtype) if t is not None else None for t in cb._read_tensors())
+        w_state = w_hat.clone()
+        q_state = gsq.clone() if gsq is not None else None
 
-        c = cb.config
+        in_shape: list = []
 
-        def measure_sums(z: torch.Tensor) -> torch.Tensor:
-            """Costs of P chip states from the layer's digital column sums (P, N, padded cols)."""
-            P = z.shape[0]
-            z = z[..., : cb.out_features] * (c.input_max * c.w_max)
-            z = layer.shape_output(z.reshape(P * n_rows, cb.out_features), (P * batch, *out_shape[1:]))
-            out = network(layer.activate(z), start=idx + 1)
-            return cost_per_sample(out, y.repeat(P), cost).reshape(P, batch).mean(1)
+        def inputs(replicas: int) -> torch.Tensor:
+            """The layer's DAC outputs per row tile for ``replicas`` fresh reads of the layers below."""
+            h = network(x.repeat((replicas,) + (1,) * (x.dim() - 1)), start=0, stop=idx)
+            in_shape[:] = h.shape[1:]
+            xt = cb.input_voltages(layer.matrix_input(h))                       # (nr, replicas·N, R)
+            return xt.reshape(nr, replicas, -1, R).transpose(0, 1)              # (replicas, nr, N, R)
+
+        xt0 = inputs(1)                                                         # the base measurement's read
+        xt_shared = None if fresh else xt0[0]
+        n_rows = xt0.shape[2]
 
         def measure(part: torch.Tensor, var: torch.Tensor | None) -> torch.Tensor:
             """Costs of P chip states from their partial sums (P, nr, N, cols): noise, ADC, neurons, above."""
+            P = part.shape[0]
             if var is not None:
                 part = cb.add_read_noise(part, var)
-            return measure_sums(quantize(part, c.adc_bits, c.adc_range).sum(1))
+            z = quantize(part, c.adc_bits, c.adc_range, inplace=True).sum(1)
+            z = z[..., :outs] * (c.input_max * c.w_max)
+            z = layer.shape_output(z.reshape(P * n_rows, outs), (P * batch, *in_shape))
+            out = network(layer.activate(z), start=idx + 1)
+            return cost_per_sample(out.to(dtype), y.repeat(P), cost).reshape(P, batch).mean(1)
 
-        # Without read noise every other column converts as in the base state: only the perturbed column's
-        # ADC output changes, so a perturbation costs (N, cols) instead of (row tiles, N, cols).
-        q0 = quantize(part0, c.adc_bits, c.adc_range) if var0 is None else None
-        z0 = q0.sum(0) if q0 is not None else None
+        def state_sums(xt: torch.Tensor, w: torch.Tensor, q: torch.Tensor | None):
+            part = torch.matmul(xt, w.reshape(-1, nr, R, cols) if w.dim() == 3 else w.reshape(nr, R, cols))
+            var = None
+            if q is not None:
+                var = torch.matmul(xt * xt, q.reshape(-1, nr, R, cols) if q.dim() == 3 else q.reshape(nr, R, cols))
+            return part, var
 
-        c0 = measure(part0[None].clone(), var0[None].clone() if var0 is not None else None)[0]
-        rows, outs = cb.in_features, cb.out_features
-        total = rows * outs
-        chunk = cfg.chunk or max(1, _CHUNK_ELEMENTS // max(1, (nr if var0 is not None else 1) * n_rows * cols))
-        dw_nom = _nominal_dw(layer, cfg)
-        signs = (1.0, -1.0) if cfg.difference == "central" else (1.0,)
-        effects = [perturbation_effect(layer, cfg, s) for s in signs]
-        costs = [torch.empty(total, device=xt.device, dtype=xt.dtype) for _ in signs]
+        # The base measurement: the chip as it is, one fresh read of everything.
+        c0 = measure(*state_sums(xt0, w_state, q_state))[0]
+        base = None if fresh or residues else state_sums(xt0, w_state, q_state)
+
+        total = rows * outs * E
+        per = nr * n_rows * cols * (2 if q_state is not None else 1) + (rows * cols * 2 if residues else 0) + \
+            (nr * n_rows * R if fresh else 0)
+        chunk = cfg.chunk or max(1, _CHUNK_ELEMENTS // max(1, per))
+        costs = torch.empty(total, device=cb.device, dtype=dtype)
+        flat_pw = plan.pert_w.to(dtype).permute(1, 2, 0).reshape(-1)          # cycle order: cell-major
+        flat_pq = plan.pert_q.to(dtype).permute(1, 2, 0).reshape(-1) if plan.pert_q is not None else None
+        if residues:
+            flat_iw = plan.inc_w.to(dtype).permute(1, 2, 0).reshape(-1)
+            flat_iq = plan.inc_q.to(dtype).permute(1, 2, 0).reshape(-1) if plan.inc_q is not None else None
         for start in range(0, total, chunk):
-            k = torch.arange(start, min(total, start + chunk), device=xt.device)
-            i, j = k // outs, k % outs
-            r, ii = i // R, i % R
+            k = torch.arange(start, min(total, start + chunk), device=cb.device)
             P = len(k)
-            ar = torch.arange(P, device=xt.device)
-            xi = xt[r, :, ii]                                              # (P, N) input of the perturbed row
-            for (dw_hat, dgsq), store in zip(effects, costs, strict=True):
-                if z0 is not None:
-                    column = part0[r, :, j] + xi * dw_hat[i, j][:, None]           # (P, N)
-                    z = z0.expand(P, n_rows, cols).clone()
-                    z[ar, :, j] += quantize(column, c.adc_bits, c.adc_range) - q0[r, :, j]
-                    store[start:start + P] = measure_sums(z)
-                    continue
-                part = part0.expand(P, nr, n_rows, cols).clone()
-                part[ar, r, :, j] += xi * dw_hat[i, j][:, None]
-                var = None
-                if var0 is not None:
-                    var = var0.expand(P, nr, n_rows, cols).clone()
-                    var[ar, r, :, j] += xi * xi * dgsq[i, j][:, None]
-                store[start:start + P] = measure(part, var)
-        if cfg.difference == "central":
-            grad = (costs[0] - costs[1]) / (2 * dw_nom)
+            cell = k // E
+            i, j = cell // outs, cell % outs
+            r, ii = i // R, i % R
+            ar = torch.arange(P, device=cb.device)
+            xt = inputs(P) if fresh else xt_shared[None]                        # (P or 1, nr, N, R)
+            if residues:
+                # Each measurement sees the restore errors of every earlier cycle: the state at the chunk's start
+                # plus an exclusive prefix sum of this chunk's restore errors.
+                flat = i * cols + j
+                w = torch.zeros((P, w_state.numel()), device=cb.device, dtype=dtype)
+                w[ar, flat] = flat_iw[k]
+                w = w.cumsum(0).roll(1, 0)
+                w[0] = 0
+                w_chunk_end = torch.zeros_like(w_state.reshape(-1)).index_add_(0, flat, flat_iw[k])
+                w[ar, flat] += flat_pw[k]
+                w += w_state.reshape(1, -1)
+                q = None
+                if q_state is not None:
+                    q = torch.zeros((P, q_state.numel()), device=cb.device, dtype=dtype)
+                    q[ar, flat] = flat_iq[k]
+                    q = q.cumsum(0).roll(1, 0)
+                    q[0] = 0
+                    q_chunk_end = torch.zeros_like(q_state.reshape(-1)).index_add_(0, flat, flat_iq[k])
+                    q[ar, flat] += flat_pq[k]
+                    q += q_state.reshape(1, -1)
+                part, var = state_sums(xt, w.reshape(P, -1, cols), q.reshape(P, -1, cols) if q is not None else None)
+                w_state = w_state + w_chunk_end.reshape(w_state.shape)
+                if q_state is not None:
+                    q_state = q_state + q_chunk_end.reshape(q_state.shape)
+            else:
+                if base is None:
+                    part, var = state_sums(xt, w_state, q_state)
+                else:
+                    part = base[0].expand(P, *base[0].shape[1:]).clone()
+                    var = base[1].expand(P, *base[1].shape[1:]).clone() if base[1] is not None else None
+                xi = xt[ar if xt.shape[0] == P else 0, r, :, ii]                  # (P, N) input of the row
+                part[ar, r, :, j] += xi * flat_pw[k][:, None]
+                if var is not None:
+                    var[ar, r, :, j] += xi * xi * flat_pq[k][:, None]
+            costs[start:start + P] = measure(part, var)
+        dw_nom = _nominal_dw(layer, cfg)
+        costs = costs.reshape(rows, outs, E)
+        if E == 2:
+            grad = (costs[..., 0] - costs[..., 1]) / (2 * dw_nom)
         else:
-            grad = (costs[0] - c0) / dw_nom
-    return grad.reshape(rows, outs), float(c0)
+            grad = (costs[..., 0] - c0) / dw_nom
+    return grad, float(c0)
+
+
+def _measure_wires(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: torch.Tensor, cost: str,
+                   cfg: DGCConfig, plan: PerturbationPlan) -> tuple[torch.Tensor, float]:
+    raise NotImplementedError("DGC with wire resistance")
+
+
+def _drift_factor(array) -> torch.Tensor:
+    """conductance()/g of every cell (1 where g is 0 or nothing drifts)."""
+    g, now = array.g, array.conductance()
+    return torch.where(g > 0, now / torch.where(g > 0, g, torch.ones_like(g)), torch.ones_like(g))
 
 
 def dgc_sequential(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: torch.Tensor, cost: str,
                    cfg: DGCConfig, weights: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, float]:
-    """The chip's own procedure, one weight after another (the reference the batched mode reproduces):
-    program a perturbation into one cell, measure the cost, restore. ``weights`` limits it to a subset."""
+    """The chip's own procedure, one weight after another (the reference the batched mode reproduces): perturb
+    one cell as ``cfg.perturbation`` says, measure the cost through the whole chip, restore. ``weights`` limits
+    it to a subset (in the chip's order, row-major); cells not in it are left as they are."""
     cb = layer.crossbar
     arrays = cb._arrays()
-    grad = torch.full((cb.in_features, cb.out_features), float("nan"), device=cb.device, dtype=cb.dtype)
+    grad = torch.full((cb.in_features, cb.out_features), float("nan"), device=cb.device, dtype=torch.float64)
     dw_nom = _nominal_dw(layer, cfg)
+    dtype = _DTYPES[cfg.precision]
 
     def measure() -> torch.Tensor:
-        with torch.no_grad():
-            return cost_per_sample(network(x), y, cost).mean()
+        with torch.no_grad(), measurement_precision(network, dtype):
+            return cost_per_sample(network(x).to(dtype), y, cost).mean()
 
     c0 = measure()
     todo = weights if weights is not None else [(i, j) for i in range(cb.in_features)
                                                 for j in range(cb.out_features)]
     signs = (1.0, -1.0) if cfg.difference == "central" else (1.0,)
+    tol = cfg.verify_tolerance * cb.config.w_max * cb.k / len(arrays)
+    factor = _temporary_factor(cb, cfg.temporary_dtod)
     for i, j in todo:
         measured = []
+        targets = None
         for sign in signs:
-            saved = [(a.g.clone(), a.t_programmed.clone()) for a in arrays]
-            if cfg.perturbation_dw is not None:
-                for a, s in zip(arrays, (1.0, -1.0), strict=False):
-                    g = a.g.clone()
-                    g[i, j] += s * sign * cfg.perturbation_dw * cb.k / len(arrays)
-                    a.g = g
-                    a.version += 1
-            else:
-                n = torch.zeros(cb.padded_shape, device=cb.device, dtype=cb.dtype)
-                n[i, j] = sign * cfg.perturbation_pulses
-                for a, s in zip(arrays, (1.0, -1.0), strict=False):
-                    a.program(s * n)
+            if cfg.perturbation == "temporary":
+                a = arrays[0]
+                saved = a.g
+                f = factor if isinstance(factor, float) else float(factor[i, j])
+                now = a.conductance()[i, j]
+                moved = (now + sign * cb.k * _nominal_dw(layer, cfg) * f).clamp(min=0.0)
+                g = saved.clone()
+                g[i, j] = moved / _drift_factor(a)[i, j]
+                a.g = g
+                a.version += 1
+                measured.append(measure())
+                a.g = saved                                  # the stored state was never touched
+                a.version += 1
+                continue
+            n = torch.zeros(cb.padded_shape, device=cb.device, dtype=cb.dtype)
+            n[i, j] = sign * cfg.perturbation_pulses
+            if cfg.perturbation == "pulse_verify" and targets is None:
+                targets = []
+                for a in arrays:  # the controller reads each device before perturbing it
+                    t = a.conductance().clone()
+                    if a.spec.read_noise > 0:
+                        z = torch.randn((), generator=a.noise_generator, device=cb.device, dtype=cb.dtype)
+                        t[i, j] = (t[i, j] * (1.0 + a.spec.read_noise * z)).clamp(min=0.0)
+                    targets.append(t)
+            for a, pol in zip(arrays, (1.0, -1.0), strict=False):
+                a.program(pol * n)
             measured.append(measure())
-            for a, (g, t) in zip(arrays, saved, strict=True):  # restore: the stored value is rewritten
-                a.g, a.t_programmed = g, t
+            for k_a, (a, pol) in enumerate(zip(arrays, (1.0, -1.0), strict=False)):
+                if cfg.perturbation == "pulse":
+                    a.program(-pol * n)
+                    continue
+                only = torch.zeros(cb.padded_shape, device=cb.device, dtype=torch.bool)
+                only[i, j] = True
+                g, *_ = _verify_restore(a, a.conductance(), targets[k_a], tol, cfg.verify_iterations, only)
+                a.g = torch.where(only, g, a.g)
+                a.t_programmed[i, j] = a.time_s
                 a.version += 1
         grad[i, j] = (measured[0] - measured[1]) / (2 * dw_nom) if len(signs) == 2 else (measured[0] - c0) / dw_nom
-    return grad, float(c0)
+    return grad.to(cb.dtype), float(c0)
+
+
+def perturbation_effect(layer: AnalogLayer, cfg: DGCConfig, sign: float = 1.0
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The change of the normalized weight (in, out) and of Σ G² that a +Δ (sign > 0) or −Δ perturbation of
+    every weight would make, from a fresh plan (the chip is not changed)."""
+    plan = perturbation_plan(layer, dataclasses.replace(cfg, difference="central" if sign < 0 else "forward"))
+    e = 1 if sign < 0 else 0
+    return plan.pert_w[e], plan.pert_q[e] if plan.pert_q is not None else None
 
 
 def dgc_linearized_layers(network: AnalogNetwork, layers: list[AnalogLayer], x: torch.Tensor, y: torch.Tensor,

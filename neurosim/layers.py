@@ -108,7 +108,7 @@ class AnalogLayer(nn.Module):
         self.activation = ActivationUnit(self.activation_config, cols, generator=make_generator(seed, device, name,
                                          "neurons"), device=device, derivative_circuit=derivative_circuit)
         self.scheme = "bp"                     # "bp" or "dgc", set by the trainer
-        self.backward_path = "transposed_read"  # BP: "transposed_read", "digital_model" or "exact"
+        self.backward_path = "transposed_read"  # BP: "transposed_read" or "digital_model"
         self.reads_per_sample = 1
 
     # Subclasses say how inputs become crossbar rows (rows_of) and how column outputs come back (shape_output).
@@ -156,7 +156,8 @@ class AnalogLayer(nn.Module):
             return self.crossbar.read_transposed(grad_rows)
         if self.backward_path == "digital_model":
             return grad_rows @ self.crossbar.believed.T
-        return grad_rows @ self.crossbar.weights().T  # "exact": autograd of the real weights (a reference)
+        raise ValueError(f"{self.name}: backward path {self.backward_path!r} is not a chip's error path "
+                         "('true_gradient' is computed by neurosim.training.bp.true_gradients)")
 
     def forward_bp(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """The forward of mode "bp" without autograd, returning what ``backward_bp`` needs. Hardware BP runs

@@ -89,7 +89,8 @@ class Trainer(abc.ABC):
         self.activation_lr = 0.0
         self._plans: dict = {}  # the DGC perturbation cycles of the current step, per layer (for the engine)
         for layer in network.analog_layers:
-            layer.backward_path = self.config.bp.backward
+            if self.config.bp.backward != "true_gradient":
+                layer.backward_path = self.config.bp.backward
 
     # -- what a scheme decides ---------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -99,8 +100,10 @@ class Trainer(abc.ABC):
     # -- gradients -------------------------------------------------------------------------------------------
     def bp_gradients(self, x: torch.Tensor, y: torch.Tensor, layers: list[AnalogLayer]) -> float:
         """Hardware BP for ``layers``: gradients land in each layer's ``weight.grad``; returns the cost."""
-        from neurosim.training.bp import bp_gradients
+        from neurosim.training.bp import bp_gradients, true_gradients
 
+        if self.config.bp.backward == "true_gradient":
+            return true_gradients(self.network, x, y, self.config.cost, layers)
         return bp_gradients(self.network, x, y, self.config.cost, layers)
 
     def dgc_gradients(self, layers: list[AnalogLayer], x: torch.Tensor, y: torch.Tensor
@@ -150,7 +153,7 @@ class Trainer(abc.ABC):
             lowest = min(layers.index(layer) for layer in bp_layers)
             names = [layer.name for layer in layers[lowest + 1:]]
             if names:
-                yield eng.backward(batch, names, transposed=cfg.bp.backward != "digital_model")
+                yield eng.backward(batch, names, transposed=cfg.bp.backward == "transposed_read")
             ops = sum(batch * layer.reads_per_sample * layer.crossbar.in_features * layer.crossbar.out_features
                       for layer in bp_layers)
             yield eng.digital("outer_product", ops)

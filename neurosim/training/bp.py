@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from neurosim.layers import AnalogLayer, AnalogNetwork
-from neurosim.training.base import Trainer, cost_per_sample
+from neurosim.training.base import Trainer, cost_per_sample, noise_free
 
 
 def bp_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, cost: str,
@@ -53,6 +53,28 @@ def bp_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, cost:
         else:
             inp, h = keep
             (grad,) = torch.autograd.grad(h, inp, grad)
+    return float(loss.detach())
+
+
+def true_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, cost: str,
+                   layers: list[AnalogLayer]) -> float:
+    """The true gradient of the non-ideal chip: autograd through its noise-free forward (the conductances it
+    really holds, drift, converters passed straight through, neuron circuits with their gain and offset
+    mismatch), into ``weight.grad`` of ``layers`` and ``p.grad`` of trainable neuron-circuit coefficients.
+    Not what any chip computes: the reference that hardware BP and DGC are compared against."""
+    for layer in network.analog_layers:
+        layer.weight.grad = None
+    leaves = {layer.name: layer.crossbar.weights().detach().clone().requires_grad_(True) for layer in layers}
+    params = [p for layer in network.analog_layers for p in layer.activation.trainable_parameters()
+              if p.requires_grad]
+    with noise_free(network), torch.enable_grad():
+        loss = cost_per_sample(network(x, mode="linearized", weights=leaves), y, cost).mean()
+        grads = torch.autograd.grad(loss, [*leaves.values(), *params], allow_unused=True)
+    for layer, g in zip(layers, grads, strict=False):
+        layer.weight.grad = g
+    for p, g in zip(params, grads[len(leaves):], strict=True):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
     return float(loss.detach())
 
 

@@ -11,10 +11,12 @@ SCHEMES = ("bp", "dgc", "hybrid", "two_stage")
 
 @dataclass(frozen=True)
 class BPConfig:
-    backward: str = setting("transposed_read", "error path: 'transposed_read' (through the chip's crossbars) or "
-                            "'digital_model' (a digital processor uses the weights the controller believes it "
-                            "programmed); 'exact' is a software reference, not a chip",
-                            choices=("transposed_read", "digital_model", "exact"))
+    backward: str = setting("transposed_read", "error path: 'transposed_read' (through the chip's crossbars and "
+                            "derivative circuits), 'digital_model' (a digital processor uses the weights the "
+                            "controller believes it programmed, and the derivative circuits), or "
+                            "'true_gradient' (not a chip: autograd through the chip's noise-free non-ideal "
+                            "forward, gain and offset mismatch included: the reference studies compare against)",
+                            choices=("transposed_read", "digital_model", "true_gradient"))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ disturbance from another process hits both alike.
                             no cycle-to-cycle noise, neuron circuits without noise; mismatch and d2d spreads on),
                             so both give the same gradient: dgc_loop_max_abs_diff checks it on the subset.
   dgc_linearized_vs_exact   the same step, dgc_exact time over dgc_linearized time.
+  dgc_exact_noisy_<mode>_s  one exact DGC step of the same network on the ag_asi card as it is (read and
+                            cycle-to-cycle noise) with 1 % neuron noise, perturbation 'temporary' or 'pulse':
+                            fresh reads of the layers below for every measurement.
   bp_vs_digital             one hardware-BP epoch (Trainer.run_epochs(1): training and the test evaluation)
                             of a 784-256-128-10 sigmoid MLP at batch 64 on 10,000 samples of MNIST shape,
                             every device and circuit non-ideality on except the exact wire solve, clock on,
@@ -147,6 +150,25 @@ def dgc_figures(x: torch.Tensor, y: torch.Tensor, subset: int, repeats: int) -> 
     print(f"dgc_linearized_vs_exact = {t_exact / t_lin:.1f}")
     print(f"dgc_loop_max_abs_diff = {diff:.3g}")
     print(f"# largest |gradient| on the subset: {scale:.3g}")
+    noisy_chip_figures(x, y, repeats)
+
+
+def noisy_chip_figures(x: torch.Tensor, y: torch.Tensor, repeats: int) -> None:
+    """Exact DGC of the same network on the card as it is (read noise, cycle-to-cycle noise) with 1 % neuron
+    noise: every measurement re-reads the layers below (the chip's sequence); per perturbation mode."""
+    spec = load_card("ag_asi")
+    act = ActivationConfig(function="sigmoid", gain_dtod=0.05, offset_dtod=0.02, noise=0.01)
+    for mode in ("temporary", "pulse"):
+        net = build_network(NetworkConfig(hidden=(100,), activation=act, crossbar=CrossbarConfig(**CROSSBAR)),
+                            spec, tuple(x.shape[1:]), 10, seed=0, derivative_circuits=False)
+        cfg = build(DGCConfig, {"perturbation": mode})
+
+        def step(net=net, cfg=cfg):
+            for layer in net.analog_layers:
+                dgc_exact(net, layer, x, y, COST, cfg)
+
+        step()
+        print(f"dgc_exact_noisy_{mode}_s = {statistics.median(clock(step) for _ in range(max(1, repeats))):.3f}")
 
 
 # ----------------------------------------------------------------------------------------------------- BP

@@ -98,8 +98,8 @@ def _channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     if channels in (0, c):
         return x
     if channels == 1 and c == 3:
-        w = torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)
-        return (x * w).sum(1, keepdim=True).clamp(0, 1)
+        grey = x[:, 0:1] * LUMA[0]
+        return grey.add_(x[:, 1:2], alpha=LUMA[1]).add_(x[:, 2:3], alpha=LUMA[2]).clamp_(0, 1)
     if channels == 3 and c == 1:
         return x.expand(-1, 3, -1, -1).contiguous()
     raise ConfigError("data.channels", channels, f"cannot convert images with {c} channels (only 3 -> 1 and 1 -> 3)")
@@ -179,7 +179,7 @@ def _labels_in_range(y: np.ndarray, classes: int, path: Path) -> None:
 
 def _uint8_images(x: np.ndarray) -> torch.Tensor:
     """uint8 pixels as float32 in [0, 1]: p / 255, correctly rounded."""
-    return torch.from_numpy(np.asarray(x, dtype=np.float32)).div_(255.0)
+    return torch.tensor(x).to(torch.float32).div_(255.0)  # copies: the file's buffer is read-only
 
 
 def load_idx_set(config: DataConfig, name: str) -> Dataset:

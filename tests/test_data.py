@@ -195,6 +195,7 @@ def test_cifar10_binary_batches_written_here(tmp_path):
     assert torch.equal(data.x_train[:, 0], r) and torch.equal(data.x_train[:, 1], g)
     assert torch.equal(data.x_train[:, 2], b)
     grey = load(cfg(name="cifar10", path=tmp_path, channels=1))
+    # float32 rounding of three products and two sums: a few ulp of values <= 1, well inside 1e-6
     torch.testing.assert_close(grey.x_train[:, 0], LUMA[0] * r + LUMA[1] * g + LUMA[2] * b, rtol=0, atol=1e-6)
     lenet_sized = load(cfg(name="cifar10", path=tmp_path, channels=1, size=28))
     assert lenet_sized.image_shape == (1, 28, 28)

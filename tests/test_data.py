@@ -3,6 +3,7 @@ both layouts), every kind of bad file refused with one ConfigError naming the fi
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import struct
 from pathlib import Path
@@ -295,3 +296,10 @@ def test_bad_npz_files_are_named(tmp_path):
     refused(tmp_path / "one.npy", lambda: load(cfg(name="npz", path=tmp_path / "one.npy")), ".npy")
     refused(tmp_path / "no.npz", lambda: load(cfg(name="npz", path=tmp_path / "no.npz")), "no such file")
     refused(tmp_path, lambda: load(cfg(name="npz", path=tmp_path)), "folder")
+
+
+def test_every_setting_is_documented():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    table = text.split("## Settings (`DataConfig`)", 1)[1].split("\n## ", 1)[0]
+    for f in dataclasses.fields(DataConfig):
+        assert f"| `{f.name}` |" in table, f.name

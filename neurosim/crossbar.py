@@ -62,6 +62,22 @@ class CrossbarConfig:
     noise_management: bool = setting(True, "transposed read scales each error vector by its max |value| "
                                      "to use the DAC range, and scales back digitally")
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """A signed converter of b bits has 2^(b−1) − 1 levels a sign: one bit leaves none (every value would
+        read as 0, or NaN), so signed converters need two bits; a unipolar DAC works from one (0 and full scale)."""
+        signed = [("adc_bits", self.adc_bits), ("backward_dac_bits", self.backward_dac_bits),
+                  ("backward_adc_bits", self.backward_adc_bits)]
+        # The forward DAC is signed unless unipolar; the transposed read's is always signed, dac_bits by default.
+        if self.input_range == "bipolar" or self.backward_dac_bits is None:
+            signed.append(("dac_bits", self.dac_bits))
+        for name, bits in signed:
+            if bits == 1 and not isinstance(bits, bool):   # a wrong type is check()'s to report
+                raise ConfigError(name, bits, "a signed (bipolar) converter needs at least 2 bits: "
+                                  "2^(b−1) − 1 levels a sign")
+
 
 def quantize(x: torch.Tensor, bits: int | None, limit: float, inplace: bool = False,
              unipolar: bool = False) -> torch.Tensor:
@@ -74,6 +90,8 @@ def quantize(x: torch.Tensor, bits: int | None, limit: float, inplace: bool = Fa
     (outside autograd)."""
     if bits is None:
         return x
+    if bits < (1 if unipolar else 2):
+        raise ConfigError("bits", bits, "a signed converter needs at least 2 bits, a unipolar one 1")
     lower = 0.0 if unipolar else -limit
     step = limit / (2 ** bits - 1 if unipolar else 2 ** (bits - 1) - 1)
     if not (torch.is_grad_enabled() and x.requires_grad):

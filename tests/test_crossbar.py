@@ -282,12 +282,12 @@ def test_pooled_programming_falls_back_for_different_cards(spec_factory):
 # ------------------------------------------------------------------------------------- converters (DAC)
 @pytest.mark.parametrize("bits", [1, 3, 8])
 def test_dac_level_counts_bipolar_and_unipolar(spec_factory, bits):
-    """A sweep across and beyond the range: bipolar DAC codes are the 2^b − 1 levels k/(2^(b−1) − 1), |k| up to
-    2^(b−1) − 1 (1 bit: 0 only... not a usable grid, so it is just the two clip levels and 0? no: 2^0 − 1 = 0
-    positive levels is refused below); unipolar codes are the 2^b levels k/(2^b − 1), k = 0..2^b − 1."""
+    """A sweep across and beyond the range: bipolar DAC codes are the 2^b − 1 levels k/(2^(b−1) − 1),
+    |k| <= 2^(b−1) − 1; unipolar codes are the 2^b levels k/(2^b − 1), k = 0..2^b − 1. One bit is a unipolar
+    on/off driver, and refused for a signed one (no level but 0)."""
     x = torch.linspace(-1.5, 1.5, 20001, dtype=torch.float64)[None, :]
-    uni = Crossbar(spec_factory(), 20001, 1, CrossbarConfig(dac_bits=bits, input_range="unipolar"),
-                   dtype=torch.float64)
+    uni = Crossbar(spec_factory(), 20001, 1, CrossbarConfig(dac_bits=bits, input_range="unipolar",
+                                                            backward_dac_bits=8), dtype=torch.float64)
     levels = uni.dac(x).unique()
     n = 2**bits - 1
     torch.testing.assert_close(levels, torch.arange(n + 1, dtype=torch.float64) / n, rtol=0, atol=1e-15)
@@ -331,11 +331,18 @@ def test_inputs_are_clipped_without_dac_bits(spec_factory, input_range):
     torch.testing.assert_close(xg.grad, torch.where(inside, w.sum(1)[None, :] / 1.0, torch.zeros_like(x)))
 
 
-def test_input_range_is_checked():
+def test_converter_settings_are_checked():
     from neurosim.config import ConfigError, build
 
     with pytest.raises(ConfigError, match="'input_range'"):
         build(CrossbarConfig, {"input_range": "signed"})
+    for bad in ({"dac_bits": 1}, {"adc_bits": 1}, {"backward_adc_bits": 1},
+                {"dac_bits": 1, "input_range": "unipolar"}):                  # the transposed read takes dac_bits
+        with pytest.raises(ConfigError, match=f"'{next(iter(bad))}'"):
+            build(CrossbarConfig, bad)
+    build(CrossbarConfig, {"dac_bits": 1, "input_range": "unipolar", "backward_dac_bits": 4})
+    with pytest.raises(ConfigError, match="'bits'"):
+        quantize(torch.zeros(3), 1, 1.0)
 
 
 # -------------------------------------------------------------------------------- wires: pairs as wired

@@ -516,3 +516,17 @@ def test_perturbed_read_of_one_vector_and_checks():
         read_perturbed(G, V, rows, cols, delta, 1.0, 1.0, method="exact")
     empty = solver.read_perturbed(V, [], [], np.zeros((0, 2)))
     assert empty.shape == (0, 3, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pairs_and_perturbed_reads_on_cuda():
+    G, V, rows, cols, delta = _perturbation_case(True, seed=44)
+    Gc, Vc = torch.tensor(G, device="cuda"), torch.tensor(V, device="cuda")
+    exact = NodalSolver(G, 20.0, 20.0)
+    out = approximate_read(Gc, Vc, 20.0, 20.0)
+    assert out.device.type == "cuda"
+    np.testing.assert_allclose(out.cpu().numpy(), exact.read(V), rtol=1e-5, atol=0)
+    got = approximate_read_perturbed(Gc, Vc, torch.tensor(rows, device="cuda"), torch.tensor(cols, device="cuda"),
+                                     torch.tensor(delta, device="cuda"), 20.0, 20.0)
+    assert got.device.type == "cuda"
+    np.testing.assert_allclose(got.cpu().numpy(), exact.read_perturbed(V, rows, cols, delta), rtol=1e-5, atol=0)

@@ -66,8 +66,8 @@ class CrossbarConfig:
         self.validate()
 
     def validate(self) -> None:
-        """A signed converter of b bits has 2^(b−1) − 1 levels a sign: one bit leaves none (every value would
-        read as 0, or NaN), so signed converters need two bits; a unipolar DAC works from one (0 and full scale)."""
+        """A signed converter of b bits has 2^(b−1) − 1 levels a sign: one bit leaves none (a step of 1/0), so
+        signed converters need two bits; a unipolar DAC works from one (0 and full scale)."""
         signed = [("adc_bits", self.adc_bits), ("backward_dac_bits", self.backward_dac_bits),
                   ("backward_adc_bits", self.backward_adc_bits)]
         # The forward DAC is signed unless unipolar; the transposed read's is always signed, dac_bits by default.

@@ -310,7 +310,8 @@ class Crossbar:
         """Transposed read d·Wᵀ of a batch (B, out) → (B, in): columns driven, rows sensed (BP's backward path).
 
         With noise management each error vector is divided by its largest magnitude before the DAC and
-        multiplied back after the ADC, as chips do to keep small errors above the converters' resolution."""
+        multiplied back after the ADC, as chips do to keep small errors above the converters' resolution.
+        The DAC is bipolar whatever ``input_range`` says (errors are signed) and saturates at full scale."""
         c = self.config
         w_hat, gsq = self._read_tensors()
         dac_bits = c.backward_dac_bits or c.dac_bits
@@ -318,7 +319,7 @@ class Crossbar:
         d = d.to(self.dtype)
         scale = d.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) if c.noise_management else \
             torch.full((d.shape[0], 1), c.input_max, device=d.device, dtype=d.dtype)
-        dn = quantize(d / scale, dac_bits, 1.0)
+        dn = quantize(d / scale, dac_bits, 1.0) if dac_bits is not None else (d / scale).clamp(-1.0, 1.0)
         pad = self.padded_shape[1] - self.out_features
         if pad:
             dn = torch.nn.functional.pad(dn, (0, pad))
@@ -404,7 +405,7 @@ class Crossbar:
 
         What changes is computed, not re-read: without wires only column cols[p] of its row tile changes, by
         x̂·Δŵ; with wires the whole tile's outputs change, by an exact rank-1 (rank-2 for a pair) update of
-        the tile's network (``wires``, "Perturbed reads"). Not differentiable (a measurement)."""
+        the tile's network (docs/wires.md, "Perturbed reads"). Not differentiable (a measurement)."""
         with torch.no_grad():
             return self._read_perturbed(x, rows, cols, delta_plus, delta_minus)
 

@@ -34,10 +34,15 @@ class CrossbarConfig:
                            "(one device against a mid-window reference column)",
                            choices=("differential", "reference"))
     w_max: float = setting(1.0, "weight magnitude mapped onto the full conductance window", gt=0.0)
-    input_max: float = setting(1.0, "input magnitude mapped onto the full read voltage (inputs are clipped)",
-                               gt=0.0)
+    input_max: float = setting(1.0, "input magnitude mapped onto the full read voltage (inputs are clipped to "
+                               "±input_max, or [0, input_max] when unipolar, with or without dac_bits)", gt=0.0)
+    input_range: str = setting("bipolar", "forward DAC range: 'bipolar' (±input_max, 2^(b−1) − 1 levels a sign) "
+                               "or 'unipolar' ([0, input_max], 2^b − 1 levels above 0: for non-negative "
+                               "activations; a negative input reads as 0). The transposed read stays bipolar",
+                               choices=("bipolar", "unipolar"))
     read_voltage: float = setting(0.2, "read voltage at full-scale input (V)", gt=0.0)
-    dac_bits: int | None = setting(None, "input DAC resolution in bits (none: ideal)", ge=1, le=24)
+    dac_bits: int | None = setting(None, "input DAC resolution in bits (none: no rounding, clipping still applies)",
+                                   ge=1, le=24)
     adc_bits: int | None = setting(None, "output ADC resolution in bits (none: ideal, no saturation)", ge=1, le=24)
     adc_range: float = setting(12.0, "ADC full scale, in normalized units of Σ x̂·ŵ per tile column "
                                "(cf. aihwkit's out_bound = 12)", gt=0.0)
@@ -57,21 +62,43 @@ class CrossbarConfig:
     noise_management: bool = setting(True, "transposed read scales each error vector by its max |value| "
                                      "to use the DAC range, and scales back digitally")
 
+    def __post_init__(self) -> None:
+        self.validate()
 
-def quantize(x: torch.Tensor, bits: int | None, limit: float, inplace: bool = False) -> torch.Tensor:
-    """Clip to ±limit and round to a signed mid-tread grid of 2^(bits−1) − 1 positive levels.
+    def validate(self) -> None:
+        """A signed converter of b bits has 2^(b−1) − 1 levels a sign: one bit leaves none (a step of 1/0), so
+        signed converters need two bits; a unipolar DAC works from one (0 and full scale)."""
+        signed = [("adc_bits", self.adc_bits), ("backward_dac_bits", self.backward_dac_bits),
+                  ("backward_adc_bits", self.backward_adc_bits)]
+        # The forward DAC is signed unless unipolar; the transposed read's is always signed, dac_bits by default.
+        if self.input_range == "bipolar" or self.backward_dac_bits is None:
+            signed.append(("dac_bits", self.dac_bits))
+        for name, bits in signed:
+            if bits == 1 and not isinstance(bits, bool):   # a wrong type is check()'s to report
+                raise ConfigError(name, bits, "a signed (bipolar) converter needs at least 2 bits: "
+                                  "2^(b−1) − 1 levels a sign")
+
+
+def quantize(x: torch.Tensor, bits: int | None, limit: float, inplace: bool = False,
+             unipolar: bool = False) -> torch.Tensor:
+    """Clip to ±limit and round to a signed mid-tread grid of 2^(bits−1) − 1 positive levels; ``unipolar``:
+    clip to [0, limit] and round to 2^bits − 1 levels above 0 (a b-bit code from 0 to full scale). With
+    ``bits`` None, x is returned as it is (an ideal converter, no saturation: the DAC clips separately).
 
     The rounding passes gradients straight through (autograd sees the clipped identity), which is what a
     linearized model of a converter can use. ``inplace``: x is the caller's temporary and may be overwritten
     (outside autograd)."""
     if bits is None:
         return x
-    step = limit / (2 ** (bits - 1) - 1)
+    if bits < (1 if unipolar else 2):
+        raise ConfigError("bits", bits, "a signed converter needs at least 2 bits, a unipolar one 1")
+    lower = 0.0 if unipolar else -limit
+    step = limit / (2 ** bits - 1 if unipolar else 2 ** (bits - 1) - 1)
     if not (torch.is_grad_enabled() and x.requires_grad):
         # One temporary at most: this runs on every read of every perturbation DGC evaluates.
-        x = x.clamp_(-limit, limit) if inplace else x.clamp(-limit, limit)
+        x = x.clamp_(lower, limit) if inplace else x.clamp(lower, limit)
         return x.div_(step).round_().mul_(step)
-    x = x.clamp(-limit, limit)
+    x = x.clamp(lower, limit)
     return x + ((x / step).round() * step - x).detach()
 
 
@@ -201,12 +228,18 @@ class Crossbar:
         self._cache_key, self._solvers = self._state_key(), None
 
     def dac(self, x: torch.Tensor) -> torch.Tensor:
-        """Inputs after the DAC, normalized (x̂ in [−1, 1]): (B, in)."""
+        """Inputs after the DAC, normalized: x̂ = x/input_max clipped to [−1, 1] ([0, 1] when unipolar) and
+        rounded to ``dac_bits``: (B, in). The clipping is the driver's saturation, with or without rounding."""
         c = self.config
         xn = x.to(self.read_dtype)
         if c.input_max != 1.0:
             xn = xn / c.input_max
-        return quantize(xn, c.dac_bits, 1.0, inplace=xn is not x)
+        unipolar = c.input_range == "unipolar"
+        temporary = xn is not x and not (torch.is_grad_enabled() and xn.requires_grad)
+        if c.dac_bits is None:
+            lower = 0.0 if unipolar else -1.0
+            return xn.clamp_(lower, 1.0) if temporary else xn.clamp(lower, 1.0)
+        return quantize(xn, c.dac_bits, 1.0, inplace=temporary, unipolar=unipolar)
 
     def _row_tiles(self, xn: torch.Tensor) -> torch.Tensor:
         pad = self.padded_shape[0] - self.in_features
@@ -215,7 +248,8 @@ class Crossbar:
         return xn.reshape(xn.shape[0], self.n_row_tiles, self.tile_rows).transpose(0, 1)
 
     def input_voltages(self, x: torch.Tensor) -> torch.Tensor:
-        """Inputs after the DAC, normalized (x̂ in [−1, 1]), padded and split per row tile: (nr, B, R)."""
+        """Inputs after the DAC, normalized (x̂ in [−1, 1], or [0, 1] unipolar), padded and split per row tile:
+        (nr, B, R)."""
         return self._row_tiles(self.dac(x))
 
     def _tile_products(self, xn: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
@@ -238,18 +272,23 @@ class Crossbar:
         torch.mm(tail_x, tail_m, out=out[full])
         return out
 
-    def partial_sums(self, xn: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """Analog column sums of every row tile before the ADCs, read noise included: (nr, B, padded cols),
-        in normalized units, from the DAC outputs xn (B, in). ``w`` (in, out) replaces the stored weights, for
-        autograd (linearized DGC)."""
+    def _clean_partials(self, xn: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """``partial_sums`` without read noise: a fresh tensor (nr, B, padded cols)."""
         c = self.config
-        w_hat, gsq = self._read_tensors()
+        w_hat, _ = self._read_tensors()
         if w is not None:
             w_hat = self._pad(w / c.w_max) if w.shape != w_hat.shape else w / c.w_max
         if c.wire_resistance != "none" and w is None:
-            part = self._nodal_partials(self._row_tiles(xn) * c.read_voltage) / (c.read_voltage * self.k * c.w_max)
-        else:
-            part = self._tile_products(xn, w_hat)
+            return self._nodal_partials(self._row_tiles(xn) * c.read_voltage) / (c.read_voltage * self.k * c.w_max)
+        return self._tile_products(xn, w_hat)
+
+    def partial_sums(self, xn: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Analog column sums of every row tile before the ADCs, read noise included: (nr, B, padded cols),
+        in normalized units, from the DAC outputs xn (B, in). ``w`` (in, out) replaces the stored weights, for
+        autograd (linearized DGC). With wire resistance, the read noise's variance is that of the ideal cell
+        voltages (Σ x̂²·σ²·G²), as without wires."""
+        part = self._clean_partials(xn, w)
+        gsq = self._read_tensors()[1]
         if gsq is not None:
             part = self.add_read_noise(part, self._tile_products(xn * xn, gsq), nonnegative=True)
         return part
@@ -283,7 +322,8 @@ class Crossbar:
         """Transposed read d·Wᵀ of a batch (B, out) → (B, in): columns driven, rows sensed (BP's backward path).
 
         With noise management each error vector is divided by its largest magnitude before the DAC and
-        multiplied back after the ADC, as chips do to keep small errors above the converters' resolution."""
+        multiplied back after the ADC, as chips do to keep small errors above the converters' resolution.
+        The DAC is bipolar whatever ``input_range`` says (errors are signed) and saturates at full scale."""
         c = self.config
         w_hat, gsq = self._read_tensors()
         dac_bits = c.backward_dac_bits or c.dac_bits
@@ -291,7 +331,7 @@ class Crossbar:
         d = d.to(self.dtype)
         scale = d.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) if c.noise_management else \
             torch.full((d.shape[0], 1), c.input_max, device=d.device, dtype=d.dtype)
-        dn = quantize(d / scale, dac_bits, 1.0)
+        dn = quantize(d / scale, dac_bits, 1.0) if dac_bits is not None else (d / scale).clamp(-1.0, 1.0)
         pad = self.padded_shape[1] - self.out_features
         if pad:
             dn = torch.nn.functional.pad(dn, (0, pad))
@@ -311,42 +351,192 @@ class Crossbar:
         y = part[0] if self.n_col_tiles == 1 else part.sum(0)
         return y * (scale * c.w_max)
 
-    def _nodal_partials(self, v: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-        """Per-tile currents with wire resistance (exact nodal solve or its approximation), as (tiles along the
-        summed axis, B, ·)."""
-        from neurosim.wires import NodalSolver, approximate_read, approximate_read_transposed
+    def _tile(self, rr: int, cc: int) -> torch.Tensor:
+        """Conductances of tile (rr, cc) as wired: (R, C), or (R, C, 2) for pairs (G⁺, G⁻ side by side)."""
+        R, C = self.tile_rows, self.tile_cols
+        g = [a.conductance()[rr * R:(rr + 1) * R, cc * C:(cc + 1) * C] for a in self._arrays()]
+        return torch.stack(g, -1) if len(g) == 2 else g[0]
 
-        exact = self.config.wire_resistance == "nodal"
-        r = self.config.r_wire
+    def _tile_solver(self, rr: int, cc: int):
+        """The exact solver of tile (rr, cc), factorized once per state of the conductances."""
+        from neurosim.wires import NodalSolver
 
         if self._solvers is None:
             self._solvers = {}
+        if (rr, cc) not in self._solvers:
+            reference = None if self.minus is not None else self.g_mid
+            r = self.config.r_wire
+            self._solvers[(rr, cc)] = NodalSolver(self._tile(rr, cc), r, r, reference)
+        return self._solvers[(rr, cc)]
+
+    def _nodal_partials(self, v: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """Per-tile currents with wire resistance (exact nodal solve or its approximation), as (tiles along the
+        summed axis, B, ·), from drive voltages v (tiles along the summed axis, B, R or C).
+
+        Each tile is one network (docs/wires.md, "Layouts"): a pair's G⁺ and G⁻ in adjacent columns sharing the
+        row wires, their currents subtracted before the ADC; or the single devices and the reference column at
+        mid-window as the tile's last column. Padded rows and columns of a ragged tile are cells at the
+        conductance they hold (mid-window for weight 0), which load the wires; padded rows are driven at 0 V."""
+        from neurosim.wires import _approx_tiles, _Layout
+
         R, C = self.tile_rows, self.tile_cols
+        nr, nc = self.n_row_tiles, self.n_col_tiles
+        B = v.shape[1]
+        if self.config.wire_resistance == "approximate":
+            r = self.config.r_wire
+            arrays = [a.conductance().reshape(nr, R, nc, C).transpose(1, 2).reshape(nr * nc, R, C)
+                      for a in self._arrays()]
+            G = torch.stack(arrays, -1) if len(arrays) == 2 else arrays[0]
+            layout = _Layout(tuple(G.shape[1:]), None if self.minus is not None else self.g_mid)
+            if transposed:                                          # tile (rr, cc) is driven by v[cc]
+                drive = v[None].expand(nr, nc, B, C).reshape(nr * nc, B, C)
+                out = _approx_tiles(G, drive, r, r, layout, transposed=True).reshape(nr, nc, B, R)
+                return out.permute(1, 2, 0, 3).reshape(nc, B, nr * R)
+            drive = v[:, None].expand(nr, nc, B, R).reshape(nr * nc, B, R)
+            out = _approx_tiles(G, drive, r, r, layout).reshape(nr, nc, B, C)
+            return out.permute(0, 2, 1, 3).reshape(nr, B, nc * C)
         outs = []
-        n_sum, n_other = (self.n_col_tiles, self.n_row_tiles) if transposed else (self.n_row_tiles,
-                                                                                 self.n_col_tiles)
+        n_sum, n_other = (nc, nr) if transposed else (nr, nc)
         for s in range(n_sum):
             pieces = []
             for o in range(n_other):
-                rr, cc = (o, s) if transposed else (s, o)
-                current = 0
-                for sign, array in zip((1.0, -1.0), self._arrays(), strict=False):
-                    g = array.conductance()[rr * R:(rr + 1) * R, cc * C:(cc + 1) * C]
-                    if not exact:
-                        fn = approximate_read_transposed if transposed else approximate_read
-                        current = current + sign * fn(g, v[s], r, r)
-                        continue
-                    key = (rr, cc, id(array))
-                    if key not in self._solvers:
-                        self._solvers[key] = NodalSolver(g, r, r)
-                    solver = self._solvers[key]
-                    current = current + sign * (solver.read_transposed(v[s]) if transposed else solver.read(v[s]))
-                if self.minus is None:  # reference column: ideal, no wire resistance
-                    ref = v[s].sum(1, keepdim=True) * self.g_mid
-                    current = current - ref
-                pieces.append(current)
+                solver = self._tile_solver(*((o, s) if transposed else (s, o)))
+                pieces.append(solver.read_transposed(v[s]) if transposed else solver.read(v[s]))
             outs.append(torch.cat(pieces, dim=1))
         return torch.stack(outs)
+
+    # -- perturbed reads (DGC) -----------------------------------------------------------------------------
+    def read_perturbed(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, delta_plus: torch.Tensor,
+                       delta_minus: torch.Tensor | None = None) -> torch.Tensor:
+        """Outputs (P, B, out) of P reads of x (B, in), read p with the device(s) of weight (rows[p], cols[p])
+        changed by delta_plus[p] siemens (G⁺, or the single device of the reference mapping) and
+        delta_minus[p] (G⁻), and the rest of the chip as it is: the same DAC, wires, read noise, ADCs, digital
+        sum and scaling as ``read``, batched. Each read draws its own read noise, so the batch equals P separate
+        reads in distribution (and, without noise, in value, to float tolerance; with the approximate wire
+        solve, to its tolerance). The changes apply to the conductances as read now (drift included).
+
+        What changes is computed, not re-read: without wires only column cols[p] of its row tile changes, by
+        x̂·Δŵ; with wires the whole tile's outputs change, by an exact rank-1 (rank-2 for a pair) update of
+        the tile's network (docs/wires.md, "Perturbed reads"). Not differentiable (a measurement)."""
+        with torch.no_grad():
+            return self._read_perturbed(x, rows, cols, delta_plus, delta_minus)
+
+    def _perturbations(self, rows, cols, delta_plus, delta_minus):
+        """Checked (rows, cols, deltas per device) of a perturbed read."""
+        dev = self.device
+        rows, cols = (torch.as_tensor(v, device=dev).reshape(-1) for v in (rows, cols))
+        for name, idx, n in (("rows", rows, self.in_features), ("cols", cols, self.out_features)):
+            if idx.numel() and (idx.dtype.is_floating_point or idx.dtype == torch.bool):
+                raise ConfigError(name, str(idx.dtype), "must be integer indices")
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+                raise ConfigError(name, "entries outside the layer", f"must be indices in [0, {n})")
+        if rows.numel() != cols.numel():
+            raise ConfigError("cols", f"{cols.numel()} entries", f"must match rows ({rows.numel()} entries)")
+        rows, cols = rows.long(), cols.long()
+        if self.minus is None and delta_minus is not None:
+            raise ConfigError("delta_minus", "given", "the reference mapping has one device per weight")
+        deltas = [delta_plus] if self.minus is None else [delta_plus, 0.0 if delta_minus is None else delta_minus]
+        out = []
+        for name, d, array in zip(("delta_plus", "delta_minus"), deltas, self._arrays(), strict=False):
+            d = torch.as_tensor(d, device=dev, dtype=self.dtype)
+            d = d.expand(rows.numel()) if d.ndim == 0 else d.reshape(-1)
+            if d.numel() != rows.numel():
+                raise ConfigError(name, f"{d.numel()} entries", f"must match rows ({rows.numel()} entries)")
+            if not bool(torch.isfinite(d).all()):
+                raise ConfigError(name, "non-finite entries", "conductance changes must be finite")
+            new = array.conductance()[rows, cols] + d
+            if bool((new < 0).any()):
+                raise ConfigError(name, float(new.min()), "would make a conductance negative (G + delta >= 0 S)")
+            out.append(d)
+        return rows, cols, out
+
+    def _read_perturbed(self, x, rows, cols, delta_plus, delta_minus):
+        c = self.config
+        rows, cols, deltas = self._perturbations(rows, cols, delta_plus, delta_minus)
+        _, gsq = self._read_tensors()
+        xn = self.dac(x)
+        B, P = xn.shape[0], rows.numel()
+        out = torch.empty((P, B, self.out_features), device=xn.device, dtype=xn.dtype)
+        if P == 0:
+            return out
+        nr, cols_pad = self.n_row_tiles, self.padded_shape[1]
+        part0 = self._clean_partials(xn)                                  # (nr, B, padded cols), noise-free
+        rt = rows // self.tile_rows
+        if c.wire_resistance == "none":                                   # only the perturbed column changes
+            dw = deltas[0] if len(deltas) == 1 else deltas[0] - deltas[1]
+            change = (xn[:, rows].T * (dw / (self.k * c.w_max))[:, None])[:, :, None]   # (P, B, 1)
+            block = cols[:, None]
+        else:                                                             # the perturbed tile's columns change
+            change = self._wire_changes(xn, rows, cols, deltas)           # (P, B, C)
+            C = self.tile_cols
+            block = (cols // C * C)[:, None] + torch.arange(C, device=cols.device)
+        scale = c.input_max * c.w_max
+        if gsq is None:
+            q0 = quantize(part0.clone(), c.adc_bits, c.adc_range, inplace=True)
+            z0 = q0[0] if nr == 1 else q0.sum(0)                          # the base digital sums (B, padded cols)
+            blocks = part0.permute(0, 2, 1)[rt[:, None], block].transpose(1, 2) + change
+            blocks = quantize(blocks, c.adc_bits, c.adc_range, inplace=True)
+            if nr > 1:                                                    # the other row tiles' conversions
+                blocks += (z0.T[block] - q0.permute(0, 2, 1)[rt[:, None], block]).transpose(1, 2)
+        else:
+            var0 = self._tile_products(xn * xn, gsq)
+            g = [a.conductance()[rows, cols] for a in self._arrays()]
+            dvar = sum((gk + dk) ** 2 - gk ** 2 for gk, dk in zip(g, deltas, strict=True))
+            dvar = xn[:, rows].T.square() * dvar[:, None]                 # (P, B): only the cell's own column
+        chunk = max(1, 4_000_000 // (nr * B * cols_pad))
+        for s in range(0, P, chunk):
+            sl = slice(s, min(P, s + chunk))
+            m = sl.stop - s
+            if gsq is None:
+                z = z0.expand(m, B, cols_pad).clone()
+                z.scatter_(2, block[sl, None, :].expand(m, B, block.shape[1]), blocks[sl])
+            else:
+                ar = torch.arange(m, device=xn.device)
+                part = part0.expand(m, *part0.shape).clone()
+                view = part.permute(0, 1, 3, 2)                           # (m, nr, padded cols, B)
+                view[ar[:, None], rt[sl, None], block[sl]] += change[sl].transpose(1, 2)
+                var = var0.expand(m, *var0.shape).clone()
+                var[ar, rt[sl], :, cols[sl]] += dvar[sl]
+                part = quantize(self.add_read_noise(part, var), c.adc_bits, c.adc_range, inplace=True)
+                z = part[:, 0] if nr == 1 else part.sum(1)
+            z = z[..., : self.out_features]
+            out[sl] = z if scale == 1.0 else z * scale
+        return out
+
+    def _wire_changes(self, xn: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                      deltas: list[torch.Tensor]) -> torch.Tensor:
+        """Change of the perturbed tile's partial sums (P, B, tile cols), normalized, with wire resistance:
+        the rank-k update of each tile's network (exact, or in the approximate model), tile by tile."""
+        from neurosim.wires import _approx_changes, _Layout
+
+        c = self.config
+        R, C, nc = self.tile_rows, self.tile_cols, self.n_col_tiles
+        v = self._row_tiles(xn) * c.read_voltage                          # (nr, B, R)
+        unit = c.read_voltage * self.k * c.w_max
+        tile = rows // R * nc + cols // C
+        d = torch.stack(deltas, 1)                                        # (P, k)
+        change = torch.empty((rows.numel(), xn.shape[0], C), device=xn.device, dtype=xn.dtype)
+        for t in torch.unique(tile).tolist():
+            sel = (tile == t).nonzero().squeeze(1)
+            rr, cc = divmod(t, nc)
+            li, lj = (rows[sel] - rr * R).cpu().numpy(), (cols[sel] - cc * C).cpu().numpy()
+            if c.wire_resistance == "nodal":
+                solver = self._tile_solver(rr, cc)
+                pr, pc, pd = solver.layout.perturbations(li, lj, d[sel].double().cpu().numpy(), solver._g)
+                ch = solver._changes(v[rr].detach().to("cpu", torch.float64).numpy(), pr, pc, pd)
+                ch = torch.from_numpy(ch).to(xn.device, xn.dtype)
+            else:
+                G = self._tile(rr, cc).to(xn.dtype)
+                layout = _Layout(tuple(G.shape), None if self.minus is not None else self.g_mid)
+                Gp = layout.physical(G)
+                pr, pc, pd = layout.perturbations(li, lj, d[sel].double().cpu().numpy(),
+                                                  Gp.detach().to("cpu", torch.float64).numpy())
+                dev = xn.device
+                _, ch = _approx_changes(Gp, v[rr], torch.from_numpy(pr).to(dev), torch.from_numpy(pc).to(dev),
+                                        torch.from_numpy(pd).to(dev, xn.dtype), c.r_wire, c.r_wire, layout,
+                                        100, 1e-6)
+            change[sel] = ch / unit
+        return change
 
     # -- programming --------------------------------------------------------------------------------------
     def pulse_counts(self, dw: torch.Tensor, generator: torch.Generator | None = None, scale: float = 1.0

@@ -277,3 +277,247 @@ def test_pooled_programming_falls_back_for_different_cards(spec_factory):
     ref = [program_pairs([(x.plus, x.minus, idx, counts)])[0] for x in (a2, b2)]
     for got, want in zip(new, ref, strict=True):
         assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------------- converters (DAC)
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_dac_level_counts_bipolar_and_unipolar(spec_factory, bits):
+    """A sweep across and beyond the range: bipolar DAC codes are the 2^b − 1 levels k/(2^(b−1) − 1),
+    |k| <= 2^(b−1) − 1; unipolar codes are the 2^b levels k/(2^b − 1), k = 0..2^b − 1. One bit is a unipolar
+    on/off driver, and refused for a signed one (no level but 0)."""
+    x = torch.linspace(-1.5, 1.5, 20001, dtype=torch.float64)[None, :]
+    uni = Crossbar(spec_factory(), 20001, 1, CrossbarConfig(dac_bits=bits, input_range="unipolar",
+                                                            backward_dac_bits=8), dtype=torch.float64)
+    levels = uni.dac(x).unique()
+    n = 2**bits - 1
+    torch.testing.assert_close(levels, torch.arange(n + 1, dtype=torch.float64) / n, rtol=0, atol=1e-15)
+    if bits > 1:
+        bi = Crossbar(spec_factory(), 20001, 1, CrossbarConfig(dac_bits=bits), dtype=torch.float64)
+        m = 2 ** (bits - 1) - 1
+        torch.testing.assert_close(bi.dac(x).unique(), torch.arange(-m, m + 1, dtype=torch.float64) / m,
+                                   rtol=0, atol=1e-15)
+
+
+def test_unipolar_grid_is_twice_as_fine_on_non_negative_inputs(spec_factory):
+    """The point of the unipolar range: non-negative activations get 2^b − 1 steps over [0, 1] instead of
+    2^(b−1) − 1, so the worst rounding error halves (and a bit more)."""
+    x = torch.linspace(0, 1, 4001, dtype=torch.float64)[None, :]
+    err = {}
+    for rng in ("bipolar", "unipolar"):
+        bar = Crossbar(spec_factory(), 4001, 1, CrossbarConfig(dac_bits=4, input_range=rng), dtype=torch.float64)
+        err[rng] = float((bar.dac(x) - x).abs().max())
+    assert err["bipolar"] == pytest.approx(0.5 / 7, rel=1e-3)
+    assert err["unipolar"] == pytest.approx(0.5 / 15, rel=1e-3)
+
+
+@pytest.mark.parametrize("input_range", ["bipolar", "unipolar"])
+def test_inputs_are_clipped_without_dac_bits(spec_factory, input_range):
+    """dac_bits unset: no rounding, but the drivers still saturate at ±input_max ([0, input_max] unipolar), as
+    the setting says; the read is clip(x)·W. The transposed read stays bipolar (errors are signed)."""
+    spec = spec_factory(states=4097)
+    cfg = CrossbarConfig(input_max=2.0, input_range=input_range)
+    bar = Crossbar(spec, 6, 3, cfg, dtype=torch.float64)
+    w = rand((6, 3), 50)
+    bar.set_weights(w)
+    x = torch.tensor([[-5.0, -1.0, 0.3, 1.9, 2.5, 40.0]], dtype=torch.float64)
+    lo = 0.0 if input_range == "unipolar" else -2.0
+    torch.testing.assert_close(bar.read(x), x.clamp(lo, 2.0) @ w, rtol=1e-12, atol=1e-12)
+    d = rand((2, 3), 51)
+    torch.testing.assert_close(bar.read_transposed(d), d @ w.T, rtol=1e-12, atol=1e-12)
+    # Without noise management the transposed read's drivers saturate at ±input_max too.
+    fixed = Crossbar(spec, 6, 3, CrossbarConfig(input_max=2.0, input_range=input_range, noise_management=False),
+                     dtype=torch.float64)
+    fixed.set_weights(w)
+    big = torch.tensor([[-3.0, 0.5, 7.0]], dtype=torch.float64)
+    torch.testing.assert_close(fixed.read_transposed(big), big.clamp(-2.0, 2.0) @ w.T, rtol=1e-12, atol=1e-12)
+    # Gradients of the linearized read: zero where the driver saturates.
+    xg = x.clone().requires_grad_(True)
+    bar.read(xg, w=bar.weights()).sum().backward()
+    inside = (x > lo) & (x < 2.0)
+    torch.testing.assert_close(xg.grad, torch.where(inside, w.sum(1)[None, :] / 1.0, torch.zeros_like(x)))
+
+
+def test_converter_settings_are_checked():
+    from neurosim.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match="'input_range'"):
+        build(CrossbarConfig, {"input_range": "signed"})
+    for bad in ({"dac_bits": 1}, {"adc_bits": 1}, {"backward_adc_bits": 1},
+                {"dac_bits": 1, "input_range": "unipolar"}):                  # the transposed read takes dac_bits
+        with pytest.raises(ConfigError, match=f"'{next(iter(bad))}'"):
+            build(CrossbarConfig, bad)
+    build(CrossbarConfig, {"dac_bits": 1, "input_range": "unipolar", "backward_dac_bits": 4})
+    with pytest.raises(ConfigError, match="'bits'"):
+        quantize(torch.zeros(3), 1, 1.0)
+
+
+# -------------------------------------------------------------------------------- wires: pairs as wired
+def _wired(spec, shape, tile, mapping, mode, r, seed=0):
+    cfg = CrossbarConfig(tile_rows=tile[0], tile_cols=tile[1], mapping=mapping, wire_resistance=mode, r_wire=r,
+                         read_noise=False)
+    bar = Crossbar(spec, *shape, cfg, seed=seed, dtype=torch.float64)
+    bar.set_weights(rand(shape, 60))
+    return bar
+
+
+@pytest.mark.parametrize("mapping", ["differential", "reference"])
+def test_wired_read_is_one_network_per_tile_with_padded_cells(spec_factory, mapping):
+    """Every tile is solved as one network: a pair's G⁺ and G⁻ side by side on the same rows (or the devices
+    and a mid-window reference column), the padded rows and columns of the ragged tiles present at the
+    conductance they hold. Rebuilt here tile by tile from the device arrays with NodalSolver."""
+    from neurosim.wires import NodalSolver
+
+    spec = spec_factory(states=4097, g_min=1e-5, g_max=1e-4)
+    shape, tile, r = (7, 5), (4, 3), 40.0
+    bar = _wired(spec, shape, tile, mapping, "nodal", r)
+    x = rand((3, 7), 61)
+    d = rand((3, 5), 62)
+    v = torch.nn.functional.pad(x, (0, 1)) * bar.config.read_voltage
+    dv = torch.nn.functional.pad(d, (0, 1)) * bar.config.read_voltage
+    unit = bar.config.read_voltage * bar.k * bar.config.w_max
+    gp, gm = bar.plus.g, bar.minus.g if bar.minus is not None else None
+    y = torch.zeros(3, 6, dtype=torch.float64)
+    yt = torch.zeros(3, 8, dtype=torch.float64)
+    for rr in range(2):
+        for cc in range(2):
+            cell = (slice(4 * rr, 4 * rr + 4), slice(3 * cc, 3 * cc + 3))
+            if gm is None:
+                solver = NodalSolver(gp[cell], r, r, reference=bar.g_mid)
+            else:
+                solver = NodalSolver(torch.stack([gp[cell], gm[cell]], -1), r, r)
+            y[:, 3 * cc:3 * cc + 3] += solver.read(v[:, 4 * rr:4 * rr + 4]) / unit
+            yt[:, 4 * rr:4 * rr + 4] += solver.read_transposed(dv[:, 3 * cc:3 * cc + 3]) / unit
+    torch.testing.assert_close(bar.read(x), y[:, :5], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(bar.read_transposed(d), yt[:, :7], rtol=1e-12, atol=1e-15)
+    # The padded cells matter: the last column tile solved without its padded column reads differently.
+    trimmed = NodalSolver(torch.stack([gp[0:4, 3:5], gm[0:4, 3:5]], -1), r, r) if gm is not None else \
+        NodalSolver(gp[0:4, 3:5], r, r, reference=bar.g_mid)
+    full = NodalSolver(torch.stack([gp[0:4, 3:6], gm[0:4, 3:6]], -1), r, r) if gm is not None else \
+        NodalSolver(gp[0:4, 3:6], r, r, reference=bar.g_mid)
+    assert float((trimmed.read(v[:, :4]) - full.read(v[:, :4])[:, :2]).abs().max()) > 1e-4 * float(
+        (v[:, :4].abs().sum(1).max()) * spec.g_max)
+
+
+@pytest.mark.parametrize("mapping", ["differential", "reference"])
+def test_wired_approximation_agrees_with_exact_and_ideal_limit(spec_factory, mapping):
+    spec = spec_factory(states=4097, g_min=1e-5, g_max=1e-4)
+    shape, tile = (20, 9), (8, 4)
+    x, d = rand((4, 20), 63), rand((4, 9), 64)
+    exact = _wired(spec, shape, tile, mapping, "nodal", 20.0)
+    approx = _wired(spec, shape, tile, mapping, "approximate", 20.0)
+    w = exact.weights()
+    full_scale = float((x.abs() @ w.abs()).max())
+    ye, ya = exact.read(x), approx.read(x)
+    assert float((ye - x @ w).abs().max()) > 1e-3 * full_scale             # the wires matter at 20 ohm
+    assert float((ya - ye).abs().max()) < 1e-4 * full_scale
+    te, ta = exact.read_transposed(d), approx.read_transposed(d)
+    assert float((ta - te).abs().max()) < 1e-4 * float((d.abs() @ w.abs().T).max())
+    for mode in ("nodal", "approximate"):
+        ideal = _wired(spec, shape, tile, mapping, mode, 0.0)
+        torch.testing.assert_close(ideal.read(x), x @ w, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ideal.read_transposed(d), d @ w.T, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------ perturbed reads
+def _loop_of_reads(bar, x, rows, cols, dp, dm):
+    """The reference: one full read per perturbation, with the conductance really changed and restored."""
+    outs = []
+    for p in range(len(rows)):
+        saved = [a.g.clone() for a in bar._arrays()]
+        for a, d in zip(bar._arrays(), (dp, dm), strict=False):
+            g = a.g.clone()
+            g[rows[p], cols[p]] += d[p]
+            a.g = g
+            a.version += 1
+        outs.append(bar.read(x))
+        for a, g in zip(bar._arrays(), saved, strict=True):
+            a.g = g
+            a.version += 1
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("mode", ["none", "nodal", "approximate"])
+@pytest.mark.parametrize("mapping", ["differential", "reference"])
+def test_read_perturbed_equals_a_loop_of_reads_without_noise(spec_factory, mode, mapping):
+    """Noise off: the batched perturbed read equals P full reads with the cell changed, through DAC, wires,
+    ADC (with saturation in range), digital sum over ragged row tiles and scaling."""
+    spec = spec_factory(states=4097, g_min=1e-5, g_max=1e-4)
+    cfg = CrossbarConfig(tile_rows=8, tile_cols=4, mapping=mapping, wire_resistance=mode, r_wire=20.0,
+                         dac_bits=6, adc_bits=7, adc_range=3.0, input_max=1.5, w_max=2.0, read_noise=False)
+    bar = Crossbar(spec, 19, 9, cfg, seed=1, dtype=torch.float64)
+    bar.set_weights(rand((19, 9), 70, -2.0, 2.0))
+    x = rand((5, 19), 71, -1.5, 1.5)
+    g = make_generator(72, "cpu", "test")
+    rows, cols = torch.randint(0, 19, (12,), generator=g), torch.randint(0, 9, (12,), generator=g)
+    rows[:3], cols[:3] = torch.tensor([18, 0, 9]), torch.tensor([8, 0, 4])    # tile corners, ragged tiles
+    span = spec.g_max - spec.g_min
+    dp = (torch.rand(12, generator=g, dtype=torch.float64) - 0.5) * 0.2 * span
+    dm = -dp if mapping == "differential" else None
+    got = bar.read_perturbed(x, rows, cols, dp, dm)
+    want = _loop_of_reads(bar, x, rows, cols, dp, dm if dm is not None else dp)
+    assert got.shape == (12, 5, 9)
+    assert float((want - bar.read(x)).abs().max()) > 0.01                    # the perturbations are visible
+    tol = 1e-9 if mode != "approximate" else 1e-5
+    torch.testing.assert_close(got, want, rtol=0, atol=tol * float(want.abs().max()))
+
+
+def test_read_perturbed_with_wires_changes_the_whole_tile(spec_factory):
+    """With wire resistance a cell's change moves every column of its tile (shared rows, sneak paths), and
+    nothing outside its tile: the batched read has it, the column-only shortcut would not."""
+    spec = spec_factory(states=4097, g_min=1e-5, g_max=1e-4)
+    cfg = CrossbarConfig(tile_rows=6, tile_cols=3, wire_resistance="nodal", r_wire=50.0, read_noise=False)
+    bar = Crossbar(spec, 6, 6, cfg, dtype=torch.float64)
+    bar.set_weights(rand((6, 6), 73))
+    x = rand((2, 6), 74, 0.2, 1.0)
+    base = bar.read(x)
+    change = bar.read_perturbed(x, [2], [1], [3e-5], [-3e-5])[0] - base
+    # The other columns move by O(r·G) of the perturbed column's change (here ~1e-5 of it, far above rounding).
+    assert float(change[:, [0, 2]].abs().min()) > 1e-7 * float(change[:, 1].abs().min())
+    assert float(change[:, 3:].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["none", "nodal"])
+def test_read_perturbed_with_read_noise_is_distributed_as_separate_reads(spec_factory, mode):
+    """Noise on: each perturbed read draws its own read noise, with the perturbed cell's conductance in the
+    variance: mean within 5 standard errors of the noise-free perturbed read, variance within 5 standard errors
+    (n = 4000 reads) of σ²·Σ x̂²·(G⁺² + G⁻²) with the changed cell."""
+    sigma = 0.05
+    spec = spec_factory(states=4097, read_noise=sigma, g_min=1e-5, g_max=1e-4)
+    cfg = CrossbarConfig(tile_rows=3, tile_cols=2, wire_resistance=mode, r_wire=10.0)
+    bar = Crossbar(spec, 5, 3, cfg, seed=2, dtype=torch.float64)
+    bar.set_weights(rand((5, 3), 75) * 0.3)
+    x = torch.tensor([[0.3, 1.0, 0.2, 0.4, 0.9]], dtype=torch.float64)
+    n = 4000
+    span = spec.g_max - spec.g_min
+    rows, cols = torch.tensor([1, 4, 4]), torch.tensor([0, 2, 1])
+    dp, dm = torch.tensor([0.4, 0.45, -0.3], dtype=torch.float64) * span, torch.tensor([-0.3, 0.4, 0.2]) * span
+    y = bar.read_perturbed(x, rows.repeat_interleave(n), cols.repeat_interleave(n), dp.repeat_interleave(n),
+                           dm.double().repeat_interleave(n)).reshape(3, n, 3)
+    bar.noise = False
+    mean = bar.read_perturbed(x, rows, cols, dp, dm.double())[:, 0]
+    bar.noise = True
+    for p in range(3):
+        gp, gm = bar.plus.g.clone(), bar.minus.g.clone()
+        gp[rows[p], cols[p]] += dp[p]
+        gm[rows[p], cols[p]] += dm[p]
+        var = (x**2) @ (gp[:5, :3] ** 2 + gm[:5, :3] ** 2) * (sigma / bar.k) ** 2          # weight units
+        std = var.sqrt()[0]
+        assert float(((y[p].mean(0) - mean[p]).abs() / (std / math.sqrt(n))).max()) < 5
+        assert float(((y[p].var(0) / var[0]) - 1).abs().max()) < 5 * math.sqrt(2 / (n - 1))
+        if p == 0:   # the check can see the perturbed cell's own variance: ten standard errors away from the base's
+            base = (x**2) @ (bar.plus.g[:5, :3] ** 2 + bar.minus.g[:5, :3] ** 2) * (sigma / bar.k) ** 2
+            assert float(var[0, 0] / base[0, 0] - 1) > 10 * math.sqrt(2 / (n - 1))
+
+
+def test_read_perturbed_checks_its_arguments(spec_factory):
+    from neurosim.config import ConfigError
+
+    bar = Crossbar(spec_factory(), 4, 3, CrossbarConfig(mapping="reference"), dtype=torch.float64)
+    x = torch.ones(1, 4, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="'delta_minus'"):
+        bar.read_perturbed(x, [0], [0], [1e-7], [1e-7])
+    with pytest.raises(ConfigError, match="'cols'"):
+        bar.read_perturbed(x, [0], [3], [1e-7])
+    with pytest.raises(ConfigError, match="'delta_plus'"):
+        bar.read_perturbed(x, [0], [0], [-1.0])
+    assert bar.read_perturbed(x, [], [], []).shape == (0, 1, 3)

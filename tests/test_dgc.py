@@ -236,3 +236,48 @@ def test_the_engine_bills_what_the_perturbations_did(mode):
 def test_pulse_sizes_and_exact_changes_are_not_mixed():
     with pytest.raises(ConfigError, match="perturbation_dw"):
         build(DGCConfig, {"perturbation": "pulse", "perturbation_dw": 0.01})
+
+
+@pytest.mark.parametrize("wires", ["nodal", "approximate"])
+@pytest.mark.parametrize("difference", ["forward", "central"])
+def test_dgc_measures_through_the_same_wired_read_as_the_chip(wires, difference):
+    """r_wire = 50 Ω, noise off: the batched measurements go through the wired read (rank-one updates of the
+    tile's network) and equal the sequential chip's."""
+    spec = make_spec(states=129, g_min=1e-6, g_max=1e-4)
+    xb = CrossbarConfig(tile_rows=4, tile_cols=3, wire_resistance=wires, r_wire=50.0)
+    data = tiny_data(features=4)
+    x, y = data.x_train[:8], data.y_train[:8]
+    cfg = build(DGCConfig, {"perturbation_dw": 0.02, "difference": difference})
+    nets = [net_of(spec, (3,), features=4, crossbar=xb, seed=4) for _ in range(2)]
+    ideal = net_of(spec, (3,), features=4, crossbar=CrossbarConfig(tile_rows=4, tile_cols=3), seed=4)
+    tol = 1e-6 if wires == "nodal" else 1e-4
+    for lb, ls, li in zip(nets[0].analog_layers, nets[1].analog_layers, ideal.analog_layers, strict=True):
+        batched, c0 = dgc_exact(nets[0], lb, x, y, "cross_entropy", cfg)
+        loop, c0_loop = dgc_sequential(nets[1], ls, x, y, "cross_entropy", cfg)
+        assert c0 == pytest.approx(c0_loop, rel=1e-6)
+        torch.testing.assert_close(batched, loop, rtol=tol, atol=tol * float(loop.abs().max()))
+        unwired, _ = dgc_exact(ideal, li, x, y, "cross_entropy", cfg)
+        assert float((unwired - batched).abs().max()) > 0.01 * float(batched.abs().max())  # the wires matter
+
+
+def test_pulse_perturbations_with_wire_resistance_are_refused_before_the_run():
+    spec = make_spec(states=65)
+    net = net_of(spec, (2,), crossbar=CrossbarConfig(wire_resistance="nodal", r_wire=1.0))
+    cfg = build(TrainerConfig, {"scheme": "dgc", "dgc": {"perturbation": "pulse"}})
+    with pytest.raises(ConfigError, match="wire resistance"):
+        make_trainer(net, tiny_data(), cfg)
+
+
+def test_wired_dgc_with_noise_below_matches_the_sequential_chip_in_distribution():
+    spec = make_spec(states=129, g_min=1e-6, g_max=1e-4, read_noise=0.02)
+    act = ActivationConfig(function="sigmoid", noise=0.02)
+    xb = CrossbarConfig(tile_rows=4, tile_cols=3, wire_resistance="nodal", r_wire=20.0)
+    data = tiny_data(features=3)
+    x, y = data.x_train[:6], data.y_train[:6]
+    cfg = build(DGCConfig, {"perturbation_dw": 0.05})
+    nets = [net_of(spec, (2,), act=act, crossbar=xb, seed=6) for _ in range(2)]
+    runs = 80
+    top_b, top_s = nets[0].analog_layers[1], nets[1].analog_layers[1]
+    batched = torch.stack([dgc_exact(nets[0], top_b, x, y, "cross_entropy", cfg)[0] for _ in range(runs)])
+    loop = torch.stack([dgc_sequential(nets[1], top_s, x, y, "cross_entropy", cfg)[0] for _ in range(runs)])
+    assert_same_distribution(batched.double(), loop.double(), runs)

@@ -88,6 +88,10 @@ class Trainer(abc.ABC):
         self.epoch = 0
         self.activation_lr = 0.0
         self._plans: dict = {}  # the DGC perturbation cycles of the current step, per layer (for the engine)
+        if self.config.scheme != "bp":  # a scheme that may measure by DGC: refuse what cannot be measured
+            from neurosim.training.dgc import check_dgc
+
+            check_dgc(network, self.config.dgc)
         for layer in network.analog_layers:
             if self.config.bp.backward != "true_gradient":
                 layer.backward_path = self.config.bp.backward

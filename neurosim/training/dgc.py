@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from neurosim.backend import make_generator
+from neurosim.config import ConfigError
 from neurosim.crossbar import Crossbar, quantize
 from neurosim.layers import AnalogLayer, AnalogNetwork
 from neurosim.training.base import Trainer, cost_per_sample, noise_free
@@ -41,6 +42,7 @@ from neurosim.training.config import DGCConfig
 
 _CHUNK_ELEMENTS = 4_000_000  # tensor elements held at once per batch of measurements (bounds memory)
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_WIRED_FRESH_CHUNK = 16  # wired reads with fresh lower reads: a batch of P costs P² reads
 
 
 def _nominal_dw(layer: AnalogLayer, cfg: DGCConfig) -> float:
@@ -278,7 +280,6 @@ def _measure(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: tor
     dtype = cb.read_dtype
     rows, outs = cb.in_features, cb.out_features
     nr, R, cols = cb.n_row_tiles, cb.tile_rows, cb.padded_shape[1]
-    batch = x.shape[0]
     residues = plan.inc_w is not None
     E = plan.pert_w.shape[0]
     with torch.no_grad():
@@ -301,14 +302,10 @@ def _measure(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: tor
 
         def measure(part: torch.Tensor, var: torch.Tensor | None) -> torch.Tensor:
             """Costs of P chip states from their partial sums (P, nr, N, cols): noise, ADC, neurons, above."""
-            P = part.shape[0]
             if var is not None:
                 part = cb.add_read_noise(part, var)
             z = quantize(part, c.adc_bits, c.adc_range, inplace=True).sum(1)
-            z = z[..., :outs] * (c.input_max * c.w_max)
-            z = layer.shape_output(z.reshape(P * n_rows, outs), (P * batch, *in_shape))
-            out = network(layer.activate(z), start=idx + 1)
-            return cost_per_sample(out.to(dtype), y.repeat(P), cost).reshape(P, batch).mean(1)
+            return _costs_above(network, layer, z[..., :outs] * (c.input_max * c.w_max), y, cost, in_shape)
 
         def state_sums(xt: torch.Tensor, w: torch.Tensor, q: torch.Tensor | None):
             part = torch.matmul(xt, w.reshape(-1, nr, R, cols) if w.dim() == 3 else w.reshape(nr, R, cols))
@@ -383,9 +380,69 @@ def _measure(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: tor
     return grad, float(c0)
 
 
+def _costs_above(network: AnalogNetwork, layer: AnalogLayer, z: torch.Tensor, y: torch.Tensor, cost: str,
+                 in_shape: tuple[int, ...]) -> torch.Tensor:
+    """Costs of P chip states from the layer's digital outputs z (P, crossbar rows per state, out): the layer's
+    neuron circuits (fresh noise), every layer above, the cost of each state's batch."""
+    P = z.shape[0]
+    batch = y.shape[0]
+    idx = list(network.stages).index(layer)
+    z = layer.shape_output(z.reshape(-1, z.shape[-1]), (P * batch, *in_shape))
+    out = network(layer.activate(z), start=idx + 1)
+    return cost_per_sample(out.to(z.dtype), y.repeat(P), cost).reshape(P, batch).mean(1)
+
+
 def _measure_wires(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: torch.Tensor, cost: str,
                    cfg: DGCConfig, plan: PerturbationPlan) -> tuple[torch.Tensor, float]:
-    raise NotImplementedError("DGC with wire resistance")
+    """The measurements of a temporary perturbation through the crossbar's wired read
+    (``Crossbar.read_perturbed``: the exact rank-one update of the tile's network, or its approximation).
+    With fresh reads of the layers below, a batch of P measurements reads P replicas of the inputs and keeps
+    each measurement's own replica (P² reads of work per batch: batches of ``_WIRED_FRESH_CHUNK``)."""
+    cb = layer.crossbar
+    idx = list(network.stages).index(layer)
+    fresh = cfg.lower_reads == "fresh" and any(_has_noise(s) for s in list(network.stages)[:idx]
+                                               if isinstance(s, AnalogLayer))
+    rows, outs = cb.in_features, cb.out_features
+    E = plan.pert_w.shape[0]
+    dtype = cb.read_dtype
+    with torch.no_grad():
+        def inputs(replicas: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+            h = network(x.repeat((replicas,) + (1,) * (x.dim() - 1)), start=0, stop=idx)
+            return layer.matrix_input(h), tuple(h.shape[1:])
+
+        xin, in_shape = inputs(1)
+        n_rows = xin.shape[0]
+        c0 = _costs_above(network, layer, cb.read(xin)[None].to(dtype), y, cost, in_shape)[0]
+        dplus = (plan.pert_w * (cb.k * cb.config.w_max)).permute(1, 2, 0).reshape(-1)   # G+ change, siemens
+        total = rows * outs * E
+        chunk = cfg.chunk or (_WIRED_FRESH_CHUNK if fresh else max(1, _CHUNK_ELEMENTS // (n_rows * outs * 4)))
+        costs = torch.empty(total, device=cb.device, dtype=dtype)
+        for start in range(0, total, chunk):
+            k = torch.arange(start, min(total, start + chunk), device=cb.device)
+            P = len(k)
+            cell = k // E
+            i, j = cell // outs, cell % outs
+            if fresh:
+                xs, _ = inputs(P)
+                z = cb.read_perturbed(xs, i, j, dplus[k])                      # (P, P·rows, out)
+                z = z.reshape(P, P, n_rows, outs)[torch.arange(P), torch.arange(P)]
+            else:
+                z = cb.read_perturbed(xin, i, j, dplus[k])                     # (P, rows, out)
+            costs[start:start + P] = _costs_above(network, layer, z.to(dtype), y, cost, in_shape)
+        costs = costs.reshape(rows, outs, E)
+        dw_nom = _nominal_dw(layer, cfg)
+        grad = (costs[..., 0] - costs[..., 1]) / (2 * dw_nom) if E == 2 else (costs[..., 0] - c0) / dw_nom
+    return grad, float(c0)
+
+
+def check_dgc(network: AnalogNetwork, cfg: DGCConfig) -> None:
+    """Refuse DGC settings the simulator cannot measure as the chip would (before a run starts)."""
+    wired = [layer.name for layer in network.analog_layers if layer.crossbar.config.wire_resistance != "none"]
+    if wired and cfg.perturbation != "temporary":
+        raise ConfigError("training.dgc.perturbation", cfg.perturbation,
+                          f"pulse perturbations with wire resistance (layers {', '.join(wired)}) are not modelled: "
+                          "the restore errors of earlier cycles change the wired read of every later one; use "
+                          "'temporary' or crossbar.wire_resistance = 'none'")
 
 
 def _drift_factor(array) -> torch.Tensor:

@@ -45,21 +45,22 @@ def perturbation_effect(layer: AnalogLayer, cfg: DGCConfig, sign: float = 1.0
     weight (padded shape) and of Σ G² (for read noise). Pulses go through the device model."""
     cb = layer.crossbar
     arrays = cb._arrays()
+    now = [a.conductance() for a in arrays]  # a pulse starts from the drifted conductance (docs/devices.md)
     if cfg.perturbation_dw is not None:
         dw_hat = torch.full(cb.padded_shape, sign * cfg.perturbation_dw / cb.config.w_max, device=cb.device,
                             dtype=cb.dtype)
-        new = [a.g + s * sign * cfg.perturbation_dw * cb.k / len(arrays) for a, s in zip(arrays, (1, -1),
-                                                                                         strict=False)]
+        new = [g + s * sign * cfg.perturbation_dw * cb.k / len(arrays) for g, s in zip(now, (1, -1),
+                                                                                       strict=False)]
     else:
         n = torch.full(cb.padded_shape, sign * float(cfg.perturbation_pulses), device=cb.device, dtype=cb.dtype)
         new = [a.after_pulses(s * n) for a, s in zip(arrays, (1.0, -1.0), strict=False)]
         if len(arrays) == 2:
-            dw_hat = ((new[0] - arrays[0].g) - (new[1] - arrays[1].g)) / (cb.k * cb.config.w_max)
+            dw_hat = ((new[0] - now[0]) - (new[1] - now[1])) / (cb.k * cb.config.w_max)
         else:
-            dw_hat = (new[0] - arrays[0].g) / (cb.k * cb.config.w_max)
+            dw_hat = (new[0] - now[0]) / (cb.k * cb.config.w_max)
     dgsq = None
     if cb._read_tensors()[1] is not None:
-        dgsq = sum(g_new ** 2 - a.g ** 2 for g_new, a in zip(new, arrays, strict=True))
+        dgsq = sum(g_new ** 2 - g ** 2 for g_new, g in zip(new, now, strict=True))
     return dw_hat, dgsq
 
 

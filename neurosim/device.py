@@ -219,12 +219,14 @@ def _nearest_level(g: torch.Tensor, g_min: torch.Tensor, g_max: torch.Tensor, cu
 def truncated_normal(mean: float, sigma: float, bound: float, shape: tuple[int, ...], generator: torch.Generator,
                      device: torch.device) -> torch.Tensor:
     """Gaussian draws N(mean, sigma²) conditioned on |value| < bound (float64), by the inverse CDF: one uniform
-    number per draw, no pile-up at the bound (a draw beyond it is redrawn in distribution, not clamped)."""
-    lo, hi = (-bound - mean) / sigma, (bound - mean) / sigma
-    p_lo, p_hi = 0.5 * math.erfc(-lo / math.sqrt(2.0)), 0.5 * math.erfc(-hi / math.sqrt(2.0))
+    number per draw, no pile-up at the bound (a draw beyond it is redrawn in distribution, not clamped). The
+    CDF is taken as erf around the centre, so that a huge sigma (bounds at a tiny fraction of it) still gives
+    its limit, the uniform distribution, instead of rounding every draw to the mean."""
+    lo, hi = (-bound - mean) / sigma / math.sqrt(2.0), (bound - mean) / sigma / math.sqrt(2.0)
+    e_lo, e_hi = math.erf(lo), math.erf(hi)
     u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64).add_(2.0**-54)  # in (0, 1)
-    z = torch.special.ndtri(u.mul_(p_hi - p_lo).add_(p_lo)).clamp_(lo, hi)
-    return z.mul_(sigma).add_(mean).clamp_(-bound, bound)
+    z = torch.erfinv(u.mul_(e_hi - e_lo).add_(e_lo)).clamp_(lo, hi)
+    return z.mul_(sigma * math.sqrt(2.0)).add_(mean).clamp_(-bound, bound)
 
 
 def load_card(path_or_name: str | Path) -> DeviceSpec:
@@ -321,7 +323,8 @@ class DeviceArray:
         whose label crosses 0 bends the other way (negative A); a linear card's cells scatter around linear."""
         spec = self.spec
         if spec.nl_dtod == 0:
-            return torch.tensor(min(spec.a_norm(polarity), _LINEAR_A), device=self.device, dtype=self.dtype)
+            a = min(max(spec.a_norm(polarity), _STEP_A), _LINEAR_A)
+            return torch.tensor(a, device=self.device, dtype=self.dtype)
         from neurosim.nonlinearity import MAX_LABEL, a_from_label_tensor
 
         labels = truncated_normal(spec.label(polarity), spec.nl_dtod, MAX_LABEL * (1.0 - 2.0**-40), self.shape,
@@ -565,7 +568,11 @@ def pair_arrays(first: DeviceArray, second: DeviceArray) -> None:
     devices of the pulsed pairs with one gather (no extra memory: the halves are views)."""
     shared = torch.cat([first._table[0], second._table[0]])
     m = first._table[0].shape[0]
-    first._table, second._table = (shared[:m], first._table[1]), (shared[m:], second._table[1])
+    # One pass serves both devices, so its flags must hold for both: the cheap linear form only where both are
+    # linear, the convex clamp where either has a convex cell (a no-op for the other cells).
+    (lp1, ld1, cv1), (lp2, ld2, cv2) = first._table[1], second._table[1]
+    flags = (lp1 and lp2, ld1 and ld2, cv1 or cv2)
+    first._table, second._table = (shared[:m], flags), (shared[m:], flags)
     first._pair = (second, shared)
 
 

@@ -132,6 +132,14 @@ def test_nonlinearity_spread_is_a_truncated_gaussian_on_the_label(spec_factory, 
     assert bool(torch.isfinite(cells.a_ltp).all()) and bool((cells.a_ltp != 0).all())
 
 
+def test_a_huge_label_spread_tends_to_the_uniform_distribution(spec_factory):
+    from scipy.stats import kstest, uniform
+
+    cells = array(spec_factory(states=33, nl_ltp=2.0, nl_dtod=1e12), (100, 100))
+    labels = label_from_a(cells.a_ltp.reshape(-1).numpy())
+    assert kstest(labels, uniform(-MAX_LABEL, 2 * MAX_LABEL).cdf).statistic < 2 / math.sqrt(labels.size)
+
+
 def test_every_cell_follows_its_own_closed_form_curve_both_ways(spec_factory):
     """With label spreads (labels of both signs, up to |label| 6-8), each cell's pulses follow
     g_min + span·pulse_response(p, P, a_cell) up and g_max − span·pulse_response(q, P, a_cell) down, a negative
@@ -509,3 +517,25 @@ def test_write_verify_counts_pulses_from_the_drifted_read(spec_factory):
         err = (cells.conductance() - target)[:30, :20].abs()
         assert float(err.max()) <= half_step * (1 + 1e-9)
     assert stats["unconverged"] > 0        # the verify before the pulses saw every device off (drift)
+
+
+def test_a_pair_pass_serves_a_convex_cell_of_either_device(spec_factory):
+    """The paired pass uses one set of flags for both devices: a steep convex cell of the second device, pulsed
+    across its flat start in one train, moves as it does on its own although the first device has none."""
+    from neurosim.device import pair_arrays, program_pair
+
+    spec = spec_factory(states=17, nl_ltp=0.0, nl_ltd=0.0, nl_dtod=20.0)
+    seeds = (3, 10)  # found by search: the first array has no convex cell, the second a steep one in cell 0
+    first, second = array(spec, (1, 3), seed=seeds[0]), array(spec, (1, 3), seed=seeds[1])
+    assert not bool((first.a_ltp < 0).any() or (first.a_ltd < 0).any())
+    assert label_from_a(float(second.a_ltp[0, 0])) < -9.5
+    singles = [array(spec, (1, 3), seed=s) for s in seeds]
+    pair_arrays(first, second)
+    idx = torch.arange(2)                                        # two of the three cells: the paired pass
+    counts = torch.tensor([-16.0, -16.0], dtype=torch.float64)   # second gets +16: across its whole LTP curve
+    assert program_pair(first, second, idx, counts) is not None
+    singles[0].program_cells(idx, counts)
+    singles[1].program_cells(idx, -counts)
+    for paired, single in zip((first, second), singles, strict=True):
+        torch.testing.assert_close(paired.g, single.g, rtol=1e-12, atol=0)
+    assert float(second.g[0, 0]) == pytest.approx(spec.g_max, rel=1e-12)

@@ -131,3 +131,22 @@ def test_extreme_card_beyond_the_model_is_refused_in_one_line(tmp_path, capsys, 
     assert main(["devices", str(path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and field in lines[0]
+
+
+@pytest.mark.parametrize("sigma", [0.1, 2.0])
+def test_neuron_gains_never_change_sign(sigma):
+    """Gains of the neuron and derivative circuits are lognormal, mean 1, relative sigma ``sigma``: log g is
+    N(−s²/2, s²) with s² = ln(1 + sigma²) (sample mean and std within 5 standard errors), every gain > 0."""
+    from neurosim.activation import ActivationConfig, ActivationUnit
+
+    n = 40_000
+    cfg = ActivationConfig(function="identity", gain_dtod=sigma, derivative_gain_dtod=sigma, offset_dtod=sigma)
+    unit = ActivationUnit(cfg, n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    s = math.sqrt(math.log1p(sigma**2))
+    for gains in (unit.gain, unit.derivative_gain):
+        assert float(gains.min()) > 0
+        log = gains.log()
+        assert abs(float(log.mean()) + s * s / 2) < 5 * s / math.sqrt(n)
+        assert abs(float(log.std()) - s) < 5 * s / math.sqrt(2 * (n - 1))
+        assert abs(float(gains.mean()) - 1) < 5 * sigma / math.sqrt(n)
+    assert float(unit.offset.min()) < 0 < float(unit.offset.max())  # offsets stay Gaussian, both signs

@@ -143,13 +143,17 @@ class Crossbar:
         the devices may not be able to hold: for references and tests of the read path."""
         w = torch.as_tensor(w, device=self.device, dtype=self.dtype)
         self._check_shape(w)
-        targets = self.target_conductances(w)
-        for array, g in zip(self._arrays(), targets, strict=True):
-            array.set_conductance(g, snap=snap)
+        nominal = []
+        for array, g in zip(self._arrays(), self.target_conductances(w), strict=True):
+            if not snap:
+                array.set_conductance(g, snap=False)
+                continue
+            levels = array.nearest_level(g)
+            array.set_conductance(levels, snap=False)           # already levels: placed as they are
+            nominal.append(self.spec.nearest_level(g) if array.varies else levels)
         w = w.clamp(-self.config.w_max, self.config.w_max)
         if snap:
-            levels = [self.spec.nearest_level(g) for g in targets]
-            diff = levels[0] - (levels[1] if len(levels) == 2 else self.g_mid)
+            diff = nominal[0] - (nominal[1] if len(nominal) == 2 else self.g_mid)
             w = (diff / self.k)[: self.in_features, : self.out_features].clamp(-self.config.w_max, self.config.w_max)
         self.believed.copy_(w)  # in place: layers alias it
 

@@ -167,19 +167,28 @@ class DeviceSpec:
 
 def _curve(x: torch.Tensor, a: torch.Tensor, em: torch.Tensor, linear: torch.Tensor, convex: torch.Tensor
            ) -> torch.Tensor:
-    """normalized_response with the per-cell constants of ``_constants`` already computed."""
-    xr = torch.where(convex, 1.0 - x, x)
-    y = torch.where(linear, xr, torch.expm1(-xr / a) / em)
-    return torch.where(convex, 1.0 - y, y)
+    """normalized_response with the per-cell constants of ``_constants`` already computed (a mask that is one
+    value for all cells skips the branch it rules out)."""
+    flip = bool(convex.dim()) or bool(convex)
+    xr = torch.where(convex, 1.0 - x, x) if flip else x
+    if linear.dim() == 0:
+        y = xr if bool(linear) else torch.expm1(-xr / a) / em
+    else:
+        y = torch.where(linear, xr, torch.expm1(-xr / a) / em)
+    return torch.where(convex, 1.0 - y, y) if flip else y
 
 
 def _inverse(y: torch.Tensor, a: torch.Tensor, em: torch.Tensor, linear: torch.Tensor, convex: torch.Tensor
              ) -> torch.Tensor:
     """The curve position x in [0, 1] of y in [0, 1]; finite for every cell (a steep cell's flat end maps to
     the end of the curve instead of ±inf)."""
-    yr = torch.where(convex, 1.0 - y, y)
-    x = torch.where(linear, yr, -a * torch.log1p(yr * em)).clamp(0.0, 1.0)
-    return torch.where(convex, 1.0 - x, x)
+    flip = bool(convex.dim()) or bool(convex)
+    yr = torch.where(convex, 1.0 - y, y) if flip else y
+    if linear.dim() == 0:
+        x = yr.clamp(0.0, 1.0) if bool(linear) else (-a * torch.log1p(yr * em)).clamp_(0.0, 1.0)
+    else:
+        x = torch.where(linear, yr, -a * torch.log1p(yr * em)).clamp_(0.0, 1.0)
+    return torch.where(convex, 1.0 - x, x) if flip else x
 
 
 def _constants(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -308,6 +317,9 @@ class DeviceArray:
         self.stuck_high = (u >= spec.stuck_at_gmin) & (u < spec.stuck_at_gmin + spec.stuck_at_gmax)
         self.stuck = self.stuck_low | self.stuck_high
         self.any_stuck = bool(self.stuck.any())
+        # Whether any pulse parameter differs between cells (stuck cells aside): else every cell has the levels
+        # of the nominal card.
+        self.varies = any(t.dim() for t in (self.g_min, self.g_max, self.step, self.a_ltp, self.a_ltd))
         if self.any_stuck and spec.drift_nu > 0:  # a stuck cell holds its value: it does not drift either
             self.drift_nu = torch.where(self.stuck, 0.0, self.drift_nu.expand(self.shape))
         self._table = self._pulse_table()

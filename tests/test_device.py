@@ -419,6 +419,12 @@ def test_crossbar_set_weights_holds_levels_and_the_controller_knows_them(spec_fa
     torch.testing.assert_close(bar.believed, bar.weights(), rtol=0, atol=0)  # no spread: belief = chip
     bar.set_weights(w, snap=False)
     torch.testing.assert_close(bar.weights(), w, rtol=1e-12, atol=1e-12)
+    # With spreads the chip's levels are each cell's own; the controller believes the nominal card's.
+    nominal = Crossbar(spec_factory(states=9), 40, 26, seed=0, dtype=torch.float64)
+    varied = Crossbar(spec_factory(states=9, g_min_dtod=0.2, step_dtod=0.2), 40, 26, seed=0, dtype=torch.float64)
+    for b in (nominal, varied):
+        b.set_weights(w)
+    assert torch.equal(varied.believed, nominal.weights()) and not torch.equal(varied.weights(), nominal.weights())
 
 
 @pytest.mark.parametrize("labels", [(0.0, 0.0), (2.4, -4.88)])

@@ -437,11 +437,13 @@ class ActivationConfig:
     fit_points: int = setting(20001, "pwl/taylor fallback: uniform nodes on the range used for fitting",
                               ge=101, le=2_000_001)
     alpha: float = setting(0.01, "leaky_relu slope, elu alpha, prelu initial slope")
-    gain_dtod: float = setting(0.0, "forward circuit: relative sigma of each neuron's gain", ge=0.0)
+    gain_dtod: float = setting(0.0, "forward circuit: relative sigma of each neuron's gain (lognormal, mean 1)",
+                               ge=0.0)
     offset_dtod: float = setting(0.0, "forward circuit: sigma of each neuron's output offset", ge=0.0)
     noise: float = setting(0.0, "forward circuit: sigma of output noise, drawn on every evaluation", ge=0.0)
     output_range: tuple[float, float] | None = setting(None, "forward circuit: output clipping range")
-    derivative_gain_dtod: float = setting(0.0, "derivative circuit: relative sigma of each neuron's gain", ge=0.0)
+    derivative_gain_dtod: float = setting(0.0, "derivative circuit: relative sigma of each neuron's gain "
+                                          "(lognormal, mean 1)", ge=0.0)
     derivative_offset_dtod: float = setting(0.0, "derivative circuit: sigma of each neuron's offset", ge=0.0)
     derivative_noise: float = setting(0.0, "derivative circuit: sigma of output noise per evaluation", ge=0.0)
 
@@ -661,10 +663,11 @@ class ActivationUnit(torch.nn.Module):
                                                                   "d_noise")}
         self._noise_gens: dict[tuple[str, str], torch.Generator] = {}
         self._pack_cache: dict[int, tuple] = {}
-        self.register_buffer("gain", self._sample("gain", config.gain_dtod, 1.0))
+        self.register_buffer("gain", self._sample("gain", config.gain_dtod, 1.0, lognormal=True))
         self.register_buffer("offset", self._sample("offset", config.offset_dtod, 0.0))
         if self.has_derivative_circuit:
-            self.register_buffer("derivative_gain", self._sample("d_gain", config.derivative_gain_dtod, 1.0))
+            self.register_buffer("derivative_gain", self._sample("d_gain", config.derivative_gain_dtod, 1.0,
+                                                                 lognormal=True))
             self.register_buffer("derivative_offset", self._sample("d_offset", config.derivative_offset_dtod, 0.0))
         self.prelu_slope: torch.nn.Parameter | None = None
         if config.function == "prelu":
@@ -673,10 +676,17 @@ class ActivationUnit(torch.nn.Module):
         self._build()
 
     # -- set-up -------------------------------------------------------------------------------------------
-    def _sample(self, name: str, sigma: float, mean: float) -> torch.Tensor:
-        """Mismatch of one circuit parameter, once per neuron (float64 draw, so all dtypes share the chip)."""
+    def _sample(self, name: str, sigma: float, mean: float, lognormal: bool = False) -> torch.Tensor:
+        """Mismatch of one circuit parameter, once per neuron (float64 draw, so all dtypes share the chip).
+
+        Offsets are Gaussian of sigma ``sigma``. A gain (``lognormal``) cannot change sign: it is lognormal with
+        mean ``mean`` and relative sigma exactly ``sigma`` at any value (log-sigma² = ln(1 + sigma²)), which is
+        the Gaussian to first order for small sigma and stays positive for large sigma."""
         g = torch.Generator().manual_seed(self._seeds[name])
         z = torch.randn(self.num_neurons, generator=g, dtype=torch.float64)
+        if lognormal:
+            s2 = math.log1p(sigma * sigma)
+            return (mean * torch.exp(z * math.sqrt(s2) - 0.5 * s2)).to(device=self._device, dtype=self._dtype)
         return (mean + sigma * z).to(device=self._device, dtype=self._dtype)
 
     def _alpha(self) -> float:

@@ -171,13 +171,28 @@ class Crossbar:
             return [self.g_mid + self.k * w]
         return [self.g_mid + 0.5 * self.k * w, self.g_mid - 0.5 * self.k * w]
 
-    def set_weights(self, w: torch.Tensor) -> None:
-        """Place the weights directly (an idealized write; see ``write_verify`` for the physical one)."""
+    def set_weights(self, w: torch.Tensor, snap: bool = True) -> None:
+        """Place the weights directly: an idealized write (``write_verify`` is the physical one). Every device
+        lands on the level nearest its target conductance that it can reach by pulses from g_min
+        (``DeviceArray.nearest_level``), so a device of few states holds few values from the start; the
+        controller believes it wrote the weights of those levels on a nominal device (its digital model knows the
+        card, not each cell). ``snap=False`` places the analog targets themselves (clipped to ±w_max), values
+        the devices may not be able to hold: for references and tests of the read path."""
         w = torch.as_tensor(w, device=self.device, dtype=self.dtype)
         self._check_shape(w)
+        nominal = []
         for array, g in zip(self._arrays(), self.target_conductances(w), strict=True):
-            array.set_conductance(g)
-        self.believed.copy_(w.clamp(-self.config.w_max, self.config.w_max))  # in place: layers alias it
+            if not snap:
+                array.set_conductance(g, snap=False)
+                continue
+            levels = array.nearest_level(g)
+            array.set_conductance(levels, snap=False)           # already levels: placed as they are
+            nominal.append(self.spec.nearest_level(g) if array.varies else levels)
+        w = w.clamp(-self.config.w_max, self.config.w_max)
+        if snap:
+            diff = nominal[0] - (nominal[1] if len(nominal) == 2 else self.g_mid)
+            w = (diff / self.k)[: self.in_features, : self.out_features].clamp(-self.config.w_max, self.config.w_max)
+        self.believed.copy_(w)  # in place: layers alias it
 
     def _check_shape(self, w: torch.Tensor) -> None:
         if tuple(w.shape) != (self.in_features, self.out_features):
@@ -611,10 +626,11 @@ class Crossbar:
         return program_deltas([self], [dw], scale)[0]
 
     def write_verify(self, w: torch.Tensor, tolerance: float = 0.01, max_iterations: int = 20) -> dict:
-        """Program a weight matrix by write-and-verify: read every device (with read noise), pulse the ones
-        further than ``tolerance``·w_max from their target towards it, repeat. All cells in parallel.
-        With cycle-to-cycle noise a few devices may still be outside after ``max_iterations``: the count of
-        devices outside at the last verify is reported as ``unconverged``."""
+        """Program a weight matrix by write-and-verify: read every device (drift and read noise included), pulse
+        the ones further than ``tolerance``·w_max from their target towards it, with the pulse count computed
+        from that read, repeat. All cells in parallel; every write is whole pulses, so every conductance is one
+        the device reaches. With cycle-to-cycle noise a few devices may still be outside after
+        ``max_iterations``: the count of devices outside at the last verify is reported as ``unconverged``."""
         w = torch.as_tensor(w, device=self.device, dtype=self.dtype)
         self._check_shape(w)
         if tolerance <= 0:
@@ -627,7 +643,7 @@ class Crossbar:
             for array, target in zip(self._arrays(), targets, strict=True):
                 seen = array.read() if self.config.read_noise else array.conductance()
                 off = ((seen - target).abs() > tol_g) & ~array.stuck
-                n = torch.where(off, torch.round(array.pulses_for(target)), torch.zeros_like(target))
+                n = torch.where(off, torch.round(array.pulses_for(target, seen)), torch.zeros_like(target))
                 # A cell that needs less than one pulse still gets one in the needed direction.
                 n = torch.where(off & (n == 0), torch.sign(target - seen), n)
                 array.program(n)

@@ -5,7 +5,9 @@ potentiation from g_min by p pulses gives G(p) = g_min + B·(1 − exp(−p/A)),
 P = states − 1; depression is the same curve mirrored from g_max with its own A and pulse count. A pulse applied
 to a cell at conductance G first finds G on the curve of that pulse's polarity (inverting the closed form),
 moves along it, and reads the new G -- so potentiation and depression can differ (asymmetry), and every cell has
-a finite number of levels between its bounds. All cells of an array live in tensors; no Python loop over cells.
+a finite number of levels between its bounds. A pulse starts from the conductance the cell has now (drift
+included) and restarts its drift. Idealized writes (``set_conductance``) place a cell on the nearest level it
+can reach by potentiation pulses from g_min. All cells of an array live in tensors; no Python loop over cells.
 """
 
 from __future__ import annotations
@@ -28,6 +30,19 @@ _NUMERIC_FIELDS = (
 
 # A normalized A above this is treated as linear (the curve then deviates from a line by < 1e-7 of the range).
 _LINEAR_A = 1e6
+# A normalized |A| below this is a step response to float precision for every pulse count a card accepts (one
+# pulse moves x by at least 0.05/65536 = 7.6e-7 = 7.6e5·A: exp(−7.6e5) = 0); the floor keeps 1/A finite.
+_STEP_A = 1e-12
+# Conductances a card may give (S): outside, no synaptic device exists, and float32 products such as G² (the
+# read-noise variance) would leave the format's range.
+G_RANGE = (1e-15, 1.0)
+# The smallest step of a linear device across the window, relative to g_max: float32 (24-bit mantissa) then
+# holds every step to 1/128 or better, so that a card's states are states of the simulation too.
+MIN_STEP = 2.0**-16
+#: Largest read_noise: a read G·(1 + σz) is clamped at 0 (a conductance is not negative), and at σ ≤ 0.2 the
+#: clamp touches 2.9e-7 of the reads, so the crossbar's column-summed Gaussian (which cannot clamp per cell) and
+#: the per-cell reads are the same distribution to < 1e-6 (mean 1.1e-8, sigma 2.8e-7 relative).
+MAX_READ_NOISE = 0.2
 
 
 @dataclass(frozen=True)
@@ -47,10 +62,12 @@ class DeviceSpec:
     a_ltd: float | None = setting(None, "A of depression normalized by its pulse count (overrides nl_ltd)", gt=0.0)
     c2c: float = setting(0.0, "cycle-to-cycle sigma of one pulse's conductance change, fraction of g_max-g_min",
                          ge=0.0)
-    read_noise: float = setting(0.0, "sigma of one read, fraction of the cell's conductance", ge=0.0)
+    read_noise: float = setting(0.0, f"sigma of one read, fraction of the cell's conductance (reads clamp at 0; "
+                                f"at most {MAX_READ_NOISE})", ge=0.0)
     g_min_dtod: float = setting(0.0, "device-to-device relative sigma of g_min", ge=0.0)
     g_max_dtod: float = setting(0.0, "device-to-device relative sigma of g_max", ge=0.0)
-    nl_dtod: float = setting(0.0, "device-to-device relative sigma of A (nonlinearity)", ge=0.0)
+    nl_dtod: float = setting(0.0, "device-to-device sigma of the nonlinearity label, absolute, in label units "
+                             "(NeuroSim's sigmaDtoD); each polarity drawn on its own", ge=0.0)
     step_dtod: float = setting(0.0, "device-to-device relative sigma of the step per pulse", ge=0.0)
     stuck_at_gmin: float = setting(0.0, "fraction of cells stuck at g_min", ge=0.0, le=1.0)
     stuck_at_gmax: float = setting(0.0, "fraction of cells stuck at g_max", ge=0.0, le=1.0)
@@ -64,13 +81,29 @@ class DeviceSpec:
     source: dict = setting(default_factory=dict, doc="citation for each numeric field (key 'default' covers zeros)")
 
     def validate(self) -> None:
+        lo, hi = G_RANGE
+        for name in ("g_min", "g_max"):
+            if not lo <= getattr(self, name) <= hi:
+                raise ConfigError(name, getattr(self, name), f"must lie in [{lo:g}, {hi:g}] S (no synaptic device "
+                                  "outside; float32 products of conductances would leave their range)")
         if self.g_max <= self.g_min:
             raise ConfigError("g_max", self.g_max, f"must be greater than g_min ({self.g_min})")
+        pulses = max(self.pulses_ltp, self.pulses_ltd)
+        if (self.g_max - self.g_min) / pulses < MIN_STEP * self.g_max:
+            field = "g_max" if pulses == 1 else "states" if self.pulses_ltp >= self.pulses_ltd else "states_ltd"
+            value = self.g_max if pulses == 1 else pulses + 1
+            raise ConfigError(field, value, f"a window of {self.g_min:g} .. {self.g_max:g} S in {pulses} step(s) "
+                              "gives steps below 2^-16 of g_max, finer than float32 resolves: widen the window "
+                              "or use fewer states")
         from neurosim.nonlinearity import MAX_LABEL
 
         for name in ("nl_ltp", "nl_ltd"):
             if abs(getattr(self, name)) >= MAX_LABEL:
                 raise ConfigError(name, getattr(self, name), f"|label| must be below {MAX_LABEL:.2f} (a step response)")
+        if self.read_noise > MAX_READ_NOISE:
+            raise ConfigError("read_noise", self.read_noise, f"must be <= {MAX_READ_NOISE}: above it a Gaussian read "
+                              "G(1 + sigma z) falls below 0 S often enough that clamping it (a conductance is not "
+                              "negative) and the crossbar's column-summed Gaussian differ")
         if self.stuck_at_gmin + self.stuck_at_gmax > 1.0:
             raise ConfigError("stuck_at_gmax", self.stuck_at_gmax, "stuck_at_gmin + stuck_at_gmax must be <= 1")
         for key, text in self.source.items():
@@ -93,6 +126,15 @@ class DeviceSpec:
     def on_off_ratio(self) -> float:
         return self.g_max / self.g_min
 
+    def label(self, polarity: str) -> float:
+        """The nonlinearity label of a polarity's curve as the model uses it: |label|, or the label of a_ltp/a_ltd."""
+        a, label = (self.a_ltp, self.nl_ltp) if polarity == "ltp" else (self.a_ltd, self.nl_ltd)
+        if a is None:
+            return abs(label)
+        from neurosim.nonlinearity import label_from_a
+
+        return float(label_from_a(a))
+
     def a_norm(self, polarity: str) -> float:
         """A divided by the pulse count; math.inf for a linear response."""
         a, label = (self.a_ltp, self.nl_ltp) if polarity == "ltp" else (self.a_ltd, self.nl_ltd)
@@ -104,6 +146,16 @@ class DeviceSpec:
 
         return float(a_from_label(abs(label)))
 
+    def nearest_level(self, g: torch.Tensor) -> torch.Tensor:
+        """The level of a nominal cell (no spread) nearest ``g`` among those potentiation pulses reach from g_min,
+        in g's dtype: what a controller that knows the card believes an idealized write placed (the same
+        arithmetic as ``DeviceArray.nearest_level``, so the same bits for an array without spreads)."""
+        kw = {"device": g.device, "dtype": g.dtype}
+        a = torch.tensor(min(self.a_norm("ltp"), _LINEAR_A), **kw)
+        per = torch.tensor(1.0, **kw) / float(self.pulses_ltp)
+        return _nearest_level(g, torch.tensor(self.g_min, **kw), torch.tensor(self.g_max, **kw), list(_constants(a)),
+                              per)
+
     def curve(self, pulses: torch.Tensor, polarity: str = "ltp") -> torch.Tensor:
         """Closed-form nominal conductance after ``pulses`` pulses from the start of a curve (reference for
         tests and plots)."""
@@ -113,30 +165,77 @@ class DeviceSpec:
         return self.g_min + span * frac if polarity == "ltp" else self.g_max - span * frac
 
 
-def _curve(x: torch.Tensor, a: torch.Tensor, em: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
-    """normalized_response with the per-cell constant em = expm1(−1/a) already computed."""
-    return torch.where(linear, x, torch.expm1(-x / a) / em)
+def _curve(x: torch.Tensor, a: torch.Tensor, em: torch.Tensor, linear: torch.Tensor, convex: torch.Tensor
+           ) -> torch.Tensor:
+    """normalized_response with the per-cell constants of ``_constants`` already computed (a mask that is one
+    value for all cells skips the branch it rules out)."""
+    flip = bool(convex.dim()) or bool(convex)
+    xr = torch.where(convex, 1.0 - x, x) if flip else x
+    if linear.dim() == 0:
+        y = xr if bool(linear) else torch.expm1(-xr / a) / em
+    else:
+        y = torch.where(linear, xr, torch.expm1(-xr / a) / em)
+    return torch.where(convex, 1.0 - y, y) if flip else y
 
 
-def _inverse(y: torch.Tensor, a: torch.Tensor, em: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
-    return torch.where(linear, y, -a * torch.log1p(y * em))
+def _inverse(y: torch.Tensor, a: torch.Tensor, em: torch.Tensor, linear: torch.Tensor, convex: torch.Tensor
+             ) -> torch.Tensor:
+    """The curve position x in [0, 1] of y in [0, 1]; finite for every cell (a steep cell's flat end maps to
+    the end of the curve instead of ±inf)."""
+    flip = bool(convex.dim()) or bool(convex)
+    yr = torch.where(convex, 1.0 - y, y) if flip else y
+    if linear.dim() == 0:
+        x = yr.clamp(0.0, 1.0) if bool(linear) else (-a * torch.log1p(yr * em)).clamp_(0.0, 1.0)
+    else:
+        x = torch.where(linear, yr, -a * torch.log1p(yr * em)).clamp_(0.0, 1.0)
+    return torch.where(convex, 1.0 - x, x) if flip else x
 
 
-def _constants(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(a clamped, expm1(−1/a), linear mask): what the curve needs of A, computed once per cell."""
-    linear = a >= _LINEAR_A
-    a = a.clamp(max=_LINEAR_A)
-    return a, torch.expm1(-1.0 / a), linear
+def _constants(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(|a| within [_STEP_A, _LINEAR_A], expm1(−1/|a|), linear mask, convex mask): what the curve needs of a
+    signed normalized A (negative: the point-reflected, convex curve), computed once per cell."""
+    a = torch.as_tensor(a)
+    convex = a < 0
+    mag = a.abs()
+    linear = mag >= _LINEAR_A
+    mag = mag.clamp(_STEP_A, _LINEAR_A)
+    return mag, torch.expm1(-1.0 / mag), linear, convex
 
 
 def normalized_response(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """(1 − exp(−x/a)) / (1 − exp(−1/a)) for x in [0, 1] pulses-fractions: 0 → 0, 1 → 1; linear as a → ∞."""
+    """(1 − exp(−x/a)) / (1 − exp(−1/a)) for x in [0, 1] pulses-fractions: 0 → 0, 1 → 1; linear as |a| → ∞;
+    a negative a is the point reflection 1 − g_|a|(1 − x) (a curve that starts slowly)."""
     return _curve(x, *_constants(a))
 
 
 def inverse_response(y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """The fraction of pulses x whose normalized_response is y (y in [0, 1])."""
+    """The fraction of pulses x in [0, 1] whose normalized_response is y (y in [0, 1])."""
     return _inverse(y, *_constants(a))
+
+
+def _nearest_level(g: torch.Tensor, g_min: torch.Tensor, g_max: torch.Tensor, curve: list[torch.Tensor],
+                   per: torch.Tensor) -> torch.Tensor:
+    """The level nearest g among G_k = g_min + span·f(min(k·per, 1)), k = 0, 1, ...: the conductances whole
+    potentiation pulses reach from g_min (``per``: curve fraction per pulse; ``curve``: ``_constants``)."""
+    span = g_max - g_min
+    y = ((g - g_min) / span).clamp(0.0, 1.0)
+    k = torch.floor(_inverse(y, *curve) / per)          # the level below y, or one less by rounding
+    below = _curve((k * per).clamp(max=1.0), *curve)
+    above = _curve(((k + 1) * per).clamp(max=1.0), *curve)
+    return g_min + span * torch.where(y - below <= above - y, below, above)
+
+
+def truncated_normal(mean: float, sigma: float, bound: float, shape: tuple[int, ...], generator: torch.Generator,
+                     device: torch.device) -> torch.Tensor:
+    """Gaussian draws N(mean, sigma²) conditioned on |value| < bound (float64), by the inverse CDF: one uniform
+    number per draw, no pile-up at the bound (a draw beyond it is redrawn in distribution, not clamped). The
+    CDF is taken as erf around the centre, so that a huge sigma (bounds at a tiny fraction of it) still gives
+    its limit, the uniform distribution, instead of rounding every draw to the mean."""
+    lo, hi = (-bound - mean) / sigma / math.sqrt(2.0), (bound - mean) / sigma / math.sqrt(2.0)
+    e_lo, e_hi = math.erf(lo), math.erf(hi)
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64).add_(2.0**-54)  # in (0, 1)
+    z = torch.erfinv(u.mul_(e_hi - e_lo).add_(e_lo)).clamp_(lo, hi)
+    return z.mul_(sigma * math.sqrt(2.0)).add_(mean).clamp_(-bound, bound)
 
 
 def load_card(path_or_name: str | Path) -> DeviceSpec:
@@ -206,10 +305,9 @@ class DeviceArray:
         g_max = spread(spec.g_max, spec.g_max_dtod, 0.0)
         # A cell's window stays open: at least 1% of the nominal range above its own g_min.
         self.g_max = torch.maximum(g_max, self.g_min + 0.01 * (spec.g_max - spec.g_min))
-        a_ltp, a_ltd = spec.a_norm("ltp"), spec.a_norm("ltd")
-        self.a_ltp = spread(min(a_ltp, _LINEAR_A), spec.nl_dtod if math.isfinite(a_ltp) else 0.0, 1e-3)
-        self.a_ltd = spread(min(a_ltd, _LINEAR_A), spec.nl_dtod if math.isfinite(a_ltd) else 0.0, 1e-3)
-        # Per cell, per polarity: (A clamped, expm1(−1/A), linear mask, pulses across the window).
+        # Signed normalized A per cell and polarity (negative: the cell's curve bends the other way).
+        self.a_ltp, self.a_ltd = self._nonlinearity("ltp", g), self._nonlinearity("ltd", g)
+        # Per cell, per polarity: (|A| clamped, expm1(−1/|A|), linear mask, convex mask, pulses across the window).
         self._curves = {"ltp": (*_constants(self.a_ltp), float(spec.pulses_ltp)),
                         "ltd": (*_constants(self.a_ltd), float(spec.pulses_ltd))}
         self.step = spread(1.0, spec.step_dtod, 0.05)
@@ -219,6 +317,9 @@ class DeviceArray:
         self.stuck_high = (u >= spec.stuck_at_gmin) & (u < spec.stuck_at_gmin + spec.stuck_at_gmax)
         self.stuck = self.stuck_low | self.stuck_high
         self.any_stuck = bool(self.stuck.any())
+        # Whether any pulse parameter differs between cells (stuck cells aside): else every cell has the levels
+        # of the nominal card.
+        self.varies = any(t.dim() for t in (self.g_min, self.g_max, self.step, self.a_ltp, self.a_ltd))
         if self.any_stuck and spec.drift_nu > 0:  # a stuck cell holds its value: it does not drift either
             self.drift_nu = torch.where(self.stuck, 0.0, self.drift_nu.expand(self.shape))
         self._table = self._pulse_table()
@@ -227,41 +328,80 @@ class DeviceArray:
         self.time_s = 0.0  # the chip's clock, advanced by whoever owns the timeline (drift)
         self.version = 0  # bumped on every write, so readers can cache derived tensors
 
+    def _nonlinearity(self, polarity: str, generator: torch.Generator) -> torch.Tensor:
+        """Signed normalized A of every cell for one polarity. The device-to-device spread is drawn where
+        NeuroSim draws it (``getParamA(NL + N(0, sigmaDtoD))``): a Gaussian of absolute sigma ``nl_dtod`` on the
+        label, conditioned on |label| < MAX_LABEL (a step response) so that nothing piles up at a bound. A cell
+        whose label crosses 0 bends the other way (negative A); a linear card's cells scatter around linear."""
+        spec = self.spec
+        if spec.nl_dtod == 0:
+            a = min(max(spec.a_norm(polarity), _STEP_A), _LINEAR_A)
+            return torch.tensor(a, device=self.device, dtype=self.dtype)
+        from neurosim.nonlinearity import MAX_LABEL, a_from_label_tensor
+
+        labels = truncated_normal(spec.label(polarity), spec.nl_dtod, MAX_LABEL * (1.0 - 2.0**-40), self.shape,
+                                  generator, self.device)
+        return a_from_label_tensor(labels).clamp_(-_LINEAR_A, _LINEAR_A).to(self.dtype)
+
     # -- state --------------------------------------------------------------------------------------------
     def _apply_stuck(self, g: torch.Tensor) -> torch.Tensor:
         if not self.any_stuck:
             return g
         return torch.where(self.stuck_low, self.g_min, torch.where(self.stuck_high, self.g_max, g))
 
-    def set_conductance(self, g: torch.Tensor) -> None:
-        """Place every cell at a conductance directly (clipped to its window; stuck cells stay stuck). This is
-        an idealized write; ``program`` and write-and-verify are the physical paths."""
+    def set_conductance(self, g: torch.Tensor, snap: bool = True) -> None:
+        """Place every cell at a conductance directly: an idealized write (``program`` and write-and-verify are
+        the physical paths). Each cell lands on the level nearest ``g`` that it can reach by potentiation pulses
+        from g_min along its own curve (``nearest_level``); stuck cells stay stuck. ``snap=False`` places the
+        values themselves (clipped to each window), levels the device may not be able to hold: for references
+        and tests of other parts only."""
         g = torch.as_tensor(g, device=self.device, dtype=self.dtype).expand(self.shape)
-        self.g = self._apply_stuck(torch.clamp(g, self.g_min, self.g_max))
+        g = self.nearest_level(g) if snap else torch.clamp(g, self.g_min, self.g_max)
+        self.g = self._apply_stuck(g)
         self.t_programmed.fill_(self.time_s)
         self.version += 1
 
+    def nearest_level(self, g: torch.Tensor) -> torch.Tensor:
+        """The conductance nearest ``g`` among the levels each cell reaches by whole potentiation pulses from
+        g_min (its own window, step and curve). Stuck cells are not treated specially here."""
+        g = torch.as_tensor(g, device=self.device, dtype=self.dtype).expand(self.shape)
+        *curve, count = self._curves["ltp"]
+        return _nearest_level(g, self.g_min, self.g_max, curve, self.step / count)
+
+    def _now(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Conductances of flat cells ``idx`` (None: all) now, drift included: the same arithmetic as
+        ``conductance()``, so the same bits. A pulse starts from here."""
+        g = self.g.reshape(-1) if idx is None else self.g.view(-1).index_select(0, idx)
+        if not self.drifting:
+            return g
+        t = self.t_programmed.reshape(-1) if idx is None else self.t_programmed.view(-1).index_select(0, idx)
+        nu = self.drift_nu
+        if nu.dim():
+            nu = nu.reshape(-1) if idx is None else nu.reshape(-1).index_select(0, idx)
+        age = (self.time_s - t).clamp(min=self.spec.drift_t0)
+        return g * (age / self.spec.drift_t0).pow(-nu)
+
     def pulse_position(self, g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where each cell sits on its potentiation and depression curves, in nominal pulses."""
-        g = self.g if g is None else g
+        """Where each cell sits on its potentiation and depression curves, in nominal pulses (0 … pulse count,
+        finite): of ``g``, or of the conductance now (drift included)."""
+        g = self.conductance() if g is None else g
         y = ((g - self.g_min) / (self.g_max - self.g_min)).clamp(0.0, 1.0)
-        a, em, lin, n_ltp = self._curves["ltp"]
-        p = _inverse(y, a, em, lin) * n_ltp
-        a, em, lin, n_ltd = self._curves["ltd"]
-        q = _inverse(1.0 - y, a, em, lin) * n_ltd
-        return p, q
+        *ltp, n_ltp = self._curves["ltp"]
+        *ltd, n_ltd = self._curves["ltd"]
+        return _inverse(y, *ltp) * n_ltp, _inverse(1.0 - y, *ltd) * n_ltd
 
     def after_pulses(self, pulses: torch.Tensor, noise: bool = True) -> torch.Tensor:
         """Conductances that signed pulse counts (> 0 potentiation, < 0 depression) would give, without
-        changing the array: each cell moves along the curve of the pulses' polarity by |n| times its own step,
-        stops at its bounds, and gets cycle-to-cycle noise of sigma c2c·(g_max − g_min)·sqrt(|n|)
-        (independent noise per pulse). Stuck cells stay where they are."""
+        changing the array: each cell moves from its conductance now (drift included) along the curve of the
+        pulses' polarity by |n| times its own step, stops at its bounds, and gets cycle-to-cycle noise of sigma
+        c2c·(g_max − g_min)·sqrt(|n|) (independent noise per pulse). Stuck cells stay where they are; cells
+        without pulses keep their conductance now (``conductance()``)."""
         n = torch.as_tensor(pulses, device=self.device, dtype=self.dtype).expand(self.shape).reshape(-1)
         hit = n != 0  # stuck cells are pulsed too, and stay put (their bounds in the table)
         if bool(hit.all()):  # every cell (DGC perturbs them all): no gathers
             return self._moved(None, n, noise).reshape(self.shape).clone()
         idx = hit.nonzero().squeeze(1)
-        out = self.g.reshape(-1).clone()
+        out = self._now().clone()
         if idx.numel():
             out[idx] = self._moved(idx, n[idx], noise)
         return out.reshape(self.shape)
@@ -271,44 +411,52 @@ class DeviceArray:
         cell pulsed, without changing the array: what DGC's perturbing and restoring pulses do to all cells
         of a layer (each cell on its own, as the chip does one after another)."""
         n = torch.as_tensor(pulses, device=self.device, dtype=self.dtype).expand(self.shape).reshape(-1)
-        saved = self.g
-        try:
-            self.g = g.reshape(self.shape)
+        saved = self.g, self.t_programmed
+        try:  # g is what the cells hold now: no drift on top of it
+            self.g, self.t_programmed = g.reshape(self.shape), torch.full_like(saved[1], self.time_s)
             return self._moved(None, n, noise).reshape(self.shape).clone()
         finally:
-            self.g = saved
+            self.g, self.t_programmed = saved
 
     def _pulse_table(self) -> tuple[torch.Tensor, tuple[bool, bool]]:
         """What a pulse needs of a cell, packed so that the sparse path fetches it with one gather, in affine
         form so that the pulse takes few operations: rows (cell, polarity) -- or just (polarity) when every cell
         is alike -- and columns
 
-            0, 1  position on the polarity's curve from G: c0 + c1·G  (LTP: (G − g_min)/span; LTD: 1 − that)
+            0, 1  position on the saturating curve from G: c0 + c1·G  (LTP: (G − g_min)/span; LTD: 1 − that)
             2     curve fraction per pulse, signed like the pulse: ±step / pulse count
-            3, 4  −A and expm1(−1/A) of the curve
+            3, 4  −|A| and expm1(−1/|A|) of the curve
             5, 6  G from a curve position: c5 + c6·y
             7, 8  lower and upper bound of G (both the stuck value for a stuck cell, which then stays put)
 
-        The linear flag is per polarity: a cell whose spread A reaches _LINEAR_A follows the exponential form,
-        which is then linear to < 1e-7."""
+        A convex curve (negative A: the cell's label crossed 0) is the saturating curve of |A| point-reflected:
+        its columns are the other polarity's frame with the step's sign reversed, so one formula serves both.
+        The flags are per polarity (every cell linear: the cheap form) plus whether any cell is convex; a cell
+        whose |A| reaches _LINEAR_A follows the exponential form, which is then linear to < 1e-7."""
         per_cell = self.any_stuck or any(t.dim() for t in (self.g_min, self.g_max, self.step, self.a_ltp,
                                                            self.a_ltd))
         shape = self.shape if per_cell else ()
         lo, hi = self.g_min.expand(shape), self.g_max.expand(shape)
         span = hi - lo
         low, high = self._apply_stuck(lo), self._apply_stuck(hi)  # unchanged when no cell is stuck
-        columns, linear = [], []
+        columns, linear, any_convex = [], [], False
+        up = (-lo / span, 1.0 / span, lo, span)                  # frame measured from g_min upwards
+        down = (1.0 + lo / span, -1.0 / span, hi, -span)         # frame measured from g_max downwards
         for name, sign in (("ltp", 1.0), ("ltd", -1.0)):
-            a, em, lin, count = self._curves[name]
+            a, em, lin, convex, count = self._curves[name]
             linear.append(bool(lin.all()))
-            if sign > 0:
-                cols = (-lo / span, 1.0 / span, self.step / count, -a, em, lo, span, low, high)
-            else:
-                cols = (1.0 + lo / span, -1.0 / span, -self.step / count, -a, em, hi, -span, low, high)
+            frame, per = (up, sign * self.step / count) if sign > 0 else (down, sign * self.step / count)
+            if bool(convex.any()):
+                any_convex = True
+                other = down if sign > 0 else up
+                frame = tuple(torch.where(convex, o, f) for f, o in zip(frame, other, strict=True))
+                per = torch.where(convex, -per, per)
+            c0, c1, y0, dy = frame
+            cols = (c0, c1, per, -a, em, y0, dy, low, high)
             columns.append(torch.stack([torch.as_tensor(c, dtype=self.dtype, device=self.device)
                                         .expand(shape).reshape(-1) for c in cols], dim=-1))
         table = torch.stack(columns, dim=-2)                     # (cells or 1, 2 polarities, 9)
-        return table.reshape(-1, 9).contiguous(), (linear[0], linear[1])
+        return table.reshape(-1, 9).contiguous(), (linear[0], linear[1], any_convex)
 
     def _moved(self, idx: torch.Tensor | None, ns: torch.Tensor, noise: bool) -> torch.Tensor:
         """New conductances of cells ``idx`` (flat; None: all) after signed pulse counts ``ns`` (non-zero).
@@ -324,33 +472,36 @@ class DeviceArray:
                 constants = torch.where(down.unsqueeze(1), t[:, 1], t[:, 0])
             else:  # one polarity for all (DGC's perturbations): the table's rows as they are, no selection
                 constants = t[:, 1] if some_down else t[:, 0]
-            g = self.g.reshape(-1)
+            g = self._now()
         else:
             constants, g = self._gather(idx, down)
         return self._pulse(constants, g, ns, down, noise)
 
     def _gather(self, idx: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The table rows of cells ``idx`` for their pulses' polarity, and their conductances."""
+        """The table rows of cells ``idx`` for their pulses' polarity, and their conductances now."""
         table = self._table[0]
         rows = down.long() if table.shape[0] == 2 else idx.mul(2).add_(down)
-        return table.index_select(0, rows), self.g.view(-1).index_select(0, idx)
+        return table.index_select(0, rows), self._now(idx)
 
     def _pulse(self, constants: torch.Tensor, g: torch.Tensor, ns: torch.Tensor, down: torch.Tensor | None,
                noise: bool) -> torch.Tensor:
         """The pulse response on gathered rows of the table (see ``_pulse_table`` for the columns); ``down``
         (ns < 0) is needed only when one polarity is linear and the other not (None: computed here)."""
-        lin_p, lin_d = self._table[1]
+        lin_p, lin_d, convex = self._table[1]
         c0, c1, per_pulse, neg_a, em, y0, dy, low, high = constants.unbind(1)
         pos = torch.addcmul(c0, c1, g).clamp_(0.0, 1.0)   # where the cell is on the curve of its polarity
-        step = ns * per_pulse                              # |n| pulses along that curve
+        step = ns * per_pulse                              # |n| pulses along that curve (backwards: convex)
         if lin_p and lin_d:
-            moved = pos.add_(step).clamp_(max=1.0)
+            moved = pos.add_(step).clamp_(0.0, 1.0)
         else:
-            x = torch.log1p(pos * em).mul_(neg_a).add_(step).clamp_(max=1.0)
+            x = torch.log1p(pos * em).mul_(neg_a)          # +inf at a steep curve's flat end: the end, x = 1
+            if convex:
+                x.clamp_(max=1.0)                          # before a backward step, so that the step counts
+            x = x.add_(step).clamp_(0.0, 1.0)
             moved = torch.expm1(x.div_(neg_a)).div_(em)
             if lin_p or lin_d:
                 down = ns < 0 if down is None else down
-                moved = torch.where(down if lin_d else ~down, (pos + step).clamp_(max=1.0), moved)
+                moved = torch.where(down if lin_d else ~down, (pos + step).clamp_(0.0, 1.0), moved)
         g_new = torch.addcmul(y0, dy, moved)
         if noise and self.spec.c2c > 0:
             draw = torch.randn(ns.shape, generator=self.noise_generator, device=self.device, dtype=self.dtype)
@@ -386,14 +537,17 @@ class DeviceArray:
             self.t_programmed.view(-1).index_fill_(0, idx, self.time_s)
         self.version += 1
 
-    def pulses_for(self, g_target: torch.Tensor) -> torch.Tensor:
-        """Nominal (fractional) signed pulse counts that would move each cell to ``g_target`` along the curve
-        of the needed polarity, as a controller that knows the nominal device would compute them."""
-        p, q = self.pulse_position()
+    def pulses_for(self, g_target: torch.Tensor, g_now: torch.Tensor | None = None) -> torch.Tensor:
+        """(Fractional) signed pulse counts that would move each cell from ``g_now`` (default: its conductance
+        now, drift included; write-and-verify passes what it read) to ``g_target`` along the curve of the needed
+        polarity, as a controller that has characterized every cell's curve would compute them. Finite for
+        every cell: positions lie in 0 … pulse count."""
+        g_now = self.conductance() if g_now is None else g_now
+        p, q = self.pulse_position(g_now)
         p_t, q_t = self.pulse_position(torch.clamp(g_target, self.g_min, self.g_max))
         up = (p_t - p) / self.step
         down = -(q_t - q) / self.step
-        return torch.where(g_target >= self.g, up.clamp(min=0), down.clamp(max=0))
+        return torch.where(g_target >= g_now, up.clamp(min=0), down.clamp(max=0))
 
     # -- reading ------------------------------------------------------------------------------------------
     @property
@@ -438,7 +592,11 @@ def pair_arrays(first: DeviceArray, second: DeviceArray) -> None:
     devices of the pulsed pairs with one gather (no extra memory: the halves are views)."""
     shared = torch.cat([first._table[0], second._table[0]])
     m = first._table[0].shape[0]
-    first._table, second._table = (shared[:m], first._table[1]), (shared[m:], second._table[1])
+    # One pass serves both devices, so its flags must hold for both: the cheap linear form only where both are
+    # linear, the convex clamp where either has a convex cell (a no-op for the other cells).
+    (lp1, ld1, cv1), (lp2, ld2, cv2) = first._table[1], second._table[1]
+    flags = (lp1 and lp2, ld1 and ld2, cv1 or cv2)
+    first._table, second._table = (shared[:m], flags), (shared[m:], flags)
     first._pair = (second, shared)
 
 
@@ -482,7 +640,7 @@ def program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, tor
             base = idx * 2
             rows = torch.cat([base + down, base.add_(m + 1).sub_(down)])
         joined.append((i, first, second, idx, shared.index_select(0, rows),
-                       torch.cat([first.g.view(-1).index_select(0, idx), second.g.view(-1).index_select(0, idx)]),
+                       torch.cat([first._now(idx), second._now(idx)]),
                        torch.cat([counts, counts.neg()])))
     if others:
         for i, part in zip(others, program_pairs([writes[i] for i in others]), strict=True):

@@ -87,6 +87,51 @@ def a_from_label(label: float | np.ndarray) -> float | np.ndarray:
     return float(a) if a.ndim == 0 else a
 
 
+def _gap_terms(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(D, 1 − D, dD/dv) at v = ln(1/a), each without cancellation: the odd series below u = 1/a = 0.05,
+    the closed forms above (1 − D from its own closed form once D is large, u > 2)."""
+    u = torch.exp(v)
+    small = u < _SERIES_U
+    us = torch.where(small, u, torch.zeros_like(u))
+    u2 = us * us
+    d_series = us * (1 / 8 - u2 * (1 / 576 - u2 * (1 / 25920 - u2 / 1075200)))
+    slope_series = 1 / 8 - u2 * (1 / 192 - u2 * (1 / 5184 - u2 * 7 / 1075200))
+    ub = torch.where(small, torch.ones_like(u), u)
+    vb = torch.where(small, torch.zeros_like(v), v)
+    e = -torch.expm1(-ub)                       # E = 1 − exp(−u)
+    inv_u = torch.exp(-vb)
+    ln_ratio = torch.log(e) - vb                # ln(E/u)
+    tail = torch.exp(-ub) / e
+    d_closed = 1 / e - inv_u + inv_u * ln_ratio
+    rest_closed = inv_u * (1 - ln_ratio) - tail
+    slope_closed = tail * (inv_u - 1 / e) - ln_ratio * inv_u * inv_u
+    d = torch.where(small, d_series, d_closed)
+    rest = torch.where(u > 2, rest_closed, 1 - d)
+    return d, rest, u * torch.where(small, slope_series, slope_closed)
+
+
+def a_from_label_tensor(label: torch.Tensor, iterations: int = 4) -> torch.Tensor:
+    """``a_from_label`` for a tensor of labels (one per cell), in float64 on the tensor's device, keeping the
+    sign: a negative label gives a negative a (the point-reflected curve, as in ``pulse_response``); 0 → inf.
+
+    Newton's method on logit(D) as a function of v = ln(1/a): that function rises from ≈ v − ln 8 (linear
+    end) to ≈ v − ln(1 + v) (step end), nearly a straight line of slope 1, so Newton started at
+    logit(K·|label|) + ln 8 converges in three steps to double precision over the whole range
+    (tests/test_nonlinearity.py compares it with the bisection of ``a_from_label``). It costs ~30 element-wise
+    operations per step instead of the bisection's 200 halvings, which matters when every cell has its own label.
+    """
+    lab = label.to(torch.float64)
+    target = (LABEL_GAP * lab.abs()).clamp(min=1e-300)
+    c = torch.log(target) - torch.log1p(-target)
+    v = c + math.log(8.0)
+    for _ in range(iterations):
+        d, rest, slope = _gap_terms(v)
+        v = v - (torch.log(d) - torch.log(rest) - c) * d * rest / slope
+    a = torch.exp(-v)
+    a = torch.where(lab == 0, torch.full_like(a, math.inf), a)
+    return torch.where(lab < 0, -a, a)
+
+
 def _response_torch(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     linear = torch.isinf(a)
     neg = a < 0

@@ -25,7 +25,7 @@ def test_ideal_read_equals_matmul(spec_factory, mapping, shape, tile):
     cfg = CrossbarConfig(tile_rows=tile[0], tile_cols=tile[1], mapping=mapping, w_max=2.0, input_max=3.0)
     bar = Crossbar(spec, *shape, cfg, seed=0, dtype=torch.float64)
     w = rand(shape, 1, -2.0, 2.0)
-    bar.set_weights(w)
+    bar.set_weights(w, snap=False)
     x = rand((7, shape[0]), 2, -3.0, 3.0)
     torch.testing.assert_close(bar.read(x), x @ w, rtol=1e-10, atol=1e-10)
     d = rand((7, shape[1]), 3)
@@ -36,7 +36,7 @@ def test_ideal_read_equals_matmul(spec_factory, mapping, shape, tile):
 def test_float32_read_is_float_precise(spec_factory):
     bar = Crossbar(spec_factory(), 256, 256, seed=0)
     w = rand((256, 256), 1).float()
-    bar.set_weights(w)
+    bar.set_weights(w, snap=False)
     x = rand((128, 256), 2).float()
     torch.testing.assert_close(bar.read(x), x @ w, rtol=1e-5, atol=2e-5)
 
@@ -59,7 +59,7 @@ def test_converters_in_the_read(spec_factory, rows):
     cfg = CrossbarConfig(tile_rows=16, tile_cols=8, dac_bits=4, adc_bits=6, adc_range=2.0)
     bar = Crossbar(spec, rows, 8, cfg, seed=0, dtype=torch.float64)
     w = rand((rows, 8), 1) * 0.5
-    bar.set_weights(w)
+    bar.set_weights(w, snap=False)
     x = rand((5, rows), 2)
     # Reference computed here: DAC grid of 7 levels per sign, per-tile partial sums, ADC of 31 levels per sign.
     xq = torch.round(x.clamp(-1, 1) * 7) / 7
@@ -82,7 +82,7 @@ def test_read_noise_at_the_output_matches_per_cell_noise(spec_factory, tile_rows
     spec = spec_factory(read_noise=sigma)
     bar = Crossbar(spec, 64, 4, CrossbarConfig(tile_rows=tile_rows), seed=0, dtype=torch.float64)
     w = rand((64, 4), 1)
-    bar.set_weights(w)
+    bar.set_weights(w, snap=False)
     x = rand((1, 64), 2).expand(20000, 64)
     y = bar.read(x)
     g2 = bar.plus.g[:64, :4] ** 2 + bar.minus.g[:64, :4] ** 2
@@ -102,7 +102,7 @@ def test_nodal_wire_resistance_tends_to_ideal(spec_factory):
     for r in (10.0, 1.0, 0.1):
         cfg = CrossbarConfig(tile_rows=6, tile_cols=3, wire_resistance="nodal", r_wire=r)
         bar = Crossbar(spec, 12, 6, cfg, seed=0, dtype=torch.float64)
-        bar.set_weights(w)
+        bar.set_weights(w, snap=False)
         errors.append(float((bar.read(x) - x @ w).abs().max()))
         dt = rand((3, 6), 3)
         assert float((bar.read_transposed(dt) - dt @ w.T).abs().max()) < 50 * r * 1e-5 * 10
@@ -114,7 +114,7 @@ def test_nodal_wire_resistance_tends_to_ideal(spec_factory):
     approx = Crossbar(spec, 12, 6, CrossbarConfig(tile_rows=6, tile_cols=3, wire_resistance="approximate",
                                                   r_wire=5.0), seed=0, dtype=torch.float64)
     for bar in (exact, approx):
-        bar.set_weights(w)
+        bar.set_weights(w, snap=False)
     torch.testing.assert_close(approx.read(x), exact.read(x), rtol=1e-4, atol=1e-5)
 
 

@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from neurosim.backend import make_generator
 from neurosim.cli import main
 from neurosim.config import ConfigError
 from neurosim.device import DeviceArray, load_card, shipped_card_paths, shipped_cards
-from neurosim.nonlinearity import a_from_label
+from neurosim.nonlinearity import MAX_LABEL, a_from_label, label_from_a, pulse_response
 
 
 def array(spec, shape=(64, 64), seed=0, dtype=torch.float64):
@@ -87,17 +88,75 @@ def test_shipped_cards_follow_their_published_curve():
 
 def test_device_to_device_spreads_match_sigma(spec_factory):
     sigma = {"g_min_dtod": 0.10, "g_max_dtod": 0.05, "step_dtod": 0.2}
-    spec = spec_factory(a_ltp=0.5, nl_dtod=0.15, **sigma)
+    spec = spec_factory(a_ltp=0.5, nl_ltd=-3.0, nl_dtod=0.15, **sigma)
     cells = array(spec, (100, 100))
     n = 100 * 100
     # The standard error of a sample standard deviation of n normal draws is sigma/sqrt(2(n−1)): allow 5 of them.
     for field, values, nominal, s in (("g_min", cells.g_min, spec.g_min, 0.10),
                                       ("g_max", cells.g_max, spec.g_max, 0.05),
-                                      ("step", cells.step, 1.0, 0.2), ("a", cells.a_ltp, 0.5, 0.15)):
+                                      ("step", cells.step, 1.0, 0.2)):
         rel = values / nominal
         tol = 5 * s / math.sqrt(2 * (n - 1))
         assert float(rel.std()) == pytest.approx(s, abs=tol), field
         assert float(rel.mean()) == pytest.approx(1.0, abs=5 * s / math.sqrt(n)), field
+    # The nonlinearity spreads on the label, absolute (NeuroSim's sigmaDtoD), each polarity on its own draw.
+    for values, nominal in ((cells.a_ltp, label_from_a(0.5)), (cells.a_ltd, 3.0)):
+        labels = torch.from_numpy(label_from_a(values.numpy()))
+        assert float(labels.std()) == pytest.approx(0.15, abs=5 * 0.15 / math.sqrt(2 * (n - 1)))
+        assert float(labels.mean()) == pytest.approx(nominal, abs=5 * 0.15 / math.sqrt(n))
+    r = float(torch.corrcoef(torch.stack([cells.a_ltp.reshape(-1), cells.a_ltd.reshape(-1)]))[0, 1])
+    assert abs(r) < 5 / math.sqrt(n)
+
+
+@pytest.mark.parametrize("nominal,sigma", [(0.0, 1.0), (9.0, 1.0), (2.4, 10.0)])
+def test_nonlinearity_spread_is_a_truncated_gaussian_on_the_label(spec_factory, nominal, sigma):
+    """Labels N(nominal, sigma²) conditioned on |label| < MAX_LABEL: the distribution (Kolmogorov-Smirnov
+    distance below 2/sqrt(n), which a correct sampler exceeds with probability 1e-3; the seed is fixed), no
+    pile-up at the step response (a clamp would put P(label > MAX) there: 14 % at nominal 9), and a linear
+    card's spread is not zero: its cells bend both ways."""
+    from scipy.stats import kstest, truncnorm
+
+    spec = spec_factory(states=33, nl_ltp=nominal, nl_dtod=sigma)
+    cells = array(spec, (100, 100))
+    labels = label_from_a(cells.a_ltp.reshape(-1).numpy())
+    n = labels.size
+    lo, hi = (-MAX_LABEL - nominal) / sigma, (MAX_LABEL - nominal) / sigma
+    stat = kstest(labels, truncnorm(lo, hi, loc=nominal, scale=sigma).cdf).statistic
+    assert stat < 2 / math.sqrt(n)
+    assert np.abs(labels).max() < MAX_LABEL
+    near_edge = truncnorm(lo, hi, loc=nominal, scale=sigma).sf(MAX_LABEL - 0.01) * n  # expected count there
+    assert (labels > MAX_LABEL - 0.01).sum() <= near_edge + 5 * math.sqrt(near_edge) + 1
+    if nominal == 0.0:
+        convex = float((cells.a_ltp < 0).double().mean())
+        assert abs(convex - 0.5) < 5 * 0.5 / math.sqrt(n)
+    assert bool(torch.isfinite(cells.a_ltp).all()) and bool((cells.a_ltp != 0).all())
+
+
+def test_a_huge_label_spread_tends_to_the_uniform_distribution(spec_factory):
+    from scipy.stats import kstest, uniform
+
+    cells = array(spec_factory(states=33, nl_ltp=2.0, nl_dtod=1e12), (100, 100))
+    labels = label_from_a(cells.a_ltp.reshape(-1).numpy())
+    assert kstest(labels, uniform(-MAX_LABEL, 2 * MAX_LABEL).cdf).statistic < 2 / math.sqrt(labels.size)
+
+
+def test_every_cell_follows_its_own_closed_form_curve_both_ways(spec_factory):
+    """With label spreads (labels of both signs, up to |label| 6-8), each cell's pulses follow
+    g_min + span·pulse_response(p, P, a_cell) up and g_max − span·pulse_response(q, P, a_cell) down, a negative
+    a being the point-reflected curve (NeuroSim's getParamA of a negative label)."""
+    spec = spec_factory(states=33, nl_ltp=0.5, nl_ltd=-0.5, nl_dtod=2.5)
+    cells = array(spec, (16, 16))
+    a_ltp, a_ltd = cells.a_ltp.numpy(), cells.a_ltd.numpy()
+    assert (a_ltp < 0).any() and (a_ltp > 0).any() and (np.abs(a_ltp) < 0.15).any()  # labels beyond ±6
+    span, P = spec.g_max - spec.g_min, spec.pulses_ltp
+    for p in range(1, P + 3):
+        cells.program(torch.ones(16, 16, dtype=torch.float64))
+        expected = spec.g_min + span * pulse_response(min(p, P), P, a_ltp)
+        np.testing.assert_allclose(cells.g.numpy(), expected, rtol=1e-9, atol=1e-12 * span)
+    for q in range(1, P + 3):
+        cells.program(-torch.ones(16, 16, dtype=torch.float64))
+        expected = spec.g_max - span * pulse_response(min(q, P), P, a_ltd)
+        np.testing.assert_allclose(cells.g.numpy(), expected, rtol=1e-9, atol=1e-12 * span)
 
 
 def test_cycle_to_cycle_noise_matches_sigma(spec_factory):
@@ -221,10 +280,11 @@ def test_drift_follows_power_law(spec_factory):
     spec = spec_factory(drift_nu=0.06, drift_t0=1.0)
     cells = array(spec, (4, 4))
     cells.set_conductance(torch.full((4, 4), 5e-6, dtype=torch.float64))
+    g0 = cells.g.clone()
     cells.advance(0.5)  # before t0 nothing has drifted
     assert torch.equal(cells.conductance(), cells.g)
     cells.advance(999.5)
-    torch.testing.assert_close(cells.conductance(), torch.full((4, 4), 5e-6 * 1000 ** -0.06, dtype=torch.float64))
+    torch.testing.assert_close(cells.conductance(), g0 * 1000 ** -0.06, rtol=1e-12, atol=0)
 
 
 def test_same_seed_same_tensors_other_seed_other_samples(spec_factory):
@@ -276,6 +336,12 @@ nl_ltp = "a paper"
     (GOOD.replace('states = 64', 'states = "many"'), "states"),                     # wrong type
     (GOOD.replace('g_min = 1e-6', 'g_min = -1e-6'), "g_min"),                       # negative conductance
     (GOOD.replace('nl_ltp = 1.0', 'nl_ltp = 25.0'), "nl_ltp"),                      # beyond a step response
+    (GOOD.replace('nl_ltp = 1.0', 'nl_ltp = 1.0\nread_noise = 0.3').replace('[source]', '[source]\nread_noise = "x"'),
+     "read_noise"),                                                                   # reads clamp at 0 too often
+    (GOOD.replace('g_max = 1e-5', 'g_max = 5.0'), "g_max"),                          # not a device (5 S)
+    (GOOD.replace('g_min = 1e-6', 'g_min = 1e-18'), "g_min"),
+    (GOOD.replace('states = 64', 'states = 60000'), "states"),                      # steps finer than float32
+    (GOOD.replace('g_max = 1e-5', 'g_max = 1.000001e-6').replace('states = 64', 'states = 2'), "g_max"),
     (GOOD.replace('states = "a paper"\n', ''), "source.states"),                    # number without a source
     ("name = [unclosed", "not valid TOML"),                                          # not TOML at all
 ])
@@ -308,3 +374,174 @@ def test_good_card_and_missing_file_through_the_cli(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["devices"]) == 0
     assert "Ag:a-Si" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fields", [{"states": 2}, {"states": 5, "nl_ltp": 3.0},
+                                    {"states": 9, "nl_ltp": 1.0, "nl_dtod": 3.0, "step_dtod": 0.3,
+                                     "g_min_dtod": 0.2, "g_max_dtod": 0.2, "stuck_at_gmin": 0.05}])
+def test_idealized_writes_land_on_levels_pulses_reach(spec_factory, fields):
+    """set_conductance puts each cell on the level nearest the target among those its own potentiation pulses
+    reach from g_min (found here by pulsing a twin array one pulse at a time), so a device of few states holds
+    few values; stuck cells stay stuck."""
+    spec = spec_factory(**fields)
+    cells, twin = array(spec, (24, 24)), array(spec, (24, 24))    # same seed: the same sampled cells
+    levels = [twin.g.clone()]
+    while True:
+        twin.program(torch.ones(24, 24, dtype=torch.float64))
+        if torch.equal(twin.g, levels[-1]):
+            break
+        levels.append(twin.g.clone())
+    levels = torch.stack(levels)                                     # (levels, 24, 24)
+    target = spec.g_min + torch.rand(24, 24, generator=torch.Generator().manual_seed(3), dtype=torch.float64) \
+        * (spec.g_max - spec.g_min) * 1.2
+    cells.set_conductance(target)
+    nearest = levels.gather(0, (levels - target).abs().argmin(0, keepdim=True))[0]
+    free = ~cells.stuck
+    torch.testing.assert_close(cells.g[free], nearest[free], rtol=1e-12, atol=0)
+    if spec.stuck_at_gmin:
+        assert torch.equal(cells.g[cells.stuck], cells.g_min.expand(cells.shape)[cells.stuck])
+    if "nl_dtod" not in fields:
+        assert len(torch.unique(cells.g)) <= spec.states
+    analog = array(spec, (24, 24))
+    analog.set_conductance(target, snap=False)
+    assert len(torch.unique(analog.g)) > spec.states  # the reference placement keeps analog values
+
+
+def test_crossbar_set_weights_holds_levels_and_the_controller_knows_them(spec_factory):
+    from neurosim.crossbar import Crossbar
+
+    spec = spec_factory(states=2)
+    bar = Crossbar(spec, 40, 26, seed=0, dtype=torch.float64)
+    w = torch.rand(40, 26, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    bar.set_weights(w)
+    assert set(torch.unique(torch.cat([bar.plus.g, bar.minus.g])).tolist()) <= {spec.g_min, spec.g_max}
+    assert set(torch.unique(bar.weights()).tolist()) <= {-1.0, 0.0, 1.0}
+    torch.testing.assert_close(bar.believed, bar.weights(), rtol=0, atol=0)  # no spread: belief = chip
+    bar.set_weights(w, snap=False)
+    torch.testing.assert_close(bar.weights(), w, rtol=1e-12, atol=1e-12)
+    # With spreads the chip's levels are each cell's own; the controller believes the nominal card's.
+    nominal = Crossbar(spec_factory(states=9), 40, 26, seed=0, dtype=torch.float64)
+    varied = Crossbar(spec_factory(states=9, g_min_dtod=0.2, step_dtod=0.2), 40, 26, seed=0, dtype=torch.float64)
+    for b in (nominal, varied):
+        b.set_weights(w)
+    assert torch.equal(varied.believed, nominal.weights()) and not torch.equal(varied.weights(), nominal.weights())
+
+
+@pytest.mark.parametrize("labels", [(0.0, 0.0), (2.4, -4.88)])
+def test_a_pulse_starts_from_the_drifted_conductance(spec_factory, labels):
+    """Drift lowers G(t) = G·(age/t0)^-nu; a pulse moves the cell from there and restarts its age, on the whole-
+    array path, the sparse path and the paired path alike (the same numbers as pulsing a cell placed at the
+    drifted value without drift)."""
+    from neurosim.device import pair_arrays, program_pair
+
+    drifting = spec_factory(states=65, nl_ltp=labels[0], nl_ltd=labels[1], drift_nu=0.1, drift_t0=1.0)
+    still = spec_factory(states=65, nl_ltp=labels[0], nl_ltd=labels[1])
+    n = torch.randint(-4, 5, (16, 16), generator=torch.Generator().manual_seed(1)).double()
+    n[n == 0] = 2.0
+    start = spec_factory().g_min + torch.rand(16, 16, generator=torch.Generator().manual_seed(2),
+                                              dtype=torch.float64) * 9e-6
+    whole, sparse = array(drifting, (16, 16)), array(drifting, (16, 16))
+    pair = [array(drifting, (16, 16)), array(drifting, (16, 16), seed=1)]
+    pair_arrays(*pair)
+    for cells in (whole, sparse, *pair):
+        cells.set_conductance(start)
+        cells.advance(500.0)
+    drifted = whole.conductance().clone()
+    reference = array(still, (16, 16))
+    reference.set_conductance(drifted, snap=False)
+    reference.program(n)
+    whole.program(n)
+    flat = n.reshape(-1)
+    for part in (torch.arange(0, 256, 2), torch.arange(1, 256, 2)):
+        sparse.program_cells(part, flat[part])
+    idx = torch.arange(0, 256, 3)
+    assert program_pair(pair[0], pair[1], idx, flat[idx]) is not None
+    for cells in (whole, sparse):
+        torch.testing.assert_close(cells.g, reference.g, rtol=1e-12, atol=0)
+        assert torch.equal(cells.conductance(), cells.g)          # age restarted: nothing has drifted yet
+    moved = torch.zeros(256, dtype=torch.bool)
+    moved[idx] = True
+    torch.testing.assert_close(pair[0].g.reshape(-1)[moved], reference.g.reshape(-1)[moved], rtol=1e-12, atol=0)
+    assert torch.equal(pair[0].conductance().reshape(-1)[~moved], drifted.reshape(-1)[~moved])
+
+
+def test_positions_and_pulse_counts_are_finite_at_the_window_edges(spec_factory):
+    spec = spec_factory(states=1024, nl_ltp=9.9, nl_ltd=-9.9, nl_dtod=10.0, g_min_dtod=1.0, step_dtod=1.0)
+    for dtype in (torch.float32, torch.float64):
+        cells = DeviceArray(spec, (64, 64), make_generator(0, "cpu", "cells"), dtype=dtype)
+        for g in (cells.g_min.expand(cells.shape), cells.g_max.expand(cells.shape),
+                  torch.zeros(cells.shape, dtype=dtype), torch.full(cells.shape, 1.0, dtype=dtype)):
+            p, q = cells.pulse_position(g)
+            assert bool(torch.isfinite(p).all() and torch.isfinite(q).all())
+            assert float(p.min()) >= 0 and float(p.max()) <= spec.pulses_ltp
+            for target in (cells.g_min.expand(cells.shape), cells.g_max.expand(cells.shape)):
+                assert bool(torch.isfinite(cells.pulses_for(target, g)).all())
+
+
+def test_a_steep_convex_cell_crosses_its_flat_start_in_one_pulse_train(spec_factory):
+    # Documented limit (docs/devices.md): a cell's state is its conductance, so a single pulse on the flat start
+    # of a very steep convex curve (label below about -8.8 in float64) changes G by less than float resolution;
+    # a train of n pulses in one write (what write-and-verify issues) moves it by n steps.
+    spec = spec_factory(states=33, nl_ltp=0.0, nl_dtod=5.0)
+    cells = array(spec, (64, 64))
+    steep = torch.from_numpy(label_from_a(cells.a_ltp.numpy()) < -9.5)
+    assert int(steep.sum()) > 20
+    cells.program(torch.ones(64, 64, dtype=torch.float64))
+    torch.testing.assert_close(cells.g[steep], torch.full_like(cells.g[steep], spec.g_min), rtol=1e-12, atol=0)
+    cells.set_conductance(torch.full((64, 64), spec.g_min, dtype=torch.float64))
+    cells.program(torch.full((64, 64), float(spec.pulses_ltp), dtype=torch.float64))
+    torch.testing.assert_close(cells.g[steep], torch.full_like(cells.g[steep], spec.g_max), rtol=1e-12, atol=0)
+
+
+def test_reads_are_never_negative_and_the_read_noise_bound(spec_factory):
+    spec = spec_factory(read_noise=0.2)
+    cells = array(spec, (200, 200))
+    reads = torch.stack([cells.read() for _ in range(5)])
+    assert float(reads.min()) >= 0.0
+    rel = reads / cells.g - 1
+    n = reads.numel()
+    assert float(rel.std()) == pytest.approx(0.2, abs=5 * 0.2 / math.sqrt(2 * (n - 1)))
+    with pytest.raises(ConfigError, match="read_noise"):
+        spec_factory(read_noise=0.21)
+
+
+def test_write_verify_counts_pulses_from_the_drifted_read(spec_factory):
+    """After drift, one write-and-verify pass lands every device that needed pulses within half a step of its
+    target: the count comes from the (drifted) read and the pulses start from that same conductance."""
+    from neurosim.crossbar import Crossbar
+
+    spec = spec_factory(states=257, drift_nu=0.1, drift_t0=1.0)
+    bar = Crossbar(spec, 30, 20, seed=0, dtype=torch.float64)
+    w1 = torch.rand(30, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.5
+    bar.set_weights(w1)
+    bar.advance(1e4)                                 # G drops by 1e4^-0.1 = 0.40
+    w2 = torch.rand(30, 20, generator=torch.Generator().manual_seed(2), dtype=torch.float64) - 0.5
+    targets = bar.target_conductances(w2)
+    stats = bar.write_verify(w2, tolerance=0.01, max_iterations=1)
+    half_step = 0.5 * (spec.g_max - spec.g_min) / spec.pulses_ltp
+    for cells, target in zip(bar._arrays(), targets, strict=True):
+        err = (cells.conductance() - target)[:30, :20].abs()
+        assert float(err.max()) <= half_step * (1 + 1e-9)
+    assert stats["unconverged"] > 0        # the verify before the pulses saw every device off (drift)
+
+
+def test_a_pair_pass_serves_a_convex_cell_of_either_device(spec_factory):
+    """The paired pass uses one set of flags for both devices: a steep convex cell of the second device, pulsed
+    across its flat start in one train, moves as it does on its own although the first device has none."""
+    from neurosim.device import pair_arrays, program_pair
+
+    spec = spec_factory(states=17, nl_ltp=0.0, nl_ltd=0.0, nl_dtod=20.0)
+    seeds = (3, 10)  # found by search: the first array has no convex cell, the second a steep one in cell 0
+    first, second = array(spec, (1, 3), seed=seeds[0]), array(spec, (1, 3), seed=seeds[1])
+    assert not bool((first.a_ltp < 0).any() or (first.a_ltd < 0).any())
+    assert label_from_a(float(second.a_ltp[0, 0])) < -9.5
+    singles = [array(spec, (1, 3), seed=s) for s in seeds]
+    pair_arrays(first, second)
+    idx = torch.arange(2)                                        # two of the three cells: the paired pass
+    counts = torch.tensor([-16.0, -16.0], dtype=torch.float64)   # second gets +16: across its whole LTP curve
+    assert program_pair(first, second, idx, counts) is not None
+    singles[0].program_cells(idx, counts)
+    singles[1].program_cells(idx, -counts)
+    for paired, single in zip((first, second), singles, strict=True):
+        torch.testing.assert_close(paired.g, single.g, rtol=1e-12, atol=0)
+    assert float(second.g[0, 0]) == pytest.approx(spec.g_max, rel=1e-12)

@@ -327,6 +327,15 @@ def test_convert_maps_a_torch_model():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3))
     net = convert(model, make_spec(states=4097))
     x = torch.rand(4, 1, 3, 4)
+    # Each device holds the level nearest its target (docs/devices.md): a pair's weight is within dw_pulse/2 of
+    # the model's, and the network computes what the model computes with those weights.
+    for lin, layer in zip((model[1], model[3]), net.analog_layers, strict=True):
+        w = layer.crossbar.weights()
+        assert float((w - torch.cat([lin.weight.detach().T, lin.bias.detach()[None]])).abs().max()) <= \
+            0.5 * layer.crossbar.dw_pulse * (1 + 1e-3)
+        with torch.no_grad():
+            lin.weight.copy_(w[:-1].T)
+            lin.bias.copy_(w[-1])
     torch.testing.assert_close(net(x), model(x).detach(), rtol=1e-4, atol=1e-5)
     assert [layer.activation_config.function for layer in net.analog_layers] == ["tanh", "identity"]
 

@@ -87,17 +87,6 @@ def _temporary_factor(cb: Crossbar, sigma: float) -> torch.Tensor | float:
     return cache[1]
 
 
-@contextlib.contextmanager
-def _state(array, g: torch.Tensor) -> Iterator[None]:
-    """Let the array's own methods act on conductances ``g`` (full shape) without storing them."""
-    saved = array.g
-    array.g = g
-    try:
-        yield
-    finally:
-        array.g = saved
-
-
 def _verify_restore(array, g: torch.Tensor, target: torch.Tensor, tol: float, iterations: int,
                     cells: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int, torch.Tensor]:
     """Write-and-verify every cell of ``array`` from ``g`` back to ``target`` (each cell on its own, batched):
@@ -118,8 +107,7 @@ def _verify_restore(array, g: torch.Tensor, target: torch.Tensor, tol: float, it
         active &= (seen - target).abs() > tol
         if not bool(active.any()):
             break
-        with _state(array, g):
-            n = torch.round(array.pulses_for(target))
+        n = torch.round(array.pulses_for(target, g_now=g))
         n = torch.where(active, torch.where(n == 0, torch.sign(target - seen), n), torch.zeros_like(n))
         g = array.pulsed(g, n)
         pulses += int(n.abs().sum())

@@ -294,15 +294,19 @@ class DeviceArray:
         kw = {"device": self.device, "dtype": dtype}
         g = generator
 
-        def spread(nominal: float, sigma: float, floor: float) -> torch.Tensor:
-            # Relative Gaussian spread, truncated at a small positive floor so no cell is unphysical. Without a
-            # spread the parameter is one broadcast scalar: no memory per cell, no gather when programming.
-            if sigma == 0:
+        def spread(nominal: float, sigma: float) -> torch.Tensor:
+            # A positive parameter with relative spread sigma: lognormal with mean `nominal` and standard deviation
+            # sigma·nominal, so no cell needs a floor and none piles up at one, at any sigma (a relative Gaussian
+            # clamped at a floor put 16 % of cells on it at sigma = 1). Without a spread the parameter is one
+            # broadcast scalar: no memory per cell, no gather when programming.
+            if sigma == 0 or nominal == 0:
                 return torch.tensor(nominal, **kw)
-            return (nominal * (1.0 + sigma * torch.randn(self.shape, generator=g, **kw))).clamp(min=floor)
+            s = math.sqrt(math.log1p(sigma * sigma))
+            z = torch.randn(self.shape, generator=g, dtype=torch.float64, device=self.device)
+            return (nominal * torch.exp(s * z - 0.5 * s * s)).to(dtype)
 
-        self.g_min = spread(spec.g_min, spec.g_min_dtod, 0.01 * spec.g_min)
-        g_max = spread(spec.g_max, spec.g_max_dtod, 0.0)
+        self.g_min = spread(spec.g_min, spec.g_min_dtod)
+        g_max = spread(spec.g_max, spec.g_max_dtod)
         # A cell's window stays open: at least 1% of the nominal range above its own g_min.
         self.g_max = torch.maximum(g_max, self.g_min + 0.01 * (spec.g_max - spec.g_min))
         # Signed normalized A per cell and polarity (negative: the cell's curve bends the other way).
@@ -310,8 +314,8 @@ class DeviceArray:
         # Per cell, per polarity: (|A| clamped, expm1(−1/|A|), linear mask, convex mask, pulses across the window).
         self._curves = {"ltp": (*_constants(self.a_ltp), float(spec.pulses_ltp)),
                         "ltd": (*_constants(self.a_ltd), float(spec.pulses_ltd))}
-        self.step = spread(1.0, spec.step_dtod, 0.05)
-        self.drift_nu = spread(spec.drift_nu, spec.drift_nu_dtod, 0.0)
+        self.step = spread(1.0, spec.step_dtod)
+        self.drift_nu = spread(spec.drift_nu, spec.drift_nu_dtod)
         u = torch.rand(self.shape, generator=g, **kw)
         self.stuck_low = u < spec.stuck_at_gmin
         self.stuck_high = (u >= spec.stuck_at_gmin) & (u < spec.stuck_at_gmin + spec.stuck_at_gmax)

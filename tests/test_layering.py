@@ -103,12 +103,12 @@ def violations(sources: dict[str, tuple[str, bool]]) -> list[str]:
             current = stack.pop()
             for name in graph.get(current, ()):
                 hit = next((b for b in banned if name == b or name.startswith(b + ".")), None)
-                if hit is not None:
+                if hit is not None and not any(f.startswith(f"{module} reaches {hit}:") for f in found):
                     chain = [name, current]
                     while via[chain[-1]] is not None:
                         chain.append(via[chain[-1]])
                     found.append(f"{module} reaches {hit}: {' <- '.join(chain)}")
-                if name in graph and name not in seen:
+                if name in graph and name not in seen:   # one chain per banned name is enough to fix it
                     seen.add(name)
                     via[name] = current
                     stack.append(name)

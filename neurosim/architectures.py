@@ -42,7 +42,7 @@ class NetworkConfig:
 
 # Gain of the default initial weights over 1/sqrt(fan-in): measured best of 1, 2, 3, 4, 6 on the digits
 # (docs/devices.md, "Defaults"); about 3.5 times a LeCun/Kaiming-uniform bound sqrt(3/fan-in), in line with
-# the factor 4 Glorot and Bengio (2010) give the logistic sigmoid, the default neuron circuit.
+# the factor 4 commonly used for the logistic sigmoid (the default neuron circuit; slope 1/4 at 0).
 INIT_GAIN = 6.0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +32,25 @@ class NetworkConfig:
     output_activation: ActivationConfig = setting(default_factory=lambda: ActivationConfig(function="identity"),
                                                   doc="neuron circuit of the output layer")
     crossbar: CrossbarConfig = setting(default_factory=CrossbarConfig, doc="crossbar of every layer")
-    init_scale: float | None = setting(None, "initial weights uniform in ±init_scale (default 1/sqrt(fan-in))",
-                                       gt=0.0)
+    init_scale: float | None = setting(None, "initial weights uniform in ±init_scale (none: "
+                                       "±min(w_max, 6/sqrt(fan-in)) per layer, see default_init_scale)", gt=0.0)
 
     def validate(self) -> None:
         if any(w < 1 for w in self.hidden):
             raise ConfigError("hidden", list(self.hidden), "every width must be >= 1")
+
+
+# Gain of the default initial weights over 1/sqrt(fan-in): measured best of 1, 2, 3, 4, 6 on the digits
+# (docs/devices.md, "Defaults"); about 3.5 times a LeCun/Kaiming-uniform bound sqrt(3/fan-in), in line with
+# the factor 4 commonly used for the logistic sigmoid (the default neuron circuit; slope 1/4 at 0).
+INIT_GAIN = 6.0
+
+
+def default_init_scale(fan_in: int, w_max: float) -> float:
+    """Bound of a layer's uniform initial weights: INIT_GAIN/sqrt(fan-in), at most w_max. 1/sqrt(fan-in) used
+    ±12 % of the window of a 64-input layer (6 pulses either side on Ag:a-Si), where sigmoid neurons see
+    almost no signal and few updates reach a pulse; this uses ±75 % there."""
+    return min(w_max, INIT_GAIN / math.sqrt(fan_in))
 
 
 def build_network(config: NetworkConfig, spec: DeviceSpec, input_shape: tuple[int, int, int], classes: int,
@@ -44,7 +58,12 @@ def build_network(config: NetworkConfig, spec: DeviceSpec, input_shape: tuple[in
                   ) -> AnalogNetwork:
     """The named architecture on analog hardware. ``derivative_circuits=False`` builds none (DGC-only chips)."""
     common = {"spec": spec, "crossbar": config.crossbar, "seed": seed, "device": device, "bias": config.bias,
-              "derivative_circuit": derivative_circuits, "init_scale": config.init_scale}
+              "derivative_circuit": derivative_circuits}
+
+    def init(fan_in: int) -> dict[str, float]:
+        scale = config.init_scale
+        return {"init_scale": default_init_scale(fan_in, config.crossbar.w_max) if scale is None else scale}
+
     hidden_act, out_act = config.activation, config.output_activation
     c, h, w = input_shape
     stages: list[nn.Module] = []
@@ -54,7 +73,7 @@ def build_network(config: NetworkConfig, spec: DeviceSpec, input_shape: tuple[in
         for i, (a, b) in enumerate(itertools.pairwise(widths)):
             last = i == len(widths) - 2
             stages.append(AnalogLinear(a, b, name=f"fc{i + 1}", activation=out_act if last else hidden_act,
-                                       **common))
+                                       **common, **init(a)))
             if not last and config.dropout:
                 stages.append(StepDropout(config.dropout, seed=seed, name=f"dropout{i + 1}", device=device))
     elif config.architecture == "lenet":
@@ -65,12 +84,15 @@ def build_network(config: NetworkConfig, spec: DeviceSpec, input_shape: tuple[in
         def drop(name: str, channels: bool = False) -> list[nn.Module]:
             return [StepDropout(p, channels, seed=seed, name=name, device=device)] if p else []
 
-        stages += [AnalogConv2d(c, 10, 5, name="conv1", activation=hidden_act, input_size=28, **common),
+        stages += [AnalogConv2d(c, 10, 5, name="conv1", activation=hidden_act, input_size=28, **common,
+                                **init(c * 25)),
                    nn.MaxPool2d(2),
-                   AnalogConv2d(10, 20, 5, name="conv2", activation=hidden_act, input_size=12, **common),
+                   AnalogConv2d(10, 20, 5, name="conv2", activation=hidden_act, input_size=12, **common,
+                                **init(250)),
                    *drop("dropout1", channels=True), nn.MaxPool2d(2), nn.Flatten(),
-                   AnalogLinear(320, 50, name="fc1", activation=hidden_act, **common), *drop("dropout2"),
-                   AnalogLinear(50, classes, name="fc2", activation=out_act, **common)]
+                   AnalogLinear(320, 50, name="fc1", activation=hidden_act, **common, **init(320)),
+                   *drop("dropout2"),
+                   AnalogLinear(50, classes, name="fc2", activation=out_act, **common, **init(50))]
     else:  # vgg11, CIFAR-sized
         if (h, w) != (32, 32):
             raise ConfigError("data.size", h, "vgg11 expects 32×32 inputs")
@@ -82,9 +104,9 @@ def build_network(config: NetworkConfig, spec: DeviceSpec, input_shape: tuple[in
                 continue
             n += 1
             stages.append(AnalogConv2d(channels, v, 3, padding=1, name=f"conv{n}", activation=hidden_act,
-                                       input_size=side, **common))
+                                       input_size=side, **common, **init(channels * 9)))
             channels = v
-        stages += [nn.Flatten(), AnalogLinear(512, classes, name="fc1", activation=out_act, **common)]
+        stages += [nn.Flatten(), AnalogLinear(512, classes, name="fc1", activation=out_act, **common, **init(512))]
     # Neuron circuits sit right after their crossbar; max pooling after a monotone activation equals pooling
     # before it, so conv -> neuron -> pool is the order here.
     return AnalogNetwork(stages, name=config.architecture)

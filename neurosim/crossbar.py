@@ -52,9 +52,9 @@ class CrossbarConfig:
                                    "conjugate-gradient solve in torch for large tiles (see docs/wires.md)",
                                    choices=("none", "nodal", "approximate"))
     r_wire: float = setting(1.0, "resistance of one wire segment between neighbouring cells (ohm)", ge=0.0)
-    rounding: str = setting("deterministic", "pulse count of an update: 'deterministic' (nearest count) or "
-                            "'stochastic' (floor + Bernoulli of the remainder: an unbiased pulse train)",
-                            choices=("deterministic", "stochastic"))
+    rounding: str = setting("stochastic", "pulse count of an update: 'stochastic' (floor + Bernoulli of the "
+                            "remainder: an unbiased pulse train) or 'deterministic' (nearest count: an update "
+                            "below half a pulse fires none)", choices=("deterministic", "stochastic"))
     backward_dac_bits: int | None = setting(None, "DAC bits of the transposed read (none: as dac_bits)",
                                             ge=1, le=24)
     backward_adc_bits: int | None = setting(None, "ADC bits of the transposed read (none: as adc_bits)",

@@ -11,6 +11,7 @@ The timing model, every default and its source are in docs/engine.md.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +34,11 @@ _ISAAC_ADC_W = 16e-3 / 8
 _ISAAC_ARRAY_W = 2.4e-3 / 8
 _ISAAC_READ_S = 100e-9
 # MLP+NeuroSim V3.0 (Chen, Peng, Yu, IEDM 2017; code defaults, RealDevice): 2 V write pulses of 80 ns,
-# Gmax = 10 uS; controller clock 2 GHz; 16 columns share one read circuit.
+# Gmax = 10 uS; controller clock 2 GHz; 16 columns share one read circuit. The pulse figures stand in only
+# for what a device card does not give (see HardwareTable.resolve).
 _NS_PULSE_S = 80e-9
-# NeuroSim's cell write energy V_w^2 * G * t_w, taken at G_max (an upper bound)
-_NS_PULSE_J = 2.0**2 * 10e-6 * 80e-9
+_NS_PULSE_V = 2.0
+_NS_G = 10e-6
 _NS_CLOCK_S = 1 / 2e9
 
 
@@ -65,10 +67,13 @@ class HardwareTable:
     derivative_j: float = setting(0.2e-12, "energy of one derivative evaluation (f'(z) times the error), per "
                                   "converted output [J]; an 8-bit multiply in 45 nm (Horowitz 2014): 0.2 pJ",
                                   ge=0)
-    pulse_s: float = setting(_NS_PULSE_S, "one programming pulse slot (a row's cells are pulsed in parallel) "
-                             "[s]; MLP+NeuroSim V3.0 RealDevice: 80 ns", ge=0)
-    pulse_j: float = setting(_NS_PULSE_J, "energy of one pulse on one cell [J]; V_w^2*G_max*t_w with "
-                             "NeuroSim's 2 V, 10 uS, 80 ns = 3.2 pJ", ge=0)
+    pulse_s: float | None = setting(None, "one programming pulse slot (a row's cells are pulsed in parallel) "
+                                    "[s]; none: the device card's pulse_width (80 ns, MLP+NeuroSim V3.0's "
+                                    "RealDevice, for a card that gives none)", ge=0)
+    pulse_j: float | None = setting(None, "energy of one pulse on one cell [J]; none: V^2*G*pulse_s with the "
+                                    "mean of the card's squared pulse voltages (2 V where it gives none) and G "
+                                    "at mid-window (g_min+g_max)/2; without a card NeuroSim's 2 V, 10 uS, 80 ns "
+                                    "= 3.2 pJ", ge=0)
     bias_s: float = setting(_NS_CLOCK_S, "DGC 'temporary' perturbation: applying or removing the temporal "
                             "change of one cell's read (a bias-DAC code change) [s]; assumption: one 2 GHz "
                             "controller clock, the settling being part of the measurement's read", ge=0)
@@ -83,6 +88,33 @@ class HardwareTable:
 
     def __post_init__(self) -> None:
         check(self)   # a table built in code is refused as early as one read from TOML
+
+    @property
+    def resolved(self) -> bool:
+        """Whether every derived field has a value (what the engine computes with)."""
+        return None not in (self.pulse_s, self.pulse_j)
+
+    def resolve(self, pulse_width: float | None = None, pulse_voltage_ltp: float | None = None,
+                pulse_voltage_ltd: float | None = None, g_min: float | None = None,
+                g_max: float | None = None) -> HardwareTable:
+        """This table with every unset pulse field derived from a device card's numbers (plain floats, so the
+        engine needs no device classes); a field the table sets is kept, and what is derived follows it.
+
+        pulse_s = pulse_width; pulse_j = mean(V_ltp^2, V_ltd^2) * G_mid * pulse_s with G_mid = (g_min+g_max)/2:
+        a pair's update pulses one device up and the other down, so the two polarities fire equally often,
+        and the cells of a pair sit around mid-window. A number the card lacks is
+        NeuroSim's (80 ns, 2 V); with no conductance window at all, G = 10 uS (NeuroSim's 3.2 pJ)."""
+        pulse_s = self.pulse_s if self.pulse_s is not None else \
+            (_NS_PULSE_S if pulse_width is None else float(pulse_width))
+        pulse_j = self.pulse_j
+        if pulse_j is None:
+            volts = [float(v) for v in (pulse_voltage_ltp, pulse_voltage_ltd) if v is not None]
+            v2 = sum(v * v for v in volts) / len(volts) if volts else _NS_PULSE_V ** 2
+            if (g_min is None) != (g_max is None):
+                raise ValueError("g_min and g_max come together (the window's middle sets the pulse energy)")
+            g = _NS_G if g_min is None else 0.5 * (float(g_min) + float(g_max))
+            pulse_j = v2 * g * pulse_s
+        return dataclasses.replace(self, pulse_s=pulse_s, pulse_j=pulse_j)
 
 
 @dataclass
@@ -151,15 +183,20 @@ class Engine:
     Every operation method starts the operation when called and returns a simpy event that fires when it
     ends, so ``yield engine.forward(b)`` makes the trainer wait for it; operations issued without waiting in
     between run concurrently where their resources allow (``parallel`` joins them). With ``enabled=False``
-    the methods do nothing and return ``None``; ``start`` then simply drives the generator, so the trainer
-    keeps its ``yield``s either way.
+    nothing is recorded (no energy, counts or events; epochs read NaN). The clock then still runs if
+    ``keep_time`` (the same timeline, so devices that drift age exactly as in a recorded run); otherwise the
+    methods do nothing and return ``None`` and ``start`` simply drives the generator, so the trainer keeps
+    its ``yield``s either way. ``timed`` says whether the clock runs.
+
+    ``hardware``: fields left unset (pulse timing and energy) are resolved without a card
+    (``HardwareTable.resolve``); the trainer's ``make_engine`` resolves them from the device card first.
     """
 
     def __init__(self, hardware: HardwareTable | None = None, layers: Iterable[LayerFootprint] = (),
-                 enabled: bool = True):
+                 enabled: bool = True, keep_time: bool = False):
         hw = HardwareTable() if hardware is None else hardware
         check(hw)
-        self.hardware = hw
+        self.hardware = hw if hw.resolved else hw.resolve()
         self.layers = list(layers)
         if not self.layers:
             raise ConfigError("layers", [], "the engine needs at least one layer footprint")
@@ -169,6 +206,7 @@ class Engine:
                 raise ConfigError("name", lay.name, "two layers have the same name")
             self._index[lay.name] = i
         self.enabled = bool(enabled)
+        self.timed = self.enabled or bool(keep_time)
         self.env = simpy.Environment()
         # Resources: per layer its tiles (working as a group) and its ADC bank; one digital unit.
         self.tiles = {lay.name: _Unit(self.env, 1) for lay in self.layers}
@@ -186,8 +224,8 @@ class Engine:
     # ---- running -------------------------------------------------------------------------------------
 
     def start(self, process_generator: Generator) -> Any:
-        """Run a trainer generator to completion (as a simpy process when enabled); returns its value."""
-        if not self.enabled:
+        """Run a trainer generator to completion (as a simpy process when timed); returns its value."""
+        if not self.timed:
             try:
                 while True:
                     process_generator.send(None)
@@ -199,7 +237,7 @@ class Engine:
 
     def parallel(self, *events: simpy.Event | None) -> simpy.Event | None:
         """One event for operations issued together (e.g. programming all layers at once)."""
-        if not self.enabled:
+        if not self.timed:
             return None
         return self.env.all_of([e for e in events if e is not None])
 
@@ -211,7 +249,7 @@ class Engine:
         Stage time of a layer per sample: reads_per_sample * (read_s + ceil(tile_cols/adcs_per_tile)*adc_s
         + neuron_s); pass time: sum(stages) + (batch-1)*max(stages). Events: read, adc, neuron per layer.
         """
-        if not self.enabled:
+        if not self.timed:
             return None
         plan = self._pass(layers, False)
         batch = _positive("batch", batch)
@@ -226,7 +264,7 @@ class Engine:
         the errors from the weights the controller believes it wrote, layer after layer; ``macs[layer]``
         gives the operations (default batch*reads_per_sample*tiles*tile_rows*tile_cols); events 'digital'.
         """
-        if not self.enabled:
+        if not self.timed:
             return None
         batch = _positive("batch", batch)
         if transposed:
@@ -246,7 +284,7 @@ class Engine:
     def program(self, layer: str, pulses: int, pulse_slots: int) -> simpy.Event | None:
         """Write a weight update: ``pulses`` pulses in all (energy pulses*pulse_j), applied in ``pulse_slots``
         sequential slots as the trainer scheduled them (rows one after another, a row's cells in parallel)."""
-        if not self.enabled:
+        if not self.timed:
             return None
         pulses, slots = _count("pulses", pulses), _count("pulse_slots", pulse_slots)
         tiles = self.tiles.get(layer)
@@ -263,7 +301,7 @@ class Engine:
         in ``pulse_slots`` sequential slots, ``cell_reads`` single-cell reads (write-and-verify: one read and
         one conversion each) and ``bias_changes`` (temporary perturbations). One event: the cycles take their
         time in sequence on the clock, however the numerics batch them."""
-        if not self.enabled:
+        if not self.timed:
             return None
         n = _count("perturbations", perturbations)
         batch = _positive("batch", batch)
@@ -281,7 +319,7 @@ class Engine:
 
     def digital(self, layer: str, ops: int) -> simpy.Event | None:
         """``ops`` operations of the digital controller for ``layer`` (any label): ceil(ops/lanes) clocks."""
-        if not self.enabled:
+        if not self.timed:
             return None
         ops = _count("ops", ops)
         hw = self.hardware
@@ -429,7 +467,8 @@ class Engine:
             r.users.append(done)
         done.callbacks.append(_Unit.free_all)
         done.held = resources
-        book(env.now, *args)
+        if self.enabled:
+            book(env.now, *args)
         return done
 
     def _wait_and_run(self, resources: list[_Unit], duration: float, book: Callable[..., None],
@@ -440,7 +479,8 @@ class Engine:
             q = r.request()
             yield q
             requests.append(q)
-        book(self.env.now, *args)
+        if self.enabled:
+            book(self.env.now, *args)
         yield self.env.timeout(duration)
         for r, q in zip(resources, requests, strict=True):
             r.release(q)

@@ -63,11 +63,59 @@ def test_defaults_are_the_cited_values():
     assert hw.adc_j == pytest.approx(16e-3 / 8 / 1.28e9)    # ISAAC: 16 mW for 8 ADCs
     assert hw.read_s == pytest.approx(100e-9)               # ISAAC: 100 ns crossbar read
     assert hw.read_j == pytest.approx(2.4e-3 / 8 * 100e-9)  # ISAAC: 2.4 mW for 8 arrays
-    assert hw.pulse_s == pytest.approx(80e-9)               # MLP+NeuroSim V3.0 RealDevice
-    assert hw.pulse_j == pytest.approx(2.0**2 * 10e-6 * 80e-9)
     assert (hw.bias_s, hw.bias_j) == (pytest.approx(0.5e-9), pytest.approx(25e-15 * 0.2**2))  # stated assumptions
     assert hw.digital_op_j == pytest.approx(4.6e-12)        # Horowitz 2014: fp32 mult + add
     assert build(HardwareTable, {}) == hw
+    # Pulse timing and energy are the device card's (HardwareTable.resolve); without a card, NeuroSim's.
+    assert (hw.pulse_s, hw.pulse_j) == (None, None)
+    assert not hw.resolved
+    bare = hw.resolve()
+    assert bare.resolved and Engine(hw, [LayerFootprint("x", 1, 4, 4)]).hardware == bare
+    assert bare.pulse_s == pytest.approx(80e-9)             # MLP+NeuroSim V3.0 RealDevice
+    assert bare.pulse_j == pytest.approx(2.0**2 * 10e-6 * 80e-9)
+
+
+def test_pulse_timing_and_energy_follow_the_card_unless_the_table_sets_them():
+    # PCMO (Jerry et al. 2017): -2 V / +2 V pulses of 1 ms, window 6.36 nS .. 43.5 nS.
+    card = dict(pulse_width=1e-3, pulse_voltage_ltp=-2.0, pulse_voltage_ltd=2.0, g_min=6.356471e-9,
+                g_max=4.347826e-8)
+    g_mid = 0.5 * (card["g_min"] + card["g_max"])
+    hw = HardwareTable().resolve(**card)
+    assert hw.pulse_s == 1e-3
+    assert hw.pulse_j == pytest.approx(4.0 * g_mid * 1e-3, rel=1e-12)
+    eng = Engine(hw, [LayerFootprint("fc", 1, 8, 8)])
+    run(eng, ("program", ("fc", 30, 7), {}))
+    assert eng.env.now == pytest.approx(7 * 1e-3, rel=1e-12)          # slots x the card's 1 ms
+    assert eng.totals["energy_j"] == pytest.approx(30 * hw.pulse_j, rel=1e-12)
+    # Unequal voltages: the mean of the squares (a pair fires both polarities equally often).
+    asym = HardwareTable().resolve(**{**card, "pulse_voltage_ltp": 3.0, "pulse_voltage_ltd": -1.0})
+    assert asym.pulse_j == pytest.approx(5.0 * g_mid * 1e-3, rel=1e-12)
+    # What the table sets is kept, and what is derived follows it: the energy uses its pulse_s.
+    short = HardwareTable(pulse_s=100e-9).resolve(**card)
+    assert short.pulse_s == 100e-9
+    assert short.pulse_j == pytest.approx(4.0 * g_mid * 100e-9, rel=1e-12)
+    fixed = HardwareTable(pulse_j=1e-12).resolve(**card)
+    assert (fixed.pulse_s, fixed.pulse_j) == (1e-3, 1e-12)
+    # A card without voltages or width: NeuroSim's 2 V and 80 ns, with the card's own window.
+    bare = HardwareTable().resolve(g_min=1e-6, g_max=3e-6)
+    assert bare.pulse_s == 80e-9 and bare.pulse_j == pytest.approx(4.0 * 2e-6 * 80e-9, rel=1e-12)
+    with pytest.raises(ValueError, match="g_min and g_max"):
+        HardwareTable().resolve(g_min=1e-6)
+
+
+def test_an_engine_that_keeps_time_without_recording_runs_the_same_clock():
+    ops = (("forward", (8,), {}), ("backward", (8,), {}), ("program", ("fc", 100, 16), {}),
+           ("perturb", ("fc", 3, 8), {}), ("digital", ("fc", 77), {}))
+    layers = [LayerFootprint("fc", tiles=2, tile_rows=16, tile_cols=10)]
+    on = Engine(hand_table(), layers)
+    quiet = Engine(hand_table(), layers, enabled=False, keep_time=True)
+    off = Engine(hand_table(), layers, enabled=False)
+    assert (on.timed, quiet.timed, off.timed) == (True, True, False)
+    for eng in (on, quiet, off):
+        run(eng, *ops)
+    assert quiet.env.now == on.env.now > 0 and off.env.now == 0
+    assert len(quiet.events()) == 0 and quiet.totals["energy_j"] == 0 and quiet.totals["pulses"] == 0
+    assert math.isnan(quiet.mark_epoch(1)["sim_time_s"]) and quiet.epochs == []
 
 
 @pytest.mark.parametrize("batch", [1, 2, 7, 64])

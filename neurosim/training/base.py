@@ -11,7 +11,9 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import math
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from neurosim.backend import make_generator
+from neurosim.config import ConfigError
 from neurosim.crossbar import program_deltas
 from neurosim.data import Dataset
 from neurosim.engine import Engine, HardwareTable, LayerFootprint
@@ -61,9 +64,43 @@ def accuracy(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, batch: in
     return correct / max(1, len(x))
 
 
+# An epoch whose weight updates fire fewer device pulses than this per weight and step programs (almost)
+# nothing: the chip stays as initialized, whatever the card (NoProgrammingWarning).
+MIN_PULSE_RATE = 1e-3
+
+
+class NoProgrammingWarning(UserWarning):
+    """An epoch's weight updates fired (almost) no programming pulses: the network is not being trained."""
+
+
+def hardware_for(network: AnalogNetwork, hardware: HardwareTable | None = None) -> HardwareTable:
+    """The hardware table with its unset pulse fields taken from the network's device card (pulse width,
+    pulse voltages, conductance window; ``HardwareTable.resolve``). Layers on cards that would bill a pulse
+    differently need the table to set the pulse fields: one engine bills one pulse."""
+    table = hardware or HardwareTable()
+    tables = []
+    for layer in network.analog_layers:
+        spec = layer.crossbar.spec
+        resolved = table.resolve(spec.pulse_width, spec.pulse_voltage_ltp, spec.pulse_voltage_ltd, spec.g_min,
+                                 spec.g_max)
+        if tables and resolved != tables[0]:
+            raise ConfigError("hardware.pulse_s", table.pulse_s, f"layer '{layer.name}' is on a card whose pulses "
+                              "take another time or energy than the first layer's: set hardware.pulse_s and "
+                              "hardware.pulse_j")
+        tables.append(resolved)
+    return tables[0] if tables else table.resolve()
+
+
+def drifts(network: AnalogNetwork) -> bool:
+    """Whether any device of the network drifts, so that its conductances depend on the chip's clock."""
+    return any(layer.crossbar.spec.drift_nu > 0 for layer in network.analog_layers)
+
+
 def make_engine(network: AnalogNetwork, hardware: HardwareTable | None = None, enabled: bool = True) -> Engine:
+    """The engine of a network: pulse timing and energy from its card unless ``hardware`` sets them; the clock
+    runs whenever a device drifts, recorded or not (``enabled``), so drift does not depend on the recording."""
     layers = [LayerFootprint(**layer.footprint()) for layer in network.analog_layers]
-    return Engine(hardware or HardwareTable(), layers, enabled=enabled)
+    return Engine(hardware_for(network, hardware), layers, enabled=enabled, keep_time=drifts(network))
 
 
 class Trainer(abc.ABC):
@@ -78,6 +115,9 @@ class Trainer(abc.ABC):
         self.data = data
         self.config = config or TrainerConfig()
         self.engine = engine or make_engine(network, hardware, self.config.clock)
+        if not self.engine.timed and drifts(network):
+            raise ConfigError("engine.keep_time", False, "the devices drift, so the chip's clock must run: "
+                              "give the engine keep_time=True (or enabled=True), or use make_engine")
         self.seed = seed
         self.log = log
         device = network.analog_layers[0].crossbar.device
@@ -92,6 +132,7 @@ class Trainer(abc.ABC):
             from neurosim.training.dgc import check_dgc
 
             check_dgc(network, self.config.dgc)
+        self._programmed = [0, 0]   # this epoch: device pulses fired by weight updates, weights updated
         for layer in network.analog_layers:
             if self.config.bp.backward != "true_gradient":
                 layer.backward_path = self.config.bp.backward
@@ -168,7 +209,7 @@ class Trainer(abc.ABC):
         stats = self.update_layers(layers, [grads[layer.name] for layer in layers])
         yield eng.parallel(*[eng.program(layer.name, s["pulses"], s["pulse_slots"])
                              for layer, s in zip(layers, stats, strict=True)])
-        if eng.enabled:  # conductances drift on the chip's own clock
+        if eng.timed:  # conductances drift on the chip's own clock, recorded or not
             for layer in layers:
                 layer.crossbar.set_time(eng.env.now)
         self.update_activations()
@@ -182,6 +223,8 @@ class Trainer(abc.ABC):
             grads = [self._momentum(layer.name, grad, m) for layer, grad in zip(layers, grads, strict=True)]
         stats = program_deltas([layer.crossbar for layer in layers], [g.detach() for g in grads],
                                scale=-self.config.learning_rate)
+        self._programmed[0] += sum(s["pulses"] for s in stats)
+        self._programmed[1] += sum(layer.crossbar.in_features * layer.crossbar.out_features for layer in layers)
         for layer in layers:
             layer.sync_believed()
             layer.weight.grad = None
@@ -221,7 +264,7 @@ class Trainer(abc.ABC):
                 row = self.engine.mark_epoch(self.epoch)
                 row.update({"epoch": self.epoch, "stage": stage, "train_loss": sum(losses) / max(1, len(losses)),
                             "test_accuracy": accuracy(self.network, data.x_test, data.y_test, cfg.eval_batch_size),
-                            "wall_time_s": wall, "schemes": dict(schemes)})
+                            "wall_time_s": wall, "schemes": dict(schemes), "pulse_rate": self._pulse_rate()})
                 self.history.append(row)
                 if self.log:
                     self.log(row)
@@ -229,6 +272,21 @@ class Trainer(abc.ABC):
         start_len = len(self.history)
         self.engine.start(process())
         return self.history[start_len:]
+
+    def _pulse_rate(self) -> float:
+        """Device pulses the epoch's weight updates fired per weight and step (NaN: no weight was updated);
+        warns (NoProgrammingWarning) below MIN_PULSE_RATE. Counted here, so the clock need not run."""
+        (pulses, updates), self._programmed = self._programmed, [0, 0]
+        if not updates:
+            return math.nan
+        rate = pulses / updates
+        if rate < MIN_PULSE_RATE:
+            warnings.warn(NoProgrammingWarning(
+                f"epoch {self.epoch}: the weight updates fired {pulses} pulses, {rate:.1e} per weight and step "
+                f"(below {MIN_PULSE_RATE:g}): the chip is barely trained. An update smaller than half a pulse's "
+                "weight step 2*w_max/(states-1) rounds to no pulse with crossbar.rounding = 'deterministic'; "
+                "use 'stochastic' rounding, a larger learning_rate or a smaller crossbar.w_max"), stacklevel=3)
+        return rate
 
     def fit(self) -> list[dict[str, Any]]:
         return self.run_epochs(self.config.epochs)

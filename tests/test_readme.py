@@ -23,3 +23,16 @@ def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
         assert "-c constraints.txt" in command  # never an unpinned torch on a CPU machine
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in ci
+
+
+def test_the_python_example_runs_as_written_and_learns(capsys):
+    """README's Python example, executed as it stands: DGC on the TaOx/HfOx card learns the digits (chance is
+    0.10; the run is seeded, so the figure the README quotes is the one it prints)."""
+    text = (ROOT / "README.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "make_trainer" in block]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    accuracy = namespace["history"][-1]["test_accuracy"]
+    assert accuracy >= 0.75
+    quoted = re.search(r"# (0\.\d+) after 3 epochs", code)
+    assert quoted and abs(float(quoted.group(1)) - accuracy) < 0.005

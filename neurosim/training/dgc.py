@@ -148,16 +148,17 @@ def perturbation_plan(layer: AnalogLayer, cfg: DGCConfig) -> PerturbationPlan:
                                 bias_changes=2 * E * cells)
     # Pulse modes: every device of the pair is pulsed (G+ up and G− down for +Δ), then restored.
     n = float(cfg.perturbation_pulses)
-    full = [a.conductance().clone() for a in arrays]
+    before = [a.conductance().clone() for a in arrays]
     region = (slice(0, rows), slice(0, cols))
-    before = [f.clone() for f in full]
+    weights = torch.zeros(cb.padded_shape, dtype=torch.bool, device=cb.device)   # the cells that hold weights
+    weights[region] = True
     tol = cfg.verify_tolerance * cb.config.w_max * cb.k / len(arrays)
     pert_w, pert_q, inc_w, inc_q = [], [], [], []
     pulses = slots = reads = 0
     targets = []
     if cfg.perturbation == "pulse_verify":
         # The controller reads each device before perturbing it: the value write-and-verify restores.
-        for a, g in zip(arrays, full, strict=True):
+        for a, g in zip(arrays, before, strict=True):
             t = g.clone()
             if a.spec.read_noise > 0:
                 z = torch.randn(g.shape, generator=a.noise_generator, device=g.device, dtype=g.dtype)
@@ -174,7 +175,8 @@ def perturbation_plan(layer: AnalogLayer, cfg: DGCConfig) -> PerturbationPlan:
             if cfg.perturbation == "pulse":
                 g_back = a.pulsed(g_pert, -pulse)
             else:
-                g_back, r, p, per_cell = _verify_restore(a, g_pert, targets[len(moved)], tol, cfg.verify_iterations)
+                g_back, r, p, per_cell = _verify_restore(a, g_pert, targets[len(moved)], tol, cfg.verify_iterations,
+                                                         weights)
                 g_back[rows:], g_back[:, cols:] = g[rows:], g[:, cols:]
                 reads += r
                 pulses += p

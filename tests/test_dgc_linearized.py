@@ -26,7 +26,7 @@ from neurosim.training.dgc_envelope import (
     real_perturbations,
 )
 from tests.conftest import make_spec
-from tests.test_training import cosine, mlp, tiny_data
+from tests.test_training import cosine, mlp, noisy_cnn, tiny_data
 
 
 def digits_mlp(bits, read_noise=0.0, neuron_noise=0.0, c2c=None):
@@ -113,7 +113,7 @@ def test_expected_differences_are_the_mean_of_independent_exact_measurements(rea
     se = (exact.var(0) / runs + crn.var(1) / crn.shape[1]).sqrt()
     assert bool(((exact.mean(0) - crn.mean(1)).abs() < 5 * se).all())
     assert float(exact.mean(0).abs().max()) > 3 * float(se.max())  # the comparison can tell the means apart
-    assert float(crn.std(1).mean()) < float(exact.std(0).mean()) / 2  # and the averaged difference is quieter
+    assert float(crn.std(1).mean()) < 0.75 * float(exact.std(0).mean())  # and the averaged difference is quieter
 
 
 def test_accepted_noise_free_cases_agree_with_exact_dgc(batch):
@@ -141,14 +141,21 @@ def test_read_noise_that_dithers_the_adc_makes_the_6_bit_case_valid(batch):
     assert fc1.cosine < MIN_COSINE
 
 
-def test_the_check_leaves_the_runs_random_numbers_alone(batch):
-    """Same seed, same numbers: a checked network gives the linearized gradient of an unchecked twin, bit for
-    bit, with read noise, neuron noise and cycle-to-cycle noise on."""
-    x, y = batch
-    nets = [digits_mlp(8, read_noise=0.1, neuron_noise=0.02) for _ in range(2)]
-    linearized_agreement(nets[0], nets[0].analog_layers[0], x, y, "cross_entropy", LINEARIZED, sample=8, draws=2,
-                         max_draws=2)
-    grads = [dgc_linearized(n, n.analog_layers[0], x, y, "cross_entropy", LINEARIZED)[0] for n in nets]
-    assert torch.equal(grads[0], grads[1])
-    outs = [n(x) for n in nets]
-    assert torch.equal(outs[0], outs[1])
+def test_the_check_leaves_the_runs_random_numbers_alone():
+    """Same seed, same numbers: after the check, a network gives an unchecked twin's linearized gradients and
+    outputs bit for bit, with read noise, neuron noise, cycle-to-cycle noise and dropout (a CNN with tiles,
+    DAC and ADC)."""
+    spec = make_spec(states=65, nl_ltp=2.0, nl_ltd=-2.0, read_noise=0.05, c2c=0.02)
+    nets = [noisy_cnn(spec, seed=4) for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(6, 2, 6, 6, generator=g), torch.randint(0, 3, (6,), generator=g)
+    results = []
+    for checked, net in zip((True, False), nets, strict=True):
+        torch.manual_seed(5)
+        if checked:
+            for layer in net.analog_layers:
+                linearized_agreement(net, layer, x, y, "cross_entropy", LINEARIZED, sample=6, draws=2, max_draws=4)
+        results.append([dgc_linearized(net, layer, x, y, "cross_entropy", LINEARIZED)[0]
+                        for layer in net.analog_layers] + [net(x)])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -10,7 +10,8 @@ measurement noise the linearized mode already adds.
 
 So the question is whether the expected exact measurement equals what the linearized mode assumes, g·Δw.
 ``linearized_agreement`` answers it for one layer, once, before training: it measures a sample of real
-perturbations through the chip's own forward path (every converter, the neuron circuits, dropout), averaged
+perturbations through the chip's own forward path (every converter and neuron circuit; dropout, a regularizer
+both modes share, off), averaged
 over noise draws with common random numbers (the base and the perturbed chip see the same noise, so the
 average converges to E[C(w+Δ)] − E[C(w)] fast), and takes the cosine with the linearized prediction g_lin·Δ
 for the same real Δ. Where a converter is surely dithered (the noise reaching it, conservatively estimated, has
@@ -97,7 +98,7 @@ def _converters(network: AnalogNetwork, x: torch.Tensor) -> dict[str, _Converter
     with torch.no_grad():
         reads = {layer.name: layer.crossbar._read_tensors()[1] for layer in network.analog_layers}
         neuron = {layer.name: layer.activation.config.noise for layer in network.analog_layers}
-        with noise_free(network):
+        with noise_free(network), _without_dropout(network):
             for stage in network.stages:
                 if not isinstance(stage, AnalogLayer):
                     h = stage(h)
@@ -143,16 +144,28 @@ def _expected_converters(network: AnalogNetwork, plan: dict[str, _Converters]) -
             cb.config = c
 
 
+@contextmanager
+def _without_dropout(network: AnalogNetwork) -> Iterator[None]:
+    """Dropout off: a training regularizer both modes share (one mask per step), not part of the chip."""
+    drop = [m for m in network.modules() if isinstance(m, nn.Dropout | nn.Dropout2d) and m.training]
+    try:
+        for m in drop:
+            m.eval()
+        yield
+    finally:
+        for m in drop:
+            m.train()
+
+
 def _has_noise(network: AnalogNetwork) -> bool:
-    """Does a forward pass draw anything (read noise, neuron noise, dropout)?"""
+    """Does a forward pass draw anything (read noise, neuron noise)?"""
     for layer in network.analog_layers:
         cb = layer.crossbar
         if cb.noise and cb.config.read_noise and cb.spec.read_noise > 0:
             return True
         if layer.activation.config.noise > 0:
             return True
-    return network.training and any(isinstance(m, nn.Dropout | nn.Dropout2d) and m.p > 0
-                                    for m in network.modules())
+    return False
 
 
 def _generators(network: AnalogNetwork) -> list[torch.Generator]:
@@ -216,18 +229,23 @@ def expected_differences(network: AnalogNetwork, layer: AnalogLayer, x: torch.Te
     replaced by their expectation (see the module's docstring). The perturbed layer is read with its
     weights given explicitly, as exact DGC reads it (wire resistance left out, as there)."""
     cb = layer.crossbar
+    idx = list(network.stages).index(layer)
     plan = _converters(network, x)
     w0 = cb.weights().detach()
     reps = (draws,) + (1,) * (x.dim() - 1)
-    xr, yr = x.repeat(reps), y.repeat(draws)
+    yr = y.repeat(draws)
+    below = None
 
     def costs(w: torch.Tensor) -> torch.Tensor:
-        _seed_streams(network, seed)
-        out = network(xr, mode="linearized", weights={layer.name: w})
+        _seed_streams(network, 2 * seed + 1)
+        out = network(below, start=idx, mode="linearized", weights={layer.name: w})
         return cost_per_sample(out, yr, cost).reshape(draws, -1).mean(1)
 
     out = torch.empty(len(weights), draws, dtype=torch.float64)
-    with _private_streams(network), torch.no_grad(), _expected_converters(network, plan):
+    with _private_streams(network), torch.no_grad(), _expected_converters(network, plan), \
+            _without_dropout(network):
+        _seed_streams(network, 2 * seed)
+        below = network(x.repeat(reps), stop=idx)  # what the layers below deliver, once per draw: common to all
         c0 = costs(w0) if len(deltas) == 1 else None
         for p, k in enumerate(weights.tolist()):
             i, j = divmod(k, cb.out_features)
@@ -275,15 +293,17 @@ def linearized_agreement(network: AnalogNetwork, layer: AnalogLayer, x: torch.Te
     """Cosine between the linearized prediction g_lin·Δ and the expected exact measurement E[ΔC] of the same
     real perturbations Δ, over ``sample`` weights of ``layer`` (all when fewer) whose row is driven, averaged
     over ``draws`` noise draws (default: 1 for a chip without per-evaluation noise, else ``DRAWS``). While the
-    cosine is within 3 standard errors of ``near`` the draws are doubled, up to ``max_draws``."""
+    cosine is within 3 standard errors of ``near`` the draws are doubled, up to ``max_draws``; if it is still
+    undecided then, the plain cosine is returned (conservative: leftover noise only lowers it)."""
     cb = layer.crossbar
     idx = list(network.stages).index(layer)
     if draws is None:
         draws = DRAWS if _has_noise(network) else 1
     deltas = real_perturbations(network, layer, cfg)
-    (g_lin,) = linearized_gradients(network, [layer], x, y, cost)
-    with torch.no_grad(), noise_free(network):
-        xn = cb.input_voltages(layer.matrix_input(network(x, stop=idx)))               # (nr, N, R)
+    with _without_dropout(network):
+        (g_lin,) = linearized_gradients(network, [layer], x, y, cost)
+        with torch.no_grad(), noise_free(network):
+            xn = cb.input_voltages(layer.matrix_input(network(x, stop=idx)))           # (nr, N, R)
     xn = xn.transpose(0, 1).reshape(xn.shape[1], -1)[:, : cb.in_features]              # (N, in)
     # Weights whose row is never driven measure nothing either way; sample among the others.
     active = (xn != 0).any(0)
@@ -294,12 +314,14 @@ def linearized_agreement(network: AnalogNetwork, layer: AnalogLayer, x: torch.Te
     predicted = (g_lin * change).reshape(-1)[flat].double().cpu()
     diffs = expected_differences(network, layer, x, y, cost, flat, deltas, draws, seed)
     cosine = _cosine(diffs, predicted)
-    while 1 < diffs.shape[1] < max_draws and not abs(cosine - near) >= 3 * _jackknife(diffs, predicted):
+    decided = not abs(cosine - near) < 3 * _jackknife(diffs, predicted)  # NaN: not decided either
+    while not decided and diffs.shape[1] < max_draws:
         more = expected_differences(network, layer, x, y, cost, flat, deltas, diffs.shape[1],
                                     seed + diffs.shape[1])
         diffs = torch.cat([diffs, more], 1)
         cosine = _cosine(diffs, predicted)
-    if math.isnan(cosine):  # still undecided: the plain cosine, which the leftover noise can only lower
+        decided = abs(cosine - near) >= 3 * _jackknife(diffs, predicted)
+    if not decided:  # still too noisy to tell: the plain cosine, which the leftover noise can only lower
         mean = diffs.mean(1)
         cosine = float(mean @ predicted) / max(float(mean.norm() * predicted.norm()), 1e-300)
     nz = xn[xn != 0].abs()

@@ -10,21 +10,20 @@ measurement noise the linearized mode already adds.
 
 So the question is whether the expected exact measurement equals what the linearized mode assumes, g·Δw.
 ``linearized_agreement`` answers it for one layer, once, before training: it measures a sample of real
-perturbations through the chip's own forward path (every converter and neuron circuit; dropout, a regularizer
-both modes share, off), averaged
-over noise draws with common random numbers (the base and the perturbed chip see the same noise, so the
-average converges to E[C(w+Δ)] − E[C(w)] fast), and takes the cosine with the linearized prediction g_lin·Δ
-for the same real Δ. Where a converter is surely dithered (the noise reaching it, conservatively estimated, has
-sigma >= half its step) it is replaced in this average by its expectation, the identity within its range: the
-smoothed staircase's slope departs from 1 by at most 2·exp(−π²/2) = 1.4 % there, and the average needs far
-fewer draws. ``check_linearized_validity`` refuses (ConfigError on ``training.dgc.mode``) below
-``MIN_COSINE``. The check draws from the chip's random streams and puts their states back, so a run's numbers
-do not depend on whether it was checked.
+perturbations through the chip's own forward path (every converter and neuron circuit; dropout, a
+regularizer both modes share, off), averaged over noise draws with common random numbers (the base and the
+perturbed chip see the same noise, so the average converges to E[C(w+Δ)] − E[C(w)] fast), and takes the
+cosine with the linearized prediction g_lin·Δ for the same real Δ. Where a converter is surely dithered (an
+underestimate of the noise reaching it has sigma >= half its step in 95 % of its conversions) it is replaced
+in this average by its expectation, the identity within its range: the smoothed staircase's slope departs
+from 1 by at most 2·exp(−π²/2) = 1.4 % there, and the average needs far fewer draws.
+``check_linearized_validity`` refuses (ConfigError on ``training.dgc.mode``) below ``MIN_COSINE``. The check
+draws from the chip's random streams and puts their states back, so a run's numbers do not depend on whether
+it was checked.
 
 Not compared: the spread of the measurements. The linearized mode draws Gaussian noise of the measured cost
 spread, which is right by construction when measurements are independent.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -75,8 +74,8 @@ class Agreement:
 
 @dataclasses.dataclass(frozen=True)
 class _Converters:
-    """The noise reaching one layer's converters (conservative: the read noise and the neuron noise of the
-    layer below only), normalized like their inputs, and whether each is surely dithered."""
+    """The noise reaching one layer's converters (an underestimate, see ``_converters``), normalized like
+    their inputs: the median sigma at the ADC, the sigma at the DAC, and whether each is surely dithered."""
 
     adc_step: float | None
     adc_noise: float
@@ -91,8 +90,11 @@ def _step(bits: int | None, limit: float) -> float | None:
 
 def _converters(network: AnalogNetwork, x: torch.Tensor) -> dict[str, _Converters]:
     """Per analog layer, the noise at its DAC and ADC inputs, from one noise-free pass (the chip as it is
-    otherwise). Left out, so that a converter is never called dithered when it is not: the previous layer's
-    read noise carried up, and whatever average pooling takes away (max pooling keeps a neuron's noise)."""
+    otherwise). An underestimate, so that a converter is never called dithered when it is not: the read
+    noise of the layer's own read, plus the output noise of the neuron circuits of the layer below when it
+    reaches the layer unchanged (through flatten or dropout; not through pooling, which averages or selects
+    noisy values, nor from circuits with an output clip); the read noise of lower layers carried up is left
+    out. An ADC counts as dithered when 95 % of its conversions see sigma >= half a step."""
     out: dict[str, _Converters] = {}
     h, sigma_in = x, 0.0
     with torch.no_grad():
@@ -102,6 +104,8 @@ def _converters(network: AnalogNetwork, x: torch.Tensor) -> dict[str, _Converter
             for stage in network.stages:
                 if not isinstance(stage, AnalogLayer):
                     h = stage(h)
+                    if not isinstance(stage, nn.Flatten | nn.Dropout | nn.Dropout2d | nn.Identity):
+                        sigma_in = 0.0
                     continue
                 cb = stage.crossbar
                 c = cb.config
@@ -118,14 +122,16 @@ def _converters(network: AnalogNetwork, x: torch.Tensor) -> dict[str, _Converter
                     driven[cb.in_features - int(stage.has_bias):] = 0
                     w2 = (w_hat * w_hat) * driven.reshape(cb.n_row_tiles, cb.tile_rows, 1)
                     var = var + (sigma_in / c.input_max) ** 2 * w2.sum(1)[:, None, :]
-                adc_noise = float(var[..., : cb.out_features].sqrt().median()) if var.numel() else 0.0
+                sigma = var[..., : cb.out_features].sqrt().reshape(-1).float()
+                adc_noise = float(sigma.median()) if sigma.numel() else 0.0
+                low = float(torch.quantile(sigma[:2 ** 24], 0.05)) if sigma.numel() else 0.0
                 dac_noise = sigma_in / c.input_max
                 adc, dac = _step(c.adc_bits, c.adc_range), _step(c.dac_bits, 1.0)
-                out[stage.name] = _Converters(adc, adc_noise, dac_noise,
-                                              adc is not None and adc_noise >= adc / 2,
+                out[stage.name] = _Converters(adc, adc_noise, dac_noise, adc is not None and low >= adc / 2,
                                               dac is not None and dac_noise >= dac / 2)
                 h = stage(h)
-                sigma_in = neuron[stage.name]
+                unit = stage.activation.config
+                sigma_in = neuron[stage.name] if unit.output_range is None else 0.0
     return out
 
 

@@ -516,15 +516,24 @@ def perturbation_effect(layer: AnalogLayer, cfg: DGCConfig, sign: float = 1.0
     return plan.pert_w[e], plan.pert_q[e] if plan.pert_q is not None else None
 
 
+def linearized_gradients(network: AnalogNetwork, layers: list[AnalogLayer], x: torch.Tensor, y: torch.Tensor,
+                         cost: str) -> list[torch.Tensor]:
+    """∂C/∂w of every layer in ``layers`` through the noise-free non-ideal model, converters straight through:
+    one autograd pass (what linearized DGC multiplies by the real perturbation)."""
+    leaves = {layer.name: layer.crossbar.weights().detach().clone().requires_grad_(True) for layer in layers}
+    with noise_free(network), torch.enable_grad():
+        c_lin = cost_per_sample(network(x, mode="linearized", weights=leaves), y, cost).mean()
+        return list(torch.autograd.grad(c_lin, list(leaves.values())))
+
+
 def dgc_linearized_layers(network: AnalogNetwork, layers: list[AnalogLayer], x: torch.Tensor, y: torch.Tensor,
                           cost: str, cfg: DGCConfig, generator: torch.Generator | None = None
                           ) -> tuple[dict[str, torch.Tensor], float]:
     """Linearized DGC of several layers of one step: one autograd pass through the noise-free non-ideal model
-    and one estimate of the measurement noise serve them all (the chip would measure them all on one state)."""
-    leaves = {layer.name: layer.crossbar.weights().detach().clone().requires_grad_(True) for layer in layers}
-    with noise_free(network), torch.enable_grad():
-        c_lin = cost_per_sample(network(x, mode="linearized", weights=leaves), y, cost).mean()
-        grads = torch.autograd.grad(c_lin, list(leaves.values()))
+    and one estimate of the measurement noise serve them all (the chip would measure them all on one state).
+    Valid only where the chip's converters pass a perturbation's effect (resolved or dithered): the trainer
+    checks that once with ``dgc_envelope.check_linearized_validity``."""
+    grads = linearized_gradients(network, layers, x, y, cost)
     with torch.no_grad():
         # The spread of one cost measurement on this chip, from a few noisy measurements, read as one batch
         # (every replica of the batch draws its own noise).

@@ -245,9 +245,27 @@ class Trainer(abc.ABC):
                     p.grad = None
 
     # -- epochs --------------------------------------------------------------------------------------------------
+    def check_linearized(self, epochs: int) -> None:
+        """Linearized DGC is refused outside its measured validity envelope, before the run starts, for every
+        layer that DGC trains in these epochs (on the first training batch; the random streams are left as
+        they were, so a checked run equals an unchecked one)."""
+        if self.config.dgc.mode != "linearized" or getattr(self, "_linearized_checked", False):
+            return
+        from neurosim.training.dgc_envelope import check_linearized_validity
+
+        names = {name for e in range(self.epoch + 1, self.epoch + epochs + 1)
+                 for name, s in self.layer_schemes(e).items() if s == "dgc"}
+        layers = [layer for layer in self.network.analog_layers if layer.name in names]
+        if layers:
+            n = self.config.batch_size
+            check_linearized_validity(self.network, layers, self.data.x_train[:n], self.data.y_train[:n],
+                                      self.config.cost, self.config.dgc)
+            self._linearized_checked = True
+
     def run_epochs(self, epochs: int, stage: str = "") -> list[dict[str, Any]]:
         """Train for ``epochs`` epochs; returns one metrics row per epoch."""
         data, cfg = self.data, self.config
+        self.check_linearized(epochs)
 
         def process():
             for _ in range(epochs):

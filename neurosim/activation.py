@@ -22,10 +22,12 @@ Numerics:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -575,6 +577,29 @@ class _Taylor(torch.autograd.Function):
         return gx, gc, None, None, None
 
 
+def taylor_scale(config: ActivationConfig) -> float:
+    """s = max |u| over the clipping range (u = x - x0): the input the polynomial circuit sees is u/s in
+    [-1, 1], and a_k = c_k s^k is coefficient k in the circuit's own units (term k adds at most |a_k|)."""
+    a, b = config.input_range
+    return max(abs(a - config.center), abs(b - config.center))
+
+
+def _taylor_sets(x: torch.Tensor, sets: torch.Tensor, low: float, high: float, center: float) -> torch.Tensor:
+    """p_m(clip(x, a, b) - x0) where the batch of x is M equal blocks and block m uses coefficient row m of
+    ``sets`` (M, terms): M chip states measured in one evaluation (coefficient perturbation)."""
+    m = sets.shape[0]
+    if x.shape[0] % m:
+        raise ValueError(f"a batch of {x.shape[0]} is not {m} equal blocks, one per coefficient set")
+    xc = torch.clamp(x, low, high)
+    u = (xc - center if center != 0.0 else xc).reshape(m, -1)
+    c = sets.to(dtype=x.dtype, device=x.device)
+    n = c.shape[1]
+    y = c[:, n - 1:n].expand(m, u.shape[1]).clone()
+    for k in range(n - 2, -1, -1):
+        y = torch.addcmul(c[:, k:k + 1], y, u)
+    return y.reshape(x.shape)
+
+
 def _cell_coordinate(x: torch.Tensor, lookup: dict[str, float]) -> torch.Tensor:
     """u = (x - a)/h + 1 clipped to the padded table: floor(u) is the cell (0 and last are padding), and the
     tables hold each line in u, so u alone gives the output (±inf saturate, NaN stays NaN)."""
@@ -673,6 +698,7 @@ class ActivationUnit(torch.nn.Module):
         if config.function == "prelu":
             self.prelu_slope = torch.nn.Parameter(torch.tensor([config.alpha], dtype=dtype, device=self._device))
         self.info: dict[str, Any] = {}
+        self._coefficient_sets: torch.Tensor | None = None
         self._build()
 
     # -- set-up -------------------------------------------------------------------------------------------
@@ -776,6 +802,22 @@ class ActivationUnit(torch.nn.Module):
         self._build()
         return self
 
+    @contextlib.contextmanager
+    def coefficient_sets(self, sets: torch.Tensor) -> Iterator[None]:
+        """Taylor mode: evaluate M coefficient sets at once (sets: (M, terms)); the batch is read as M equal
+        blocks, block m computed with row m. The circuit around the polynomial (mismatch, noise, clipping) is
+        the same chip for every block; each block draws its own noise, as M sequential evaluations would."""
+        if self.config.mode != "taylor":
+            raise RuntimeError(f"coefficient_sets() needs mode 'taylor' (this unit is '{self.config.mode}')")
+        if sets.dim() != 2 or sets.shape[1] != self.config.terms:
+            raise ValueError(f"coefficient sets must be (M, {self.config.terms}), got {tuple(sets.shape)}")
+        saved = self._coefficient_sets
+        self._coefficient_sets = sets.detach()
+        try:
+            yield
+        finally:
+            self._coefficient_sets = saved
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         out = []
         if self.config.mode == "taylor" and self.config.train_coefficients:
@@ -792,6 +834,8 @@ class ActivationUnit(torch.nn.Module):
             return exact(cfg.function, x, alpha)
         if cfg.mode == "taylor":
             a, b = cfg.input_range
+            if self._coefficient_sets is not None:
+                return _taylor_sets(x, self._coefficient_sets, a, b, cfg.center)
             coeffs = self.coefficients.to(x.dtype)
             return _Taylor.apply(x, coeffs, a, b, cfg.center)
         return _PWL.apply(x, self._packed(self.lut_f, x), self._packed(self.lut_d, x), self._lookup,

@@ -1,5 +1,5 @@
-"""On-chip training: hardware BP against autograd, DGC exact/batched/sequential/linearized, hybrid, two-stage,
-the engine's clock on a hand-computed step, and end-to-end accuracy on the bundled digits."""
+"""On-chip training: hardware BP against autograd, DGC exact/batched/sequential/linearized, hybrid (two-stage
+in test_two_stage.py), the engine's clock on a hand-computed step, and end-to-end accuracy on the bundled digits."""
 
 from __future__ import annotations
 
@@ -340,23 +340,6 @@ def test_convert_maps_a_torch_model():
             lin.bias.copy_(w[-1])
     torch.testing.assert_close(net(x), model(x).detach(), rtol=1e-4, atol=1e-5)
     assert [layer.activation_config.function for layer in net.analog_layers] == ["tanh", "identity"]
-
-
-def test_two_stage_records_both_stages_and_trains_coefficients():
-    spec = make_spec(states=257)
-    data = tiny_data()
-    net = mlp(spec, hidden=(5,))
-    cfg = build(TrainerConfig, {"scheme": "two_stage", "batch_size": 16,
-                                "two_stage": {"stage1_epochs": 1, "stage2_epochs": 2, "terms": 4}})
-    trainer = make_trainer(net, data, cfg)
-    trainer.run_epochs(0)
-    rows = trainer.fit()
-    assert [r["stage"] for r in rows] == ["stage1", "stage2", "stage2"]
-    unit = net.analog_layers[0].activation
-    assert unit.config.mode == "taylor"
-    start = torch.tensor([0.5, 0.25, 0.0, -1 / 48])   # the computed sigmoid series, before training
-    assert not torch.allclose(unit.coefficients.detach().float(), start, atol=1e-6)
-    assert rows[1]["pulses"] == rows[0]["pulses"]     # stage 2 leaves the weights alone by default
 
 
 def test_training_is_reproducible_bit_for_bit():

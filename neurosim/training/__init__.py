@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from neurosim.training.base import Trainer, accuracy, cost_per_sample, make_engine, noise_free
 from neurosim.training.bp import BPTrainer
+from neurosim.training.coefficients import check_derivative_circuits, needs_derivative_circuits
 from neurosim.training.config import BPConfig, DGCConfig, HybridConfig, TrainerConfig, TwoStageConfig
 from neurosim.training.dgc import DGCTrainer
 from neurosim.training.hybrid import HybridTrainer
@@ -13,10 +14,12 @@ TRAINERS = {"bp": BPTrainer, "dgc": DGCTrainer, "hybrid": HybridTrainer, "two_st
 
 
 def make_trainer(network, data, config: TrainerConfig, **kwargs) -> Trainer:
-    """The trainer of ``config.scheme``; DGC-only chips need no derivative circuits."""
+    """The trainer of ``config.scheme``. Refuses (ConfigError) a scheme that reads derivative circuits on a
+    network built without them; build networks with ``needs_derivative_circuits(config)``."""
+    check_derivative_circuits(network, config)
     return TRAINERS[config.scheme](network, data, config, **kwargs)
 
 
 __all__ = ["TRAINERS", "BPConfig", "BPTrainer", "DGCConfig", "DGCTrainer", "HybridConfig", "HybridTrainer",
            "Trainer", "TrainerConfig", "TwoStageConfig", "TwoStageTrainer", "accuracy", "cost_per_sample",
-           "make_engine", "make_trainer", "noise_free"]
+           "make_engine", "make_trainer", "needs_derivative_circuits", "noise_free"]

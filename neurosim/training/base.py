@@ -236,12 +236,19 @@ class Trainer(abc.ABC):
         return v
 
     def update_activations(self) -> None:
-        """Trainable neuron-circuit parameters (Taylor coefficients, PReLU slopes): plain SGD, digitally."""
+        """Trainable neuron-circuit parameters, digitally: Taylor coefficients by the normalized step of
+        ``training.coefficients`` (SGD in the circuit's units, averaged over the neurons sharing them), other
+        parameters (PReLU slopes) by plain SGD."""
+        from neurosim.training.coefficients import coefficient_update
+
+        lr = self.activation_lr or self.config.learning_rate
         for layer in self.network.analog_layers:
-            for p in layer.activation.trainable_parameters():
+            unit = layer.activation
+            for p in unit.trainable_parameters():
                 if p.grad is not None and p.requires_grad:
+                    taylor = unit.config.mode == "taylor" and p is unit.coefficients
                     with torch.no_grad():
-                        p -= (self.activation_lr or self.config.learning_rate) * p.grad
+                        p += coefficient_update(layer, p.grad, lr) if taylor else -lr * p.grad
                     p.grad = None
 
     # -- epochs --------------------------------------------------------------------------------------------------

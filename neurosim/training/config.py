@@ -81,10 +81,20 @@ class HybridConfig:
 class TwoStageConfig:
     stage1_epochs: int = setting(2, "epochs of stage 1 (weights, stage-1 activations)", ge=0)
     stage2_epochs: int = setting(2, "epochs of stage 2 (Taylor activations with trainable coefficients)", ge=0)
-    terms: int = setting(4, "Taylor terms of the stage-2 activations", ge=1)
+    terms: int = setting(4, "Taylor terms of the stage-2 activations", ge=1, le=32)
     train_weights: bool = setting(False, "stage 2 also trains the weights")
-    coefficient_lr: float = setting(0.01, "learning rate of the Taylor coefficients", gt=0.0)
+    coefficient_lr: float = setting(1.0, "learning rate of the Taylor coefficients in the circuit's units (a_k = "
+                                    "c_k s^k on the input scaled to [-1, 1]; gradient averaged over the neurons "
+                                    "sharing it); above 10 refused: plain SGD diverged at 100 on the digits MLP",
+                                    gt=0.0, le=10.0)
     stage1_scheme: str = setting("bp", "scheme of the weights in both stages", choices=("bp", "dgc"))
+    coefficient_gradient: str = setting("auto", "how the chip gets the coefficient gradients: 'bp' (errors "
+                                        "through derivative circuits), 'perturbation' (set a coefficient, "
+                                        "measure the cost, set it back; no derivative circuits), 'auto' (bp "
+                                        "with BP weights, perturbation with DGC weights)",
+                                        choices=("auto", "bp", "perturbation"))
+    coefficient_perturbation: float = setting(0.01, "perturbation: size of a coefficient perturbation in the "
+                                              "circuit's units (the most it changes a neuron's output)", gt=0.0)
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ class TwoStageConfig:
                                         "measure the cost, set it back; no derivative circuits), 'auto' (bp "
                                         "with BP weights, perturbation with DGC weights)",
                                         choices=("auto", "bp", "perturbation"))
-    coefficient_perturbation: float = setting(0.01, "perturbation: size of a coefficient perturbation in the "
+    coefficient_perturbation: float = setting(0.05, "perturbation: size of a coefficient perturbation in the "
                                               "circuit's units (the most it changes a neuron's output)", gt=0.0)
 
 

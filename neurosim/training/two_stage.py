@@ -56,7 +56,9 @@ class TwoStageTrainer(Trainer):
         all_layers, layers = self.network.analog_layers, taylor_layers(self.network)
         joint_bp = ts.train_weights and ts.stage1_scheme == "bp" and self.coefficient_method == "bp"
         loss = 0.0
-        if self.coefficient_method == "perturbation":
+        if not layers:
+            pass  # no hidden neuron circuits: nothing to measure
+        elif self.coefficient_method == "perturbation":
             grads, loss, passes = perturbation_gradients(self.network, x, y, self.config.cost,
                                                          ts.coefficient_perturbation, self.config.dgc.difference)
             for layer in layers:

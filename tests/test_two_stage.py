@@ -43,12 +43,13 @@ def cosine(a, b):
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
-def reference_coefficient_gradients(net, x, y):
+def reference_coefficient_gradients(net, x, y, masks=None):
     """∂C/∂c of every hidden layer by autograd of a plain torch model of the chip (the weights the conductances
-    hold, inputs clipped by the DAC, each neuron's gain and offset, the clipped Taylor polynomial), float64."""
+    hold, inputs clipped by the DAC, each neuron's gain and offset, the clipped Taylor polynomial, the given
+    dropout masks after hidden layers), float64."""
     h = x.reshape(len(x), -1).to(F64)
     leaves = []
-    for layer in net.analog_layers:
+    for i, layer in enumerate(net.analog_layers):
         h = torch.cat([h.clamp(-1, 1), torch.ones(len(h), 1, dtype=F64)], 1) @ layer.crossbar.weights().to(F64)
         unit = layer.activation
         if unit.config.mode != "taylor":
@@ -59,6 +60,8 @@ def reference_coefficient_gradients(net, x, y):
         u = torch.clamp(h, a, b) - unit.config.center
         p = sum(c[k] * u ** k for k in range(len(c)))
         h = p * unit.gain.to(F64) + unit.offset.to(F64)
+        if masks is not None:
+            h = h * masks[i].to(F64)
     loss = nn.functional.cross_entropy(h, y)
     return torch.autograd.grad(loss, leaves)
 
@@ -132,6 +135,22 @@ def test_perturbation_gradient_matches_autograd_of_the_noise_free_chip(differenc
         got = grads[layer.name].to(F64) / s      # in the circuit's units, where every term weighs alike
         assert cosine(got, ref / s) > 0.99
         torch.testing.assert_close(got, ref / s, rtol=0.05, atol=0.02 * float((ref / s).abs().max()))
+
+
+def test_perturbation_measures_every_coefficient_under_one_dropout_mask():
+    """The chip keeps its dropout mask while it measures: every block of the evaluation shares the mask, so the
+    differences see the coefficients alone (a mask per block would swamp them)."""
+    cfg = NetworkConfig(hidden=(12,), dropout=0.5, activation=ActivationConfig(
+        function="tanh", mode="taylor", terms=4, train_coefficients=True))
+    net = build_network(cfg, make_spec(states=4097), (1, 1, 6), 3, derivative_circuits=False)
+    data = tiny_data()
+    torch.manual_seed(5)
+    grads, _, _ = perturbation_gradients(net, data.x_train, data.y_train, "cross_entropy", 1e-2, "central")
+    torch.manual_seed(5)
+    mask = nn.Dropout(0.5)(torch.ones(32, 12))      # the first draw of the step, as the measurement made it
+    (ref,) = reference_coefficient_gradients(net, data.x_train, data.y_train, masks=[mask])
+    s = scales(net.analog_layers[0].activation)
+    assert cosine(grads["fc1"].to(F64) / s, ref / s) > 0.999
 
 
 def test_coefficient_sets_evaluate_like_separate_units():

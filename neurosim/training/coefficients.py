@@ -133,19 +133,26 @@ def perturbation_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Ten
 
     layers = taylor_layers(network)
     signs = (1.0, -1.0) if difference == "central" else (1.0,)
-    which = [(layer, k, sign) for sign in signs for layer in layers for k in range(layer.activation.config.terms)]
-    total = 1 + len(which)  # block 0: the unperturbed chip
-    base = {layer.name: layer.activation.coefficients.detach() for layer in layers}
-    steps = {layer.name: (delta / basis_scale(layer)).to(base[layer.name]) for layer in layers}
+    per_sign = sum(layer.activation.config.terms for layer in layers)
+    total = 1 + len(signs) * per_sign  # block 0: the unperturbed chip; then (sign, layer, k) in that order
+    base, shifts = {}, {}
+    first = 1
+    for layer in layers:
+        c = layer.activation.coefficients.detach()
+        n = c.shape[0]
+        step = (delta / basis_scale(layer)).to(c)
+        shift = torch.zeros(total, n, device=c.device, dtype=c.dtype)
+        k = torch.arange(n, device=c.device)
+        for i, sign in enumerate(signs):
+            shift[first + i * per_sign + k, k] = sign * step
+        base[layer.name], shifts[layer.name] = c, shift
+        first += n
     costs = torch.empty(total, dtype=torch.float64)
     per_pass = max(1, _MAX_SAMPLES // max(1, x.shape[0]))
     with torch.no_grad():
         for start in range(0, total, per_pass):
             stop = min(total, start + per_pass)
-            sets = {name: c.expand(stop - start, -1).clone() for name, c in base.items()}
-            for m in range(max(start, 1), stop):
-                layer, k, sign = which[m - 1]
-                sets[layer.name][m - start, k] += sign * steps[layer.name][k]
+            sets = {name: c + shifts[name][start:stop] for name, c in base.items()}
             out = _blocks_forward(network, x, stop - start, sets)
             reps = cost_per_sample(out, y.repeat(stop - start), cost).reshape(stop - start, -1)
             costs[start:stop] = reps.double().mean(1).cpu()
@@ -154,13 +161,8 @@ def perturbation_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Ten
     for layer in layers:
         n = layer.activation.config.terms
         up = costs[i:i + n]
-        if difference == "central":
-            down = costs[i + len(which) // 2:i + len(which) // 2 + n]
-            g = (up - down) / (2 * delta)
-        else:
-            g = (up - costs[0]) / delta
+        g = (up - costs[i + per_sign:i + per_sign + n]) / (2 * delta) if len(signs) == 2 else (up - costs[0]) / delta
         i += n
-        # g is ∂C/∂a_k; ∂C/∂c_k = s^k ∂C/∂a_k
-        c = layer.activation.coefficients
+        c = layer.activation.coefficients  # g is ∂C/∂a_k; ∂C/∂c_k = s^k ∂C/∂a_k
         grads[layer.name] = (g * basis_scale(layer)).to(device=c.device, dtype=c.dtype)
     return grads, float(costs[0]), total

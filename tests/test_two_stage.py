@@ -4,6 +4,7 @@ used to diverge."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -15,7 +16,7 @@ from neurosim.architectures import NetworkConfig, build_network
 from neurosim.config import ConfigError, build
 from neurosim.data import Dataset, load
 from neurosim.device import load_card
-from neurosim.training import TrainerConfig, make_trainer, needs_derivative_circuits, noise_free
+from neurosim.training import TrainerConfig, TwoStageConfig, make_trainer, needs_derivative_circuits, noise_free
 from neurosim.training.coefficients import coefficient_method, perturbation_gradients
 from tests.conftest import make_spec
 
@@ -220,9 +221,15 @@ def test_dgc_only_settings_need_no_derivative_circuits(settings):
 
 
 def test_a_coefficient_lr_beyond_the_measured_stable_envelope_is_refused():
+    build(TrainerConfig, {"two_stage": {"coefficient_lr": 10.0}})
     with pytest.raises(ConfigError) as e:
-        build(TrainerConfig, {"two_stage": {"coefficient_lr": 100.0}})
-    assert e.value.field == "two_stage.coefficient_lr"
+        build(TrainerConfig, {"two_stage": {"coefficient_lr": 10.5}})
+    assert e.value.field == "two_stage.coefficient_lr" and "diverged" in e.value.reason
+    made_in_code = dataclasses.replace(TrainerConfig(scheme="two_stage"),
+                                       two_stage=TwoStageConfig(coefficient_lr=100.0))
+    with pytest.raises(ConfigError) as e:
+        make_trainer(mlp(make_spec()), tiny_data(), made_in_code)
+    assert e.value.field == "trainer.two_stage.coefficient_lr"
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from neurosim.config import ConfigError
 from neurosim.training.base import Trainer
 from neurosim.training.bp import bp_gradients
 from neurosim.training.coefficients import (
@@ -28,6 +29,10 @@ class TwoStageTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        try:
+            self.config.two_stage.validate()  # a config made in code, not by build, is refused here
+        except ConfigError as e:
+            raise e.within("trainer.two_stage") from None
         check_derivative_circuits(self.network, self.config)
         self.stage = 1
         self.coefficient_method = coefficient_method(self.config)
@@ -57,7 +62,7 @@ class TwoStageTrainer(Trainer):
         joint_bp = ts.train_weights and ts.stage1_scheme == "bp" and self.coefficient_method == "bp"
         loss = 0.0
         if not layers:
-            pass  # no hidden neuron circuits: nothing to measure
+            pass  # a network without hidden neuron circuits: no coefficients to measure
         elif self.coefficient_method == "perturbation":
             grads, loss, passes = perturbation_gradients(self.network, x, y, self.config.cost,
                                                          ts.coefficient_perturbation, self.config.dgc.difference)

@@ -16,6 +16,7 @@ from neurosim.architectures import NetworkConfig, build_network
 from neurosim.config import ConfigError, build
 from neurosim.data import Dataset, load
 from neurosim.device import load_card
+from neurosim.layers import AnalogLinear, AnalogNetwork
 from neurosim.training import TrainerConfig, TwoStageConfig, make_trainer, needs_derivative_circuits, noise_free
 from neurosim.training.coefficients import coefficient_method, perturbation_gradients
 from tests.conftest import make_spec
@@ -138,18 +139,30 @@ def test_perturbation_gradient_matches_autograd_of_the_noise_free_chip(differenc
         torch.testing.assert_close(got, ref / s, rtol=0.05, atol=0.02 * float((ref / s).abs().max()))
 
 
-def test_perturbation_measures_every_coefficient_under_one_dropout_mask():
-    """The chip keeps its dropout mask while it measures: every block of the evaluation shares the mask, so the
-    differences see the coefficients alone (a mask per block would swamp them)."""
-    cfg = NetworkConfig(hidden=(12,), dropout=0.5, activation=ActivationConfig(
-        function="tanh", mode="taylor", terms=4, train_coefficients=True))
-    net = build_network(cfg, make_spec(states=4097), (1, 1, 6), 3, derivative_circuits=False)
+@pytest.mark.parametrize("dropout", ["step", "torch"])
+def test_perturbation_measures_every_coefficient_under_one_dropout_mask(dropout):
+    """The chip keeps its dropout mask while it measures: every block of the evaluation shares the step's mask,
+    so the differences see the coefficients alone (a mask per block would swamp them). ``step``: the library's
+    StepDropout (the step's mask, tiled); ``torch``: a plain nn.Dropout in a hand-built network."""
+    act = ActivationConfig(function="tanh", mode="taylor", terms=4, train_coefficients=True)
+    spec = make_spec(states=4097)
     data = tiny_data()
-    torch.manual_seed(5)
-    grads, _, _ = perturbation_gradients(net, data.x_train, data.y_train, "cross_entropy", 1e-2, "central")
-    torch.manual_seed(5)
-    mask = nn.Dropout(0.5)(torch.ones(32, 12))      # the first draw of the step, as the measurement made it
-    (ref,) = reference_coefficient_gradients(net, data.x_train, data.y_train, masks=[mask])
+    x, y = data.x_train, data.y_train
+    if dropout == "step":
+        net = build_network(NetworkConfig(hidden=(12,), dropout=0.5, activation=act), spec, (1, 1, 6), 3,
+                            derivative_circuits=False)
+        with net.one_mask_per_step():
+            grads, _, _ = perturbation_gradients(net, x, y, "cross_entropy", 1e-2, "central")
+            mask = net.stages[2].mask
+    else:
+        net = AnalogNetwork([nn.Flatten(), AnalogLinear(6, 12, name="fc1", spec=spec, activation=act),
+                             nn.Dropout(0.5), AnalogLinear(12, 3, name="fc2", spec=spec)])
+        torch.manual_seed(5)
+        grads, _, _ = perturbation_gradients(net, x, y, "cross_entropy", 1e-2, "central")
+        torch.manual_seed(5)
+        mask = nn.Dropout(0.5)(torch.ones(32, 12))      # the first draw of the measurement
+    assert mask is not None and 0 < int((mask == 0).sum()) < mask.numel()
+    (ref,) = reference_coefficient_gradients(net, x, y, masks=[mask])
     s = scales(net.analog_layers[0].activation)
     assert cosine(grads["fc1"].to(F64) / s, ref / s) > 0.999
 
@@ -257,3 +270,25 @@ def test_joint_training_on_the_digits_mlp_stays_finite_and_learns(terms, lr, one
     assert rows[-1]["test_accuracy"] > 0.85            # chance: 0.1
     coefficients = net.analog_layers[0].activation.coefficients.detach()
     assert coefficients[0] != 0.5                      # the coefficients were trained
+
+
+@pytest.mark.parametrize("weights,method,train_weights", [
+    ("bp", "perturbation", True), ("dgc", "perturbation", True), ("dgc", "bp", True), ("bp", "bp", False),
+    ("dgc", "perturbation", False)])
+def test_a_stage_two_step_draws_one_dropout_mask(weights, method, train_weights, monkeypatch):
+    """Coefficient and weight measurements of a step share the step's one dropout mask."""
+    cfg = NetworkConfig(hidden=(6,), dropout=0.3)
+    net = build_network(cfg, make_spec(states=257), (1, 1, 6), 3)
+    trainer = make_trainer(net, tiny_data(), two_stage(terms=3, stage1_scheme=weights, coefficient_gradient=method,
+                                                       train_weights=train_weights))
+    trainer.switch_to_taylor()
+    trainer.stage = 2
+    drop = net.stages[2]
+    draws = []
+    original = type(drop)._draw
+    monkeypatch.setattr(drop, "_draw", lambda x: draws.append(tuple(x.shape)) or original(drop, x))
+    before = net.analog_layers[0].activation.coefficients.detach().clone()
+    row = trainer.run_epochs(1)[0]           # one batch of 32: one step
+    assert draws == [(32, 6)]
+    assert math.isfinite(row["train_loss"])
+    assert not torch.equal(net.analog_layers[0].activation.coefficients.detach(), before)

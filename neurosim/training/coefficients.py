@@ -22,12 +22,14 @@ not grow with the layer's width. Hence Δc_k = −lr · g_k / (n · s^2k), g_k =
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from neurosim.activation import taylor_scale
 from neurosim.config import ConfigError
-from neurosim.layers import AnalogLayer, AnalogNetwork
+from neurosim.layers import AnalogLayer, AnalogNetwork, StepDropout
 from neurosim.training.config import TrainerConfig
 
 METHODS = ("auto", "bp", "perturbation")
@@ -39,13 +41,14 @@ def needs_derivative_circuits(config: TrainerConfig) -> bool:
     pass the answer to ``build_network(derivative_circuits=...)``; a DGC-only chip carries none."""
     if config.scheme == "dgc":
         return False
+    bp_reads_them = config.bp.backward != "true_gradient"  # the software reference uses autograd instead
     if config.scheme == "hybrid":
         h = config.hybrid
-        return h.bp_epochs > 0 or not h.layer_schemes or "bp" in h.layer_schemes
+        return bp_reads_them and (h.bp_epochs > 0 or not h.layer_schemes or "bp" in h.layer_schemes)
     if config.scheme == "two_stage":
         ts = config.two_stage
-        return ts.stage1_scheme == "bp" or ts.coefficient_gradient == "bp"
-    return True
+        return bp_reads_them and (ts.stage1_scheme == "bp" or ts.coefficient_gradient == "bp")
+    return bp_reads_them
 
 
 def coefficient_method(config: TrainerConfig) -> str:
@@ -103,8 +106,8 @@ def coefficient_update(layer: AnalogLayer, grad: torch.Tensor, lr: float) -> tor
 def _blocks_forward(network: AnalogNetwork, x: torch.Tensor, blocks: int,
                     sets: dict[str, torch.Tensor]) -> torch.Tensor:
     """The chip's output for ``blocks`` chip states at once: the batch repeated, block m with coefficient row m
-    in every Taylor layer of ``sets``. Dropout draws one mask for the step, shared by all blocks (the chip
-    keeps its mask while it measures), so the blocks differ only by their coefficients and their noise."""
+    in every Taylor layer of ``sets``. Dropout keeps one mask for all blocks (``StepDropout`` tiles the step's
+    mask; a plain torch dropout draws one here), so the blocks differ only by coefficients and noise."""
     batch = x.shape[0]
     h = x.repeat((blocks,) + (1,) * (x.dim() - 1))
     for stage in network.stages:
@@ -115,7 +118,11 @@ def _blocks_forward(network: AnalogNetwork, x: torch.Tensor, blocks: int,
             else:
                 with stage.activation.coefficient_sets(s):
                     h = stage(h)
-        elif isinstance(stage, nn.Dropout | nn.Dropout2d | nn.Dropout1d | nn.Dropout3d) and stage.training:
+        elif isinstance(stage, StepDropout):
+            if stage.hold and stage.mask is None:
+                stage(h[:batch])  # the step's mask is one of its N samples, whoever measures first
+            h = stage(h)
+        elif isinstance(stage, nn.Dropout | nn.Dropout1d | nn.Dropout2d | nn.Dropout3d) and stage.training:
             mask = stage(torch.ones_like(h[:batch]))
             h = h * mask.repeat((blocks,) + (1,) * (h.dim() - 1))
         else:
@@ -149,7 +156,9 @@ def perturbation_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Ten
         first += n
     costs = torch.empty(total, dtype=torch.float64)
     per_pass = max(1, _MAX_SAMPLES // max(1, x.shape[0]))
-    with torch.no_grad():
+    drops = [s for s in network.stages if isinstance(s, StepDropout)]
+    held = all(d.hold for d in drops)  # inside a training step: its mask; else one mask for this measurement
+    with torch.no_grad(), contextlib.nullcontext() if held else network.one_mask_per_step():
         for start in range(0, total, per_pass):
             stop = min(total, start + per_pass)
             sets = {name: c + shifts[name][start:stop] for name, c in base.items()}

@@ -14,6 +14,7 @@ from torch import nn
 from neurosim.activation import ActivationConfig, ActivationUnit
 from neurosim.architectures import NetworkConfig, build_network
 from neurosim.config import ConfigError, build
+from neurosim.crossbar import CrossbarConfig
 from neurosim.data import Dataset, load
 from neurosim.device import load_card
 from neurosim.layers import AnalogLinear, AnalogNetwork
@@ -31,8 +32,9 @@ def tiny_data(n=32, features=6, classes=3, seed=0) -> Dataset:
     return Dataset(x, y, x[:16], y[:16], classes, "tiny")
 
 
-def mlp(spec, hidden=(5,), features=6, classes=3, act=None, seed=0, derivative=True):
-    cfg = NetworkConfig(hidden=hidden, activation=act or ActivationConfig(function="sigmoid"))
+def mlp(spec, hidden=(5,), features=6, classes=3, act=None, seed=0, derivative=True, input_max=1.0):
+    cfg = NetworkConfig(hidden=hidden, activation=act or ActivationConfig(function="sigmoid"),
+                        crossbar=CrossbarConfig(input_max=input_max))
     return build_network(cfg, spec, (1, 1, features), classes, seed=seed, derivative_circuits=derivative)
 
 
@@ -52,7 +54,8 @@ def reference_coefficient_gradients(net, x, y, masks=None):
     h = x.reshape(len(x), -1).to(F64)
     leaves = []
     for i, layer in enumerate(net.analog_layers):
-        h = torch.cat([h.clamp(-1, 1), torch.ones(len(h), 1, dtype=F64)], 1) @ layer.crossbar.weights().to(F64)
+        m = layer.crossbar.config.input_max   # the DAC clips at ±input_max; the bias row is driven at input_max
+        h = torch.cat([h.clamp(-m, m), torch.full((len(h), 1), m, dtype=F64)], 1) @ layer.crossbar.weights().to(F64)
         unit = layer.activation
         if unit.config.mode != "taylor":
             continue
@@ -66,6 +69,27 @@ def reference_coefficient_gradients(net, x, y, masks=None):
             h = h * masks[i].to(F64)
     loss = nn.functional.cross_entropy(h, y)
     return torch.autograd.grad(loss, leaves)
+
+
+def assert_smooth(net, x, margin=0.1):
+    """The premise of comparing finite differences with autograd: above the first Taylor layer, no measured
+    state sits near a kink of the chip that a coefficient perturbation could cross (a DAC clipping an input, a
+    Taylor circuit clipping its pre-activation)."""
+    above = False
+    with noise_free(net), torch.no_grad():
+        h = net.stages[0](x)
+        for stage in net.stages[1:]:
+            if not isinstance(stage, AnalogLinear):
+                h = stage(h)
+                continue
+            assert not above or float(h.abs().max()) < stage.crossbar.config.input_max - margin
+            z = stage.preactivation(h)
+            taylor = stage.activation.config.mode == "taylor"
+            if above and taylor:
+                a, b = stage.activation.config.input_range
+                assert a + margin < float(z.min()) and float(z.max()) < b - margin
+            above = above or taylor
+            h = stage.activate(z)
 
 
 def scales(unit):
@@ -123,8 +147,9 @@ def test_perturbation_gradient_matches_autograd_of_the_noise_free_chip(differenc
     spec = make_spec(states=4097, read_noise=0.05)
     act = ActivationConfig(function="sigmoid", mode="taylor", terms=5, train_coefficients=True, gain_dtod=0.2,
                            offset_dtod=0.1, noise=0.05)
-    net = mlp(spec, hidden=(7, 5), act=act, derivative=False)
+    net = mlp(spec, hidden=(7, 5), act=act, derivative=False, input_max=2.0)
     data = tiny_data()
+    assert_smooth(net, data.x_train)
     with noise_free(net):
         grads, c0, passes = perturbation_gradients(net, data.x_train, data.y_train, "cross_entropy", 1e-2,
                                                    difference)
@@ -144,24 +169,27 @@ def test_perturbation_measures_every_coefficient_under_one_dropout_mask(dropout)
     """The chip keeps its dropout mask while it measures: every block of the evaluation shares the step's mask,
     so the differences see the coefficients alone (a mask per block would swamp them). ``step``: the library's
     StepDropout (the step's mask, tiled); ``torch``: a plain nn.Dropout in a hand-built network."""
-    act = ActivationConfig(function="tanh", mode="taylor", terms=4, train_coefficients=True)
+    act = ActivationConfig(function="sigmoid", mode="taylor", terms=4, train_coefficients=True)
     spec = make_spec(states=4097)
     data = tiny_data()
     x, y = data.x_train, data.y_train
+    wide = CrossbarConfig(input_max=2.0)   # kept outputs doubled: at most 2 x 0.83 (the polynomial), no DAC clip
     if dropout == "step":
-        net = build_network(NetworkConfig(hidden=(12,), dropout=0.5, activation=act), spec, (1, 1, 6), 3,
-                            derivative_circuits=False)
+        net = build_network(NetworkConfig(hidden=(12,), dropout=0.5, activation=act, crossbar=wide), spec,
+                            (1, 1, 6), 3, derivative_circuits=False)
         with net.one_mask_per_step():
             grads, _, _ = perturbation_gradients(net, x, y, "cross_entropy", 1e-2, "central")
             mask = net.stages[2].mask
     else:
-        net = AnalogNetwork([nn.Flatten(), AnalogLinear(6, 12, name="fc1", spec=spec, activation=act),
-                             nn.Dropout(0.5), AnalogLinear(12, 3, name="fc2", spec=spec)])
+        net = AnalogNetwork([nn.Flatten(), AnalogLinear(6, 12, name="fc1", spec=spec, activation=act, crossbar=wide),
+                             nn.Dropout(0.5), AnalogLinear(12, 3, name="fc2", spec=spec, crossbar=wide)])
         torch.manual_seed(5)
         grads, _, _ = perturbation_gradients(net, x, y, "cross_entropy", 1e-2, "central")
         torch.manual_seed(5)
         mask = nn.Dropout(0.5)(torch.ones(32, 12))      # the first draw of the measurement
     assert mask is not None and 0 < int((mask == 0).sum()) < mask.numel()
+    net.eval()
+    assert_smooth(net, x, margin=0.5)
     (ref,) = reference_coefficient_gradients(net, x, y, masks=[mask])
     s = scales(net.analog_layers[0].activation)
     assert cosine(grads["fc1"].to(F64) / s, ref / s) > 0.999

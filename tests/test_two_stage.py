@@ -98,8 +98,9 @@ def scales(unit):
 
 @pytest.mark.parametrize("weights,method", [("bp", "auto"), ("dgc", "bp"), ("bp", "perturbation")])
 def test_coefficient_step_is_the_normalized_sgd_step_of_the_autograd_gradient(weights, method):
-    """Δc_k = −lr·g_k/(n·s^2k): SGD on a_k = c_k s^k, averaged over the n neurons sharing the coefficient,
-    whichever way the chip gets g (BP exactly; perturbation to its finite-difference error)."""
+    """Δc_k = −lr·g_k/(N·n·s^2k): SGD on a_k = c_k s^k, averaged over the n neurons sharing the coefficient and
+    divided by the N terms, whichever way the chip gets g (BP exactly; perturbation to its finite-difference
+    error)."""
     spec = make_spec(states=4097)
     data = tiny_data()
     net = mlp(spec, hidden=(5,))
@@ -111,7 +112,7 @@ def test_coefficient_step_is_the_normalized_sgd_step_of_the_autograd_gradient(we
     before = unit.coefficients.detach().clone().to(F64)
     (g,) = reference_coefficient_gradients(net, data.x_train, data.y_train)
     trainer.run_epochs(1)    # one batch: one step, the weights untouched
-    expected = -0.7 * g / (5 * scales(unit) ** 2)
+    expected = -0.7 * g / (4 * 5 * scales(unit) ** 2)
     change = unit.coefficients.detach().to(F64) - before
     if trainer.coefficient_method == "bp":
         torch.testing.assert_close(change, expected, rtol=2e-4, atol=1e-9)
@@ -223,7 +224,7 @@ def test_dgc_two_stage_trains_coefficients_on_a_chip_without_derivative_circuits
     (g,) = reference_coefficient_gradients(net, data.x_train, data.y_train)
     row = trainer.run_epochs(1)[0]
     change = unit.coefficients.detach().to(F64) - before
-    expected = -2.0 * g / (5 * scales(unit) ** 2)     # the measured step is the BP step, to perturbation error
+    expected = -2.0 * g / (3 * 5 * scales(unit) ** 2)  # the measured step is the BP step, to perturbation error
     assert cosine(change * scales(unit), expected * scales(unit)) > 0.99
     torch.testing.assert_close(change, expected, rtol=0.05, atol=0.01 * float(expected.abs().max()))
     assert row["delta_pulses"] > 0                    # the weights were trained too, by DGC

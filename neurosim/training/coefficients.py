@@ -17,7 +17,11 @@ output by at most |a_k|, so one learning rate means the same for every k; in the
 of term k is multiplied by up to s^k (64 for the cubic term on [-4, 4]) and its curvature by s^2k, which is
 why plain SGD on c diverged. The gradient is also averaged over the neuron evaluations that share the
 coefficient (one layer's neurons, and a convolution's output positions) rather than summed, so the step does
-not grow with the layer's width. Hence Δc_k = −lr · g_k / (n · s^2k), g_k = ∂C/∂c_k, n evaluations per sample.
+not grow with the layer's width, and divided by the number of terms N, so that one step changes a neuron's
+output by at most lr·mean|δ| (Σ_k |Δa_k| ≤ lr·mean|δ|, δ the error at the neuron output) whatever N; in the
+Gauss-Newton picture the largest curvature along a is at most N times the curvature along a_0, since
+|(u/s)^k| ≤ 1 = (u/s)^0, so the stable learning rate does not shrink as terms are added. Hence
+Δc_k = −lr · g_k / (N · n · s^2k), g_k = ∂C/∂c_k, n evaluations per sample.
 """
 
 from __future__ import annotations
@@ -93,13 +97,13 @@ def evaluations_per_sample(layer: AnalogLayer) -> int:
 
 
 def coefficient_update(layer: AnalogLayer, grad: torch.Tensor, lr: float) -> torch.Tensor:
-    """Δc = −lr·g/(n·s^2k): SGD on the circuit's coefficients a_k = c_k s^k, averaged over the n neuron
-    evaluations of a sample (see the module docstring). Refuses a non-finite gradient."""
+    """Δc = −lr·g/(N·n·s^2k): SGD on the circuit's coefficients a_k = c_k s^k, averaged over the n neuron
+    evaluations of a sample, divided by the N terms (see the module docstring). Refuses a non-finite gradient."""
     if not bool(torch.isfinite(grad).all()):
         raise FloatingPointError(f"{layer.name}: the Taylor coefficient gradient is not finite ({grad.tolist()}); "
                                  "lower trainer.two_stage.coefficient_lr or trainer.learning_rate")
     s2 = basis_scale(layer).to(device=grad.device) ** 2
-    step = grad.double() / (evaluations_per_sample(layer) * s2)
+    step = grad.double() / (len(s2) * evaluations_per_sample(layer) * s2)
     return (-lr * step).to(grad.dtype)
 
 

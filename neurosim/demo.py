@@ -18,7 +18,7 @@ from neurosim.backend import resolve_device
 from neurosim.config import ConfigError, build
 from neurosim.data import DataConfig, load
 from neurosim.device import DeviceSpec, load_card
-from neurosim.training import TrainerConfig, make_trainer
+from neurosim.training import TrainerConfig, make_trainer, needs_derivative_circuits
 
 SCHEMES = ("bp", "dgc", "hybrid")
 
@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"neurosim demo: MLP {data.image_shape[1] * data.image_shape[2]}-{args.hidden}-{data.classes} on the "
           f"bundled digits ({len(data.x_train)} train / {len(data.x_test)} test), device '{spec.name}' "
           f"({spec.states} states), {epochs} epochs, on {device}")
-    print("variation = relative sigma of every device-to-device spread and of neuron/derivative-circuit gain "
-          "(offset sigma/2)\n")
+    print("variation = sigma of every device-to-device spread (relative; the nonlinearity's in label units) and "
+          "of neuron/derivative-circuit gain (offset sigma/2)\n")
     header = f"{'variation':>9}  {'scheme':<7} {'test acc':>8}  {'sim time (ms)':>13}  {'energy (uJ)':>11}  " \
              f"{'pulses':>10}  {'perturbations':>13}  {'wall (s)':>8}"
     print(header)
@@ -81,10 +81,10 @@ def run(args: argparse.Namespace) -> int:
     for sigma in levels:
         for scheme in schemes:
             net_cfg = NetworkConfig(hidden=(args.hidden,), activation=circuits(sigma))
-            net = build_network(net_cfg, with_variation(spec, sigma), data.image_shape, data.classes,
-                                seed=args.seed, device=device, derivative_circuits=scheme != "dgc")
             cfg = build(TrainerConfig, {"scheme": scheme, "epochs": epochs, "learning_rate": 1.0,
                                         "momentum": 0.5})
+            net = build_network(net_cfg, with_variation(spec, sigma), data.image_shape, data.classes,
+                                seed=args.seed, device=device, derivative_circuits=needs_derivative_circuits(cfg))
             start = time.perf_counter()
             row = make_trainer(net, data, cfg, seed=args.seed).fit()[-1]
             wall = time.perf_counter() - start

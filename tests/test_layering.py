@@ -186,3 +186,34 @@ def test_the_checker_keeps_torch_out_of_the_engine_and_training_out_of_analysis(
 def test_a_module_outside_the_table_is_reported():
     assert violations(_tree(neurosim__newthing="")) == [
         "neurosim.newthing: not in the layer table of tests/test_layering.py (add it where it belongs)"]
+
+
+def test_no_module_imports_a_module_that_imports_it_back():
+    """No import cycle anywhere in neurosim (a gradient method never needs the trainer that calls it), counting
+    imports inside functions: the graph of neurosim's own modules is acyclic."""
+    graph: dict[str, set[str]] = {}
+    modules = {}
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT.parent).with_suffix("")
+        parts = list(rel.parts)
+        is_package = parts[-1] == "__init__"
+        name = ".".join(parts[:-1] if is_package else parts)
+        modules[name] = (path.read_text(), is_package)
+    known = set(modules)
+    for name, (source, is_package) in modules.items():
+        graph[name] = {m for m in imported_names(name, source, is_package, known) if m in known and m != name
+                       and not name.startswith(m + ".")}   # a package's submodule importing its package is fine
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(nxt):], nxt]))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from neurosim.training.base import Trainer, accuracy, cost_per_sample, make_engine, noise_free
-from neurosim.training.bp import BPTrainer
+from neurosim.training.base import Trainer, make_engine
 from neurosim.training.coefficients import check_derivative_circuits, needs_derivative_circuits
 from neurosim.training.config import BPConfig, DGCConfig, HybridConfig, TrainerConfig, TwoStageConfig
-from neurosim.training.dgc import DGCTrainer
-from neurosim.training.hybrid import HybridTrainer
+from neurosim.training.cost import accuracy, cost_per_sample, noise_free
+from neurosim.training.schemes import BPTrainer, DGCTrainer, HybridTrainer
 from neurosim.training.two_stage import TwoStageTrainer
 
 TRAINERS = {"bp": BPTrainer, "dgc": DGCTrainer, "hybrid": HybridTrainer, "two_stage": TwoStageTrainer}

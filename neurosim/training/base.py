@@ -9,16 +9,12 @@ the per-epoch metrics -- is here, once.
 from __future__ import annotations
 
 import abc
-import contextlib
-import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import nn
 
 from neurosim.backend import make_generator
 from neurosim.config import ConfigError
@@ -26,43 +22,12 @@ from neurosim.crossbar import program_deltas
 from neurosim.data import Dataset
 from neurosim.engine import Engine, HardwareTable, LayerFootprint
 from neurosim.layers import AnalogLayer, AnalogNetwork
+from neurosim.training.bp import bp_gradients, true_gradients
+from neurosim.training.coefficients import coefficient_update
 from neurosim.training.config import TrainerConfig
-
-
-def cost_per_sample(out: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
-    """The cost the controller computes digitally from the output ADC values, one value per sample."""
-    if kind == "cross_entropy":
-        return nn.functional.cross_entropy(out, y, reduction="none")
-    target = nn.functional.one_hot(y, out.shape[1]).to(out.dtype)
-    return 0.5 * ((out - target) ** 2).sum(1)
-
-
-@contextlib.contextmanager
-def noise_free(network: AnalogNetwork) -> Iterator[None]:
-    """Reads and neuron circuits without their per-evaluation noise (mismatch and devices unchanged)."""
-    layers = network.analog_layers
-    saved = [(layer.crossbar.noise, layer.activation.config) for layer in layers]
-    try:
-        for layer in layers:
-            layer.crossbar.noise = False
-            layer.activation.config = dataclasses.replace(layer.activation.config, noise=0.0, derivative_noise=0.0)
-        yield
-    finally:
-        for layer, (cb, act) in zip(layers, saved, strict=True):
-            layer.crossbar.noise = cb
-            layer.activation.config = act
-
-
-def accuracy(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
-    """Test accuracy of the chip as it is (inference mode, every non-ideality on)."""
-    network.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            correct += int((network(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
-    network.train()
-    return correct / max(1, len(x))
-
+from neurosim.training.cost import accuracy
+from neurosim.training.dgc import check_dgc, commit, dgc_linearized_layers, dgc_measure, perturbation_plan
+from neurosim.training.dgc_envelope import check_linearized_validity
 
 # An epoch whose weight updates fire fewer device pulses than this per weight and step programs (almost)
 # nothing: the chip stays as initialized, whatever the card (NoProgrammingWarning).
@@ -129,8 +94,6 @@ class Trainer(abc.ABC):
         self.activation_lr = 0.0
         self._plans: dict = {}  # the DGC perturbation cycles of the current step, per layer (for the engine)
         if self.config.scheme != "bp":  # a scheme that may measure by DGC: refuse what cannot be measured
-            from neurosim.training.dgc import check_dgc
-
             check_dgc(network, self.config.dgc)
         self._programmed = [0, 0]   # this epoch: device pulses fired by weight updates, weights updated
         for layer in network.analog_layers:
@@ -145,8 +108,6 @@ class Trainer(abc.ABC):
     # -- gradients -------------------------------------------------------------------------------------------
     def bp_gradients(self, x: torch.Tensor, y: torch.Tensor, layers: list[AnalogLayer]) -> float:
         """Hardware BP for ``layers``: gradients land in each layer's ``weight.grad``; returns the cost."""
-        from neurosim.training.bp import bp_gradients, true_gradients
-
         if self.config.bp.backward == "true_gradient":
             return true_gradients(self.network, x, y, self.config.cost, layers)
         return bp_gradients(self.network, x, y, self.config.cost, layers)
@@ -154,8 +115,6 @@ class Trainer(abc.ABC):
     def dgc_gradients(self, layers: list[AnalogLayer], x: torch.Tensor, y: torch.Tensor
                       ) -> tuple[dict[str, torch.Tensor], float]:
         """DGC gradients of ``layers`` and the measured base cost."""
-        from neurosim.training.dgc import commit, dgc_linearized_layers, dgc_measure, perturbation_plan
-
         cfg = self.config
         if cfg.dgc.mode == "linearized":
             grads, c0 = dgc_linearized_layers(self.network, layers, x, y, cfg.cost, cfg.dgc, self.generator)
@@ -239,8 +198,6 @@ class Trainer(abc.ABC):
         """Trainable neuron-circuit parameters, digitally: Taylor coefficients by the normalized step of
         ``training.coefficients`` (SGD in the circuit's units, averaged over the neurons sharing them), other
         parameters (PReLU slopes) by plain SGD."""
-        from neurosim.training.coefficients import coefficient_update
-
         lr = self.activation_lr or self.config.learning_rate
         for layer in self.network.analog_layers:
             unit = layer.activation
@@ -258,8 +215,6 @@ class Trainer(abc.ABC):
         they were, so a checked run equals an unchecked one)."""
         if self.config.dgc.mode != "linearized" or getattr(self, "_linearized_checked", False):
             return
-        from neurosim.training.dgc_envelope import check_linearized_validity
-
         names = {name for e in range(self.epoch + 1, self.epoch + epochs + 1)
                  for name, s in self.layer_schemes(e).items() if s == "dgc"}
         layers = [layer for layer in self.network.analog_layers if layer.name in names]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from neurosim.layers import AnalogLayer, AnalogNetwork
-from neurosim.training.base import Trainer, cost_per_sample, noise_free
+from neurosim.training.cost import cost_per_sample, noise_free
 
 
 def bp_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, cost: str,
@@ -76,12 +76,3 @@ def true_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, cos
         if g is not None:
             p.grad = g if p.grad is None else p.grad + g
     return float(loss.detach())
-
-
-class BPTrainer(Trainer):
-    """Every layer trained by hardware BP."""
-
-    scheme = "bp"
-
-    def layer_schemes(self, epoch: int) -> dict[str, str]:
-        return {layer.name: "bp" for layer in self.network.analog_layers}

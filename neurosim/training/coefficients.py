@@ -35,6 +35,7 @@ from neurosim.activation import taylor_scale
 from neurosim.config import ConfigError
 from neurosim.layers import AnalogLayer, AnalogNetwork, StepDropout
 from neurosim.training.config import TrainerConfig
+from neurosim.training.cost import cost_per_sample
 
 METHODS = ("auto", "bp", "perturbation")
 _MAX_SAMPLES = 8192  # replicated samples per batched evaluation (bounds memory; blocks beyond go in chunks)
@@ -140,7 +141,6 @@ def perturbation_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Ten
     ±δ, i.e. c_k by ±δ/s^k) and measuring the cost through the chip. Returns the gradients (in c units, as
     BP gives them), the measured base cost, and the number of cost measurements (forward passes of the
     batch: 1 + terms per layer, twice that for central differences)."""
-    from neurosim.training.base import cost_per_sample
 
     layers = taylor_layers(network)
     signs = (1.0, -1.0) if difference == "central" else (1.0,)

@@ -37,8 +37,8 @@ from neurosim.backend import make_generator
 from neurosim.config import ConfigError
 from neurosim.crossbar import Crossbar, quantize
 from neurosim.layers import AnalogLayer, AnalogNetwork
-from neurosim.training.base import Trainer, cost_per_sample, noise_free
 from neurosim.training.config import DGCConfig
+from neurosim.training.cost import cost_per_sample, noise_free
 
 _CHUNK_ELEMENTS = 4_000_000  # tensor elements held at once per batch of measurements (bounds memory)
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -577,12 +577,3 @@ def dgc_linearized(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, 
     """Autograd through the non-ideal model, scaled by the real/nominal perturbation, plus measurement noise."""
     grads, c0 = dgc_linearized_layers(network, [layer], x, y, cost, cfg, generator)
     return grads[layer.name], c0
-
-
-class DGCTrainer(Trainer):
-    """Every layer trained by direct gradient calculation."""
-
-    scheme = "dgc"
-
-    def layer_schemes(self, epoch: int) -> dict[str, str]:
-        return {layer.name: "dgc" for layer in self.network.analog_layers}

@@ -36,8 +36,8 @@ from torch import nn
 
 from neurosim.config import ConfigError
 from neurosim.layers import AnalogLayer, AnalogNetwork
-from neurosim.training.base import cost_per_sample, noise_free
 from neurosim.training.config import DGCConfig
+from neurosim.training.cost import cost_per_sample, noise_free
 from neurosim.training.dgc import linearized_gradients, perturbation_effect
 
 MIN_COSINE = 0.9   # below this cosine with the expected exact measurement, linearized DGC is refused

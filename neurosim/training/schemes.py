@@ -1,5 +1,5 @@
-"""Hybrid DGC + BP: a scheme for each layer (default: DGC for convolutions, BP for fully connected layers, as
-in Kim et al. 2021), and a split in time (BP for every layer in the first K epochs, then the per-layer schemes)."""
+"""The training schemes that only decide which layers get BP and which get DGC gradients (``layer_schemes``);
+everything else is the one ``Trainer``. Two-stage training, a procedure of its own, is in ``two_stage.py``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,29 @@ from neurosim.config import ConfigError
 from neurosim.training.base import Trainer
 
 
+class BPTrainer(Trainer):
+    """Every layer trained by hardware BP."""
+
+    scheme = "bp"
+
+    def layer_schemes(self, epoch: int) -> dict[str, str]:
+        return {layer.name: "bp" for layer in self.network.analog_layers}
+
+
+class DGCTrainer(Trainer):
+    """Every layer trained by direct gradient calculation."""
+
+    scheme = "dgc"
+
+    def layer_schemes(self, epoch: int) -> dict[str, str]:
+        return {layer.name: "dgc" for layer in self.network.analog_layers}
+
+
 class HybridTrainer(Trainer):
+    """Hybrid DGC + BP: a scheme for each layer (default: DGC for convolutions, BP for fully connected layers,
+    as in Kim et al. 2021), and a split in time (BP for every layer in the first K epochs, then the
+    per-layer schemes)."""
+
     scheme = "hybrid"
 
     def per_layer(self) -> dict[str, str]:

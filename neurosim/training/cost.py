@@ -1,0 +1,49 @@
+"""What the controller measures: the cost of a batch from the chip's outputs, the chip without its
+per-evaluation noise (for references and linearized models), and the test accuracy. Shared by every gradient
+method and scheme, so none of them needs the others."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from neurosim.layers import AnalogNetwork
+
+
+def cost_per_sample(out: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """The cost the controller computes digitally from the output ADC values, one value per sample."""
+    if kind == "cross_entropy":
+        return nn.functional.cross_entropy(out, y, reduction="none")
+    target = nn.functional.one_hot(y, out.shape[1]).to(out.dtype)
+    return 0.5 * ((out - target) ** 2).sum(1)
+
+
+@contextlib.contextmanager
+def noise_free(network: AnalogNetwork) -> Iterator[None]:
+    """Reads and neuron circuits without their per-evaluation noise (mismatch and devices unchanged)."""
+    layers = network.analog_layers
+    saved = [(layer.crossbar.noise, layer.activation.config) for layer in layers]
+    try:
+        for layer in layers:
+            layer.crossbar.noise = False
+            layer.activation.config = dataclasses.replace(layer.activation.config, noise=0.0, derivative_noise=0.0)
+        yield
+    finally:
+        for layer, (cb, act) in zip(layers, saved, strict=True):
+            layer.crossbar.noise = cb
+            layer.activation.config = act
+
+
+def accuracy(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
+    """Test accuracy of the chip as it is (inference mode, every non-ideality on)."""
+    network.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            correct += int((network(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+    network.train()
+    return correct / max(1, len(x))

@@ -521,3 +521,23 @@ def test_read_perturbed_checks_its_arguments(spec_factory):
     with pytest.raises(ConfigError, match="'delta_plus'"):
         bar.read_perturbed(x, [0], [0], [-1.0])
     assert bar.read_perturbed(x, [], [], []).shape == (0, 1, 3)
+
+
+@pytest.mark.parametrize("mapping", ["differential", "reference"])
+def test_the_controllers_pulse_step_is_what_a_pulse_really_moves(spec_factory, mapping):
+    """Linear curves of 96 potentiation and 99 depression pulses: a pair pulse moves the weight by
+    w_max·(1/96 + 1/99) either way (one device up, one down); a single device by 2·w_max/96 up, 2·w_max/98 down.
+    The controller's belief follows each pulse by exactly what the devices did (no drift, no noise)."""
+    spec = spec_factory(states=97, states_ltd=100)
+    bar = Crossbar(spec, 4, 3, CrossbarConfig(mapping=mapping, rounding="deterministic"), dtype=torch.float64)
+    if mapping == "differential":
+        assert bar.dw_up == bar.dw_down == pytest.approx(1 / 96 + 1 / 99)
+    else:
+        assert (bar.dw_up, bar.dw_down) == (pytest.approx(2 / 96), pytest.approx(2 / 99))
+    before = bar.weights().clone()
+    n = torch.tensor([[1.0, -1.0, 2.0], [-2.0, 0.0, 1.0], [3.0, -3.0, 0.0], [0.0, 1.0, -1.0]], dtype=torch.float64)
+    bar.apply_pulses(n)
+    moved = bar.weights() - before
+    expected = torch.where(n > 0, n * bar.dw_up, n * bar.dw_down)
+    torch.testing.assert_close(moved, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(bar.believed - before, expected, rtol=1e-9, atol=1e-12)

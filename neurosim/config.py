@@ -62,8 +62,15 @@ _MISSING: Any = _Missing()
 _MAX_REPR = 160
 
 
+def _as_written(value: Any) -> Any:
+    """Tuples shown as the lists a TOML file writes."""
+    if isinstance(value, tuple | list):
+        return [_as_written(v) for v in value]
+    return value
+
+
 def _short_repr(value: Any) -> str:
-    text = repr(value)
+    text = repr(_as_written(value))
     return text if len(text) <= _MAX_REPR else text[:_MAX_REPR - 3] + "..."
 
 
@@ -116,7 +123,10 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (tuple, list):
         args = typing.get_args(tp)
-        return f"a list of {_type_name(args[0]) if args else 'values'}"
+        inner = _type_name(args[0]) if args else "values"
+        plural = {"a number": "numbers", "an integer": "integers", "a string": "strings",
+                  "true or false": "booleans"}
+        return f"a list of {plural.get(inner, inner)}"
     if tp is dict or origin is dict:
         return "a table"
     return {float: "a number", int: "an integer", bool: "true or false", str: "a string",
@@ -200,7 +210,8 @@ def normalize(value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if (len(args) == 2 and args[1] is Ellipsis) or len(args) != len(value):
             args = (args[0] if args else Any,) * len(value)
-        return tuple(normalize(v, a) for v, a in zip(value, args, strict=True))
+        out = tuple(normalize(v, a) for v, a in zip(value, args, strict=True))
+        return out if _type_ok(out, tp) else value   # a wrong entry: refused as written
     return value
 
 

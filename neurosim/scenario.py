@@ -702,11 +702,16 @@ def _doc_type(tp: Any) -> str:
     if origin in (tuple, list):
         args = typing.get_args(tp)
         return f"list of {_doc_type(args[0]) if args else 'values'}"
-    if tp is dict or origin is dict:
+    if tp is dict or origin is dict or dataclasses.is_dataclass(tp):
         return "table"
     if tp is Any:
         return "any"
     return {float: "number", int: "integer", bool: "boolean", str: "string"}.get(tp, getattr(tp, "__name__", "?"))
+
+
+def _is_number(tp: Any) -> bool:
+    """A float field (alone or optional): a quantity, dimensionless where its doc names no unit."""
+    return tp is float or float in typing.get_args(tp)
 
 
 def _allowed(meta: Any) -> str:
@@ -734,11 +739,21 @@ def reference_markdown() -> str:
     allowed values, unit and doc, all read from the settings classes themselves."""
     out: list[str] = []
 
-    def table(title: str, cls: type, default: Any, prefix: str, note: str = "") -> list[tuple[str, type, Any]]:
+    def table(title: str, cls: type, default: Any, prefix: str, note: str = "", extra: str = ""
+              ) -> list[tuple[str, type, Any, str]]:
         hints = typing.get_type_hints(cls)
         out.append(f"### `{title}`\n")
-        if cls.__doc__:
-            out.append(" ".join(cls.__doc__.split()) + (" " + note if note else "") + "\n")
+        doc = " ".join((cls.__doc__ or "").split())
+        if not doc or doc.startswith(cls.__name__ + "("):   # a dataclass without a docstring of its own
+            doc = ""
+        if doc and note:
+            doc = f"{doc.rstrip('.')}; here: {note}"
+        text = doc or note
+        if text:
+            text = text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")
+        text = " ".join(t for t in (text, extra) if t)
+        if text:
+            out.append(text + "\n")
         out.append("| key | type | default | allowed | unit | description |")
         out.append("|---|---|---|---|---|---|")
         subs = []
@@ -754,8 +769,9 @@ def reference_markdown() -> str:
                 value = f.default_factory()
             else:
                 value = dataclasses.MISSING
+            doc = f.metadata.get("doc", "")
             if sub is not None and path != "device.inline":
-                subs.append((path, sub, value))
+                subs.append((path, sub, value, doc))
                 continue
             if value is dataclasses.MISSING:
                 shown = "required"
@@ -767,9 +783,8 @@ def reference_markdown() -> str:
                 shown = f"`{_literal(value)}`"
             if path in DERIVABLE:
                 shown += " (derived)"
-            doc = f.metadata.get("doc", "")
             m = _UNIT.search(doc)
-            unit = (m.group(1) or m.group(2)) if m else ""
+            unit = (m.group(1) or m.group(2)) if m else "1" if _is_number(tp) else ""
             if path == "device.inline":
                 doc += " (its keys: the `[device.inline]` table below)"
             out.append(f"| `{f.name}` | {_doc_type(tp)} | {_cell(shown)} | {_cell(_allowed(f.metadata))} | "
@@ -777,17 +792,18 @@ def reference_markdown() -> str:
         out.append("")
         return subs
 
-    def walk(title: str, cls: type, default: Any, prefix: str) -> None:
-        subs = table(title, cls, default, prefix)
-        for path, sub, value in subs:
-            walk(path, sub, value if dataclasses.is_dataclass(value) else None, path + ".")
+    def walk(title: str, cls: type, default: Any, prefix: str, note: str) -> None:
+        subs = table(title, cls, default, prefix, note)
+        for path, sub, value, doc in subs:
+            walk(path, sub, value if dataclasses.is_dataclass(value) else None, path + ".", doc)
 
     subs = table("top level", Scenario, None, "")
-    for path, sub, value in subs:
-        walk(path, sub, value, path + ".")
+    own_doc = {path: bool(sub.__doc__) and not sub.__doc__.startswith(sub.__name__ + "(") for path, sub, _, _ in subs}
+    for path, sub, value, doc in subs:
+        walk(path, sub, value, path + ".", "" if own_doc[path] else doc)
         if path == "device":
             table("device.inline", DeviceSpec, None, "device.inline.",
-                  "The same fields are the keys `device.overrides` accepts.")
+                  extra="The same fields are the keys `device.overrides` accepts.")
     table("links.NAME", LinkConfig, None, "links.NAME.")
     return "\n".join(out).rstrip() + "\n"
 

@@ -70,7 +70,10 @@ def _as_written(value: Any) -> Any:
 
 
 def _short_repr(value: Any) -> str:
-    text = repr(_as_written(value))
+    try:
+        text = repr(_as_written(value))
+    except RecursionError:
+        return "<nested too deeply to show>"
     return text if len(text) <= _MAX_REPR else text[:_MAX_REPR - 3] + "..."
 
 
@@ -260,12 +263,20 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("", _MISSING, "no such file", str(path)) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, a name too long, not UTF-8, ...
         raise ConfigError("", _MISSING, f"cannot read: {e}", str(path)) from None
+    return parse_toml(text, str(path))
+
+
+def parse_toml(text: str, source: str | None = None) -> dict[str, Any]:
+    """TOML text as a dict; a syntax error, or nesting deeper than the parser's recursion allows, becomes a
+    ConfigError naming the source."""
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError("", _MISSING, f"not valid TOML: {e}", str(path)) from None
+        raise ConfigError("", _MISSING, f"not valid TOML: {e}", source) from None
+    except RecursionError:
+        raise ConfigError("", _MISSING, "not readable TOML: arrays or tables nested too deeply", source) from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -348,7 +359,7 @@ def parse_literal(text: str) -> Any:
     word that is not TOML (``dgc``, ``data/mnist``) is that string."""
     try:
         doc = tomllib.loads(f"x = {text}")
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return text
     return doc["x"] if set(doc) == {"x"} else text
 

@@ -24,7 +24,6 @@ import hashlib
 import math
 import re
 import sys
-import tomllib
 import types
 import typing
 import zipfile
@@ -44,6 +43,7 @@ from neurosim.config import (
     load_toml,
     normalize,
     parse_sets,
+    parse_toml,
     set_path,
     setting,
     to_dict,
@@ -395,10 +395,7 @@ def loads_scenario(text: str, sets: dict[str, Any] | None = None, *, source: str
                    base: str | Path | None = None) -> Scenario:
     """A scenario from TOML text (a run file's ``scenario_toml``); ``base``: the folder relative paths are
     read from (default: the current one)."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError("", _MISSING, f"not valid TOML: {e}", source) from None
+    data = parse_toml(text, source)
     return scenario_from_dict(data, sets, source=source, base=base)
 
 
@@ -677,7 +674,7 @@ def _check_across(s: Scenario, source: str | None) -> None:
         fail("training.dgc.perturbation", tr.dgc.perturbation, "pulse perturbations with wire resistance are not "
              "modelled: the restore errors of earlier cycles change the wired read of every later one; use "
              "'temporary' or network.crossbar.wire_resistance = 'none'")
-    if tr.scheme == "two_stage" and len(layers) < 2:
+    if tr.scheme == "two_stage" and tr.two_stage.stage2_epochs and len(layers) < 2:
         fail("training.scheme", tr.scheme, "stage 2 trains the hidden layers' neuron circuits: this network has "
              "none (give network.hidden)")
     total = tr.two_stage.stage1_epochs + tr.two_stage.stage2_epochs if tr.scheme == "two_stage" else tr.epochs

@@ -114,6 +114,7 @@ CASES = {
     # malformed input
     "set-without-equals": ("", {}, ["variation"], ["'--set'", "'variation'", "KEY=VALUE"]),
     "set-twice": ("", {}, ["seed=1", "seed=2"], ["'seed'", "= 2", "twice"]),
+    "set-deeply-nested": ("", {}, ["seed=" + "[" * 5000], ["'seed'", "'[[[", "integer"]),
 }
 
 # Cases about the file itself: no field to name, the line names the file and what is wrong with it.
@@ -123,6 +124,7 @@ FILE_CASES = {
     "not-utf8": (b"name = \"\xff\xfe\"\n", ["cannot read", "utf-8"]),
     "directory": (None, ["cannot read", "Is a directory"]),
     "missing": (False, ["no such file"]),
+    "deeply-nested": (("x = " + "[" * 5000 + "]" * 5000).encode(), ["nested too deeply"]),
 }
 
 
@@ -162,6 +164,26 @@ def test_a_bad_scenario_is_one_line_naming_file_field_and_value(case, tmp_path, 
     assert line.startswith(f"neurosim validate: error: {path}: field '"), line
     for word in words:
         assert word in line, (word, line)
+
+
+def test_a_file_name_too_long_is_one_line(tmp_path, capsys):
+    path = tmp_path / ("y" * 300 + ".toml")
+    line = _one_line(capsys, ["validate", str(path)], tmp_path)
+    assert line.startswith(f"neurosim validate: error: {path}: file: cannot read"), line
+
+
+def test_lenet_on_an_npz_file_reads_the_image_side_from_its_header(tmp_path, capsys):
+    np = pytest.importorskip("numpy")
+    for side in (8, 28):
+        np.savez(tmp_path / f"d{side}.npz", x=np.zeros((4, side, side), np.uint8), y=np.arange(4))
+    text = '[network]\narchitecture = "lenet"\n[data]\nname = "npz"\npath = "d{}.npz"\n'
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text(text.format(28), encoding="utf-8")
+    bad.write_text(text.format(8), encoding="utf-8")
+    assert main(["validate", str(good)]) == 0
+    capsys.readouterr()
+    line = _one_line(capsys, ["validate", str(bad)], tmp_path)
+    assert "'data.size' = 8: lenet expects 28×28 inputs, npz gives 8×8" in line, line
 
 
 @pytest.mark.parametrize("case", sorted(FILE_CASES))

@@ -20,6 +20,7 @@ from neurosim.config import ConfigError, dump_toml, parse_literal, parse_sets
 from neurosim.device import load_card, shipped_card_paths
 from neurosim.engine import HardwareTable
 from neurosim.scenario import (
+    DERIVABLE,
     MARKER,
     STREAMS,
     Scenario,
@@ -280,6 +281,8 @@ def test_the_docs_are_the_generated_reference():
     assert MARKER in text, "docs/scenarios.md lost its marker"
     assert text.split(MARKER)[1].strip() == reference_markdown().strip(), \
         "docs/scenarios.md is stale: run `python -m neurosim.scenario docs/scenarios.md`"
+    head = text.split(MARKER)[0]
+    assert all(f"`{d}`" in head for d in DERIVABLE), "a derived field is missing from the Derived fields table"
     # every field of every table is in the reference: a row, or a section of its own
     for table in (Scenario, NetworkConfig, ActivationConfig, TrainerConfig, HardwareTable):
         for f in dataclasses.fields(table):

@@ -483,14 +483,15 @@ def _assign(scenario: Scenario, sets: dict[str, Any], source: str | None, base: 
                                       f"'{name}' instead, or take the field out of the link", source)
     data = to_dict(scenario)
     derived = set(scenario.derived)
-    card_changes = any(_overlap(k, "device.card") for k in keys)
-    inline_changes = any(_overlap(k, "device.inline") for k in keys)
+    changed = _changed_fields(scenario, sets)
+    card_changes = any(_overlap(k, "device.card") for k in changed)
+    inline_changes = any(_overlap(k, "device.inline") for k in changed)
     if card_changes and scenario.device.inline is not None and "device.inline" not in derived \
             and not inline_changes:
         raise ConfigError("device.card", sets.get("device.card"), "this scenario's card is written inline "
                           "(device.inline): change its fields, or device.overrides", source)
     for d in sorted(derived):
-        touched = any(_overlap(k, d) for k in keys)
+        touched = any(_overlap(k, d) for k in changed)
         if d == "device.inline":   # the card is read again only when another one is named
             if inline_changes:
                 derived.discard(d)
@@ -508,6 +509,30 @@ def _assign(scenario: Scenario, sets: dict[str, Any], source: str | None, base: 
             set_path(data, Scenario, key, value, source=source)
     data["derived"] = sorted(derived)
     return build(Scenario, data, source=source)
+
+
+def _changed_fields(scenario: Scenario, sets: dict[str, Any]) -> set[str]:
+    """The fields a set of ``sets`` may change: their keys, and for a key that touches the links (a link's
+    name, or anything under links.) the fields of every link, old and new (conservative: a derived field or
+    the inline card is derived again if a link might move what it follows)."""
+    changed = {k for k in sets if k not in scenario.links and not _overlap(k, "links")}
+    if len(changed) < len(sets):
+        for link in scenario.links.values():
+            changed.update(link.fields)
+
+        def fields_in(value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    if k == "fields" and isinstance(v, list | tuple):
+                        changed.update(str(f) for f in v)
+                    fields_in(v)
+
+        for k, v in sets.items():
+            if k.startswith("links.") and k.endswith(".fields") and isinstance(v, list | tuple):
+                changed.update(str(f) for f in v)
+            elif _overlap(k, "links"):
+                fields_in(v)
+    return changed
 
 
 def _apply_links(scenario: Scenario, source: str | None) -> Scenario:

@@ -157,6 +157,16 @@ def test_a_link_sets_its_fields_and_refuses_competition():
         apply_sets(s, {"spread": -0.1})
 
 
+def test_a_link_that_names_the_card_reads_the_card_again():
+    s = load_scenario_text('[links.dev]\nvalue = "ag_asi"\nfields = ["device.card"]\n')
+    assert s.card() == load_card("ag_asi")
+    for sets in ({"dev": "pcmo"}, {"links.dev.value": "pcmo"}, {"links.dev": {"value": "pcmo",
+                                                                               "fields": ["device.card"]}}):
+        t = loads_scenario(s.to_toml(), sets)
+        assert t.device.card == "pcmo" and t.card() == load_card("pcmo")
+        assert t.hardware.pulse_s == load_card("pcmo").pulse_width
+
+
 def test_a_link_without_scale_sets_any_value():
     s = load_scenario_text('[links.act]\nvalue = "tanh"\nfields = ["network.activation.function", '
                            '"network.output_activation.function"]\n')

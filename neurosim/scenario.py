@@ -7,18 +7,23 @@ tables and returns a validated, frozen ``Scenario``. ``Scenario.to_toml()`` writ
 (card contents included), and loading that text gives an equal object with the same ``fingerprint()``.
 docs/scenarios.md documents every field (its reference part is ``reference_markdown()``).
 
-Loading, in order (``_settle``):
-1. the file's tables become settings classes (types, bounds, unknown keys: ``neurosim.config.build``);
-2. a field a link sets must not be written in the file with another value (``_check_links_agree``);
+Loading, in order (``scenario_from_dict``, ``_settle``):
+1. the links are read; a field a link sets must not be written in the file with another value
+   (``_check_links_agree``);
+2. the file's tables become settings classes, the links' fields filled first (types, bounds, unknown keys:
+   ``neurosim.config.build``);
 3. ``sets``: derived fields are reset (they follow what changed), then link values and dotted fields are set;
 4. links set their fields to value × scale;
 5. resolution: the card is read (relative paths against the scenario's folder) and kept inline, paths made
    absolute, derived defaults filled (``DERIVABLE``);
 6. checks across tables (``_check_across``).
+An error in a field a link sets names the link and its value.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import hashlib
 import math
@@ -402,9 +407,28 @@ def loads_scenario(text: str, sets: dict[str, Any] | None = None, *, source: str
 def scenario_from_dict(data: dict[str, Any], sets: dict[str, Any] | None = None, *, source: str | None = None,
                        base: str | Path | None = None) -> Scenario:
     """A scenario from parsed TOML: built, checked against its links, set, resolved and checked across."""
-    written = build(Scenario, data, source=source)
-    _check_links_agree(written, data, source)
+    _check_links_agree(_links_of(data, source), data, source)
+    written = _build_seeded(data, source)
     return _settle(written, dict(sets or {}), source, base)
+
+
+def _links_of(data: dict[str, Any], source: str | None) -> dict[str, LinkConfig]:
+    return build(Scenario, {"links": data.get("links", {})}, source=source).links
+
+
+def _build_seeded(data: dict[str, Any], source: str | None) -> Scenario:
+    """The Scenario of plain data, its links' fields filled first, so that a table's own checks see them
+    when it is built (an npz data set whose path a link gives); an error in a linked field names the link."""
+    links = _links_of(data, source)
+    seeded = copy.deepcopy(data)
+    for link in links.values():
+        for field, value in link.targets().items():
+            with contextlib.suppress(ConfigError):   # a malformed table there: building it reports that
+                set_path(seeded, Scenario, field, value)
+    try:
+        return build(Scenario, seeded, source=source)
+    except ConfigError as e:
+        raise _blame_link(links, e, source) from None
 
 
 def apply_sets(scenario: Scenario, sets: dict[str, Any], *, base: str | Path | None = None,
@@ -429,13 +453,13 @@ def _settle(scenario: Scenario, sets: dict[str, Any], source: str | None, base: 
         scenario = _resolve(scenario, source, base)
         _check_across(scenario, source)
     except ConfigError as e:
-        raise _blame_link(scenario, e, source) from None
+        raise _blame_link(scenario.links, e, source) from None
     return scenario
 
 
-def _blame_link(scenario: Scenario, e: ConfigError, source: str | None) -> ConfigError:
+def _blame_link(links: dict[str, LinkConfig], e: ConfigError, source: str | None) -> ConfigError:
     """An error in a field a link sets names the link: its value is what the user wrote."""
-    for name, link in scenario.links.items():
+    for name, link in links.items():
         for f in link.fields:
             if e.field == f or e.field.startswith(f + "."):
                 return ConfigError(f"links.{name}.value", link.value, f"sets {e.field} = {e.value!r}: {e.reason}",
@@ -443,10 +467,10 @@ def _blame_link(scenario: Scenario, e: ConfigError, source: str | None) -> Confi
     return e if e.source or not source else e.within("", source)
 
 
-def _check_links_agree(scenario: Scenario, data: dict[str, Any], source: str | None) -> None:
+def _check_links_agree(links: dict[str, LinkConfig], data: dict[str, Any], source: str | None) -> None:
     """A field a link sets may be written in the file only with the value the link gives it: else which one
     holds would be a surprise."""
-    for name, link in scenario.links.items():
+    for name, link in links.items():
         for field, target in link.targets().items():
             node: Any = data
             for part in field.split("."):
@@ -508,7 +532,7 @@ def _assign(scenario: Scenario, sets: dict[str, Any], source: str | None, base: 
         else:
             set_path(data, Scenario, key, value, source=source)
     data["derived"] = sorted(derived)
-    return build(Scenario, data, source=source)
+    return _build_seeded(data, source)
 
 
 def _changed_fields(scenario: Scenario, sets: dict[str, Any]) -> set[str]:
@@ -600,12 +624,21 @@ def _resolve(scenario: Scenario, source: str | None, base: Path) -> Scenario:
             set_path(data, Scenario, path, value)
             derived.add(path)
 
+    def absolute(field: str, written: str, path: Path) -> None:
+        """A path field made absolute; a link that gives it its value (a path too) is made absolute with it,
+        so that the written text still agrees with its links and reads the same from any folder."""
+        new = str(path.resolve())
+        set_path(data, Scenario, field, new)
+        for name, link in scenario.links.items():
+            if field in link.fields and not link.scale and link.value == written:
+                data["links"][name]["value"] = new
+
     device = scenario.device
     if device.inline is None:
         path = _card_path(device.card, base)
         spec = _card(dataclasses.replace(device, overrides={}), base, source)
         if path is not None:
-            data["device"]["card"] = str(path.resolve())
+            absolute("device.card", device.card, path)
         data["device"]["inline"] = to_dict(spec)
         derived.add("device.inline")
         device = dataclasses.replace(device, inline=spec)
@@ -614,7 +647,7 @@ def _resolve(scenario: Scenario, source: str | None, base: Path) -> Scenario:
     d = scenario.data
     if d.path and d.name in _PATH_KIND:
         p = Path(d.path).expanduser()
-        data["data"]["path"] = str((p if p.is_absolute() else base / p).resolve())
+        absolute("data.path", d.path, p if p.is_absolute() else base / p)
     stored = _STORED.get(d.name)
     if stored is not None:
         fill("data.size", stored[0])

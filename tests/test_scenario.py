@@ -167,6 +167,27 @@ def test_a_link_that_names_the_card_reads_the_card_again():
         assert t.hardware.pulse_s == load_card("pcmo").pulse_width
 
 
+def test_a_link_to_a_relative_path_round_trips(tmp_path):
+    (tmp_path / "cards").mkdir()
+    shutil.copy(shipped_card_paths()["pcmo"], tmp_path / "cards" / "p.toml")
+    np = pytest.importorskip("numpy")
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.arange(4))
+    path = write(tmp_path / "s.toml", '[data]\nname = "npz"\n[links.dev]\nvalue = "cards/p.toml"\n'
+                 'fields = ["device.card"]\n[links.file]\nvalue = "d.npz"\nfields = ["data.path"]\n')
+    s = load_scenario(path)
+    assert s.card() == load_card(tmp_path / "cards" / "p.toml")
+    assert s.links["dev"].value == s.device.card == str(tmp_path / "cards" / "p.toml")
+    assert s.links["file"].value == s.data.path == str(tmp_path / "d.npz")
+    assert loads_scenario(s.to_toml()) == s
+    np.savez(tmp_path / "e.npz", x=np.zeros((6, 8, 8), np.uint8), y=np.arange(6))
+    assert apply_sets(s, {"file": "e.npz"}, base=tmp_path).data.path == str(tmp_path / "e.npz")
+    # a link may switch a table's fields that its own checks tie together (npz needs a path)
+    both = load_scenario(write(tmp_path / "t.toml", '[links.set]\nvalue = "npz"\nfields = ["data.name"]\n'
+                                                    '[links.file]\nvalue = "d.npz"\nfields = ["data.path"]\n'))
+    assert both.data.name == "npz"
+    assert apply_sets(both, {"set": "digits", "file": ""}).data == load_scenario_text("").data
+
+
 def test_a_link_without_scale_sets_any_value():
     s = load_scenario_text('[links.act]\nvalue = "tanh"\nfields = ["network.activation.function", '
                            '"network.output_activation.function"]\n')

@@ -18,6 +18,7 @@ COMMANDS = {
     "crossbar": ("neurosim.crossbar_demo", "read and program one crossbar tile of a device, and report errors"),
     "activations": ("neurosim.activation_report", "tabulate (and plot) exact, Taylor and PWL neuron circuits"),
     "demo": ("neurosim.demo", "train an MLP on-chip with BP, DGC and hybrid at several variation levels"),
+    "validate": ("neurosim.commands.validate", "check a scenario file (and --set overrides) without running it"),
 }
 
 

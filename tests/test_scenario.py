@@ -33,7 +33,7 @@ from neurosim.scenario import (
     resolve,
 )
 from neurosim.training import TrainerConfig
-from neurosim.training.hybrid import HybridTrainer
+from neurosim.training.schemes import HybridTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = sorted((ROOT / "scenarios").glob("*.toml"))

@@ -168,6 +168,21 @@ def test_an_interrupted_run_resumes_to_the_same_numbers_bit_for_bit(tmp_path, fu
         assert torch.equal(la.crossbar.plus.conductance(), lb.crossbar.plus.conductance())
 
 
+def test_without_checkpoints_an_interrupted_run_starts_over_and_the_finished_file_keeps_the_chip(tmp_path,
+                                                                                                   full_runs):
+    path, out = scenario(tmp_path, "hybrid"), tmp_path / "run.h5"
+    sets = {"output.checkpoint": False}
+    with pytest.raises(Stop):
+        neurosim.run(path, out, sets=sets, on_epoch=stop_after(2))
+    partial = RunFile(tmp_path / "run.h5.partial")
+    assert partial.epochs == 2 and not partial.has_checkpoint
+    run = neurosim.run(path, out, sets=sets)
+    assert run.resumed_from is None and run.checkpoint()["@epoch"] == 3
+    # the same numbers as the run with checkpoints; only the scenario's text says otherwise
+    assert sorted(differences(tree(full_runs["hybrid"].path), tree(out))) == ["/@scenario_sha256",
+                                                                              "/@scenario_toml"]
+
+
 def test_the_run_file_holds_what_the_issue_lists(full_runs):
     run = full_runs["bp_drift"]
     assert run.complete and run.epochs == 3 and run.seed == 7
@@ -362,6 +377,25 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, f
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and field in err[0]
     assert not list(tmp_path.glob("*.h5*"))
+
+
+def test_the_scenario_text_in_a_run_file_reloads_as_the_same_scenario(tmp_path):
+    from neurosim.runner import identity, scenario_from_text, scenario_text
+    from neurosim.scenario import load_scenario
+
+    path = scenario(tmp_path, "bp_drift", SCENARIOS["bp_drift"] + textwrap.dedent("""
+        [device.overrides]
+        c2c = 0.02
+        [hardware]
+        adcs_per_tile = 4
+        """))
+    original = load_scenario(path)
+    again = scenario_from_text(scenario_text(original), "run.h5")
+    # equal settings (TOML has no tuples, so compare the texts rather than the objects)
+    assert scenario_text(again) == scenario_text(original) and identity(again) == identity(original)
+    assert again.card() == original.card() and again.network.activation == original.network.activation
+    changed = load_scenario(path, {"training.learning_rate": 0.31})
+    assert identity(changed) != identity(original)
 
 
 def test_lazy_exports_keep_the_store_free_of_torch():

@@ -79,7 +79,7 @@ def _settings(f) -> list[tuple[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neurosim.store import RunFile
+    from neurosim.store import METRICS, RunFile
 
     f = RunFile(args.file)
     rows = _settings(f)
@@ -97,12 +97,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"({len(history) - TAIL} earlier epochs not shown)")
     print("\n".join(lines[1:][-TAIL:]))
     final = history[-1]
-    print("\nfinal metrics (units: /metrics/<name> attribute 'units'):")
+    print("\nfinal metrics:")
     width = max(len(k) for k in final)
     for key, value in final.items():
         if key in ("epoch", "stage") or key.startswith("delta_"):
             continue
         if isinstance(value, dict):
             value = ", ".join(f"{k}: {v}" for k, v in value.items())
-        print(f"  {key:<{width}}  {value}")
+        elif isinstance(value, float):
+            value = f"{value:.6g}"
+        units = METRICS.get(key, ("", ""))[0]
+        print(f"  {key:<{width}}  {value}" + (f" {units}" if units and units != "1" else ""))
     return 0

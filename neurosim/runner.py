@@ -159,12 +159,14 @@ def identity(scenario: Scenario) -> str:
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
     """``KEY=VALUE`` overrides, the value a TOML literal (``0.05``, ``true``, ``[32, 16]``, ``"digits"``; a
-    bare word is a string); the scenario module's parser where it has one."""
-    import neurosim.scenario as module
+    bare word is a string); the settings modules' own parser where they have one."""
+    import neurosim.config
+    import neurosim.scenario
 
-    parser = getattr(module, "parse_sets", None)
-    if parser is not None:
-        return parser(items or [])
+    for module in (neurosim.config, neurosim.scenario):
+        parser = getattr(module, "parse_sets", None)
+        if parser is not None:
+            return parser(items or [])
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, text = item.partition("=")

@@ -229,8 +229,9 @@ def test_nothing_in_a_run_file_is_a_python_object(full_runs):
 
 
 def test_every_random_stream_is_in_the_checkpoint(full_runs):
+    for run in full_runs.values():
+        assert chip_state.stray_generators(run.trainer) == []
     trainer = full_runs["bp_drift"].trainer
-    assert chip_state.stray_generators(trainer) == []
     assert {"trainer", "shuffle", "fc1.noise", "dropout1.dropout", "fc1.neurons.d_noise@cpu"} <= set(
         chip_state.generators(trainer))
 
@@ -362,6 +363,11 @@ def test_run_never_overwrites_what_is_there(tmp_path, capsys, full_runs):
     before = finished.read_bytes()
     assert main(["run", str(path), "-o", str(finished), "--quiet"]) == 2
     assert "another run" in capsys.readouterr().err and finished.read_bytes() == before
+    broken = tmp_path / "broken.h5.partial"                   # an unfinished run that no longer reads
+    broken.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    assert main(["run", str(path), "-o", str(tmp_path / "broken.h5"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.h5.partial" in err[0] and broken.read_bytes()[8:] == bytes(100)
 
 
 @pytest.mark.parametrize(("argv", "field"), [
@@ -401,4 +407,7 @@ def test_the_scenario_text_in_a_run_file_reloads_as_the_same_scenario(tmp_path):
 def test_lazy_exports_keep_the_store_free_of_torch():
     code = "import sys, neurosim.store; assert 'torch' not in sys.modules; import neurosim; neurosim.open_run"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ})
-    assert neurosim.open_run is RunFile.__init__.__globals__["open_run"]
+    from neurosim.runner import load_chip, run
+    from neurosim.store import open_run
+
+    assert (neurosim.open_run, neurosim.run, neurosim.load_chip) == (open_run, run, load_chip)

@@ -389,7 +389,7 @@ def run(scenario: Scenario | str | os.PathLike, output: str | os.PathLike | None
             raise _refuse(out, f"exists and is not a run file this neurosim reads ({e.reason})") from None
         if existing.attrs.get("scenario_sha256") != ident or not existing.complete:
             raise _refuse(out, "exists and holds another run (another scenario or other settings)")
-        say(f"{out} is complete ({existing.epochs} epochs): nothing to do")
+        say(f"{out} is complete ({existing.epochs} epoch{'' if existing.epochs == 1 else 's'}): nothing to do")
         return Run(out)
     writer = RunWriter(out)
     resume = None

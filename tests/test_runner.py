@@ -24,6 +24,8 @@ from neurosim.cli import main
 from neurosim.store import RunFile, RunFileError, read_tree
 
 ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses import this checkout's neurosim, whatever the environment has installed.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 # Every scenario exercises a different part of the state a checkpoint must carry: drift (the clock), dropout,
 # neuron and derivative-circuit noise, momentum (bp_drift); DGC's linearized draws and the clock off (hybrid);
@@ -273,7 +275,7 @@ def test_a_run_killed_by_sigkill_resumes_to_the_same_numbers(tmp_path, full_runs
     or in the middle of a commit): the rerun finishes it to the uninterrupted run's numbers."""
     path, out = scenario(tmp_path, "dgc"), tmp_path / "killed.h5"
     proc = subprocess.Popen([sys.executable, "-m", "neurosim.cli", "run", str(path), "-o", str(out), "--quiet"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_for_checkpoint(tmp_path / "killed.h5.partial", proc)
         proc.send_signal(signal.SIGKILL)
@@ -301,7 +303,7 @@ neurosim.run(sys.argv[1], sys.argv[2])
 def test_a_kill_inside_a_commit_loses_only_that_epoch(tmp_path, full_runs):
     path, out = scenario(tmp_path, "two_stage"), tmp_path / "cut.h5"
     proc = subprocess.run([sys.executable, "-c", KILL_INSIDE_A_COMMIT, str(path), str(out)], cwd=tmp_path,
-                          capture_output=True)
+                          env=ENV, capture_output=True)
     assert proc.returncode == -signal.SIGKILL
     assert (tmp_path / "cut.h5.tmp").exists() and not out.exists()   # the half-made commit was never renamed
     assert RunFile(tmp_path / "cut.h5.partial").epochs == 1
@@ -406,7 +408,7 @@ def test_the_scenario_text_in_a_run_file_reloads_as_the_same_scenario(tmp_path):
 
 def test_lazy_exports_keep_the_store_free_of_torch():
     code = "import sys, neurosim.store; assert 'torch' not in sys.modules; import neurosim; neurosim.open_run"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ})
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=ENV)
     from neurosim.runner import load_chip, run
     from neurosim.store import open_run
 

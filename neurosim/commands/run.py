@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_scenario(args.scenario, args.output, sets=parse_sets(args.sets), progress=not quiet, log=log)
     if not quiet:
         final = result.final
-        line = f"{result.path}: {result.epochs} epochs"
+        line = f"{result.path}: {result.epochs} epoch{'' if result.epochs == 1 else 's'}"
         if final:
             line += f", test accuracy {final['test_accuracy']:.3f}"
             if final.get("sim_time_s") == final.get("sim_time_s"):   # not NaN: the clock ran

@@ -70,7 +70,8 @@ def _settings(f) -> list[tuple[str, Any]]:
             ("device card", card),
             ("network", f"{a.get('architecture', '?')}{hidden}, {a.get('data', '?')} "
                         f"({a.get('train_samples', '?')} train / {a.get('test_samples', '?')} test)"),
-            ("training", f"{a.get('scheme', '?')}, {planned} epochs, batch {_get(t, 'batch_size', '?')}, "
+            ("training", f"{a.get('scheme', '?')}, {planned} epoch{'' if planned == 1 else 's'}, "
+                         f"batch {_get(t, 'batch_size', '?')}, "
                          f"learning rate {_get(t, 'learning_rate', '?')}, momentum {_get(t, 'momentum', '?')}"),
             ("seed", a.get("seed", "?")),
             ("ran on", f"{a.get('device', '?')}, neurosim {a.get('neurosim_version', '?')}, torch "

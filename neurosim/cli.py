@@ -18,6 +18,8 @@ COMMANDS = {
     "crossbar": ("neurosim.crossbar_demo", "read and program one crossbar tile of a device, and report errors"),
     "activations": ("neurosim.activation_report", "tabulate (and plot) exact, Taylor and PWL neuron circuits"),
     "demo": ("neurosim.demo", "train an MLP on-chip with BP, DGC and hybrid at several variation levels"),
+    "run": ("neurosim.commands.run", "run a scenario into one HDF5 run file (rerun to resume an unfinished one)"),
+    "show": ("neurosim.commands.show", "print a run file's key settings and final metrics"),
     "validate": ("neurosim.commands.validate", "check a scenario file (and --set overrides) without running it"),
 }
 

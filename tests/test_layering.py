@@ -29,7 +29,7 @@ LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
     "network": (5, ("neurosim.layers", "neurosim.architectures")),
     "training": (6, ("neurosim.training",)),
     "scenario": (7, ("neurosim.scenario",)),
-    "runner": (8, ("neurosim.runner",)),
+    "runner": (8, ("neurosim.runner", "neurosim.chip_state")),
     "sweep": (9, ("neurosim.sweep",)),
     "analysis": (10, ("neurosim.analysis",)),
     "interface": (11, ("neurosim.cli", "neurosim.commands", "neurosim.demo", "neurosim.crossbar_demo",
@@ -39,6 +39,7 @@ LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
 # layer -> top-level names it must not reach, directly or through any chain of neurosim imports
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "engine": ("torch",),
+    "store": ("torch",),
     "analysis": ("torch", "neurosim.training"),
 }
 

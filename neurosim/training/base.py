@@ -12,6 +12,7 @@ import abc
 import math
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -96,6 +97,12 @@ class Trainer(abc.ABC):
         if self.config.scheme != "bp":  # a scheme that may measure by DGC: refuse what cannot be measured
             check_dgc(network, self.config.dgc)
         self._programmed = [0, 0]   # this epoch: device pulses fired by weight updates, weights updated
+        # Weight-update pulses per layer since the start (a run file's per-layer pulse trace).
+        self.layer_pulses = {layer.name: 0 for layer in network.analog_layers}
+        # Hooks of whoever drives the training (the runner: checkpoints, progress): called after every epoch
+        # with its metrics row, and after every step with (steps done in the epoch, steps in the epoch).
+        self.epoch_callbacks: list[Callable[[dict[str, Any]], None]] = []
+        self.step_callbacks: list[Callable[[int, int], None]] = []
         for layer in network.analog_layers:
             if self.config.bp.backward != "true_gradient":
                 layer.backward_path = self.config.bp.backward
@@ -184,6 +191,8 @@ class Trainer(abc.ABC):
                                scale=-self.config.learning_rate)
         self._programmed[0] += sum(s["pulses"] for s in stats)
         self._programmed[1] += sum(layer.crossbar.in_features * layer.crossbar.out_features for layer in layers)
+        for layer, s in zip(layers, stats, strict=True):
+            self.layer_pulses[layer.name] += s["pulses"]
         for layer in layers:
             layer.sync_believed()
             layer.weight.grad = None
@@ -236,10 +245,13 @@ class Trainer(abc.ABC):
                 schemes = self.layer_schemes(self.epoch)
                 order = torch.randperm(len(data.x_train), generator=self.shuffle_generator)
                 losses = []
+                steps = -(-len(order) // cfg.batch_size)
                 for i in range(0, len(order), cfg.batch_size):
                     idx = order[i:i + cfg.batch_size]
                     loss = yield from self.step(data.x_train[idx], data.y_train[idx], schemes)
                     losses.append(loss)
+                    for callback in self.step_callbacks:
+                        callback(len(losses), steps)
                 wall = time.perf_counter() - start
                 row = self.engine.mark_epoch(self.epoch)
                 row.update({"epoch": self.epoch, "stage": stage, "train_loss": sum(losses) / max(1, len(losses)),
@@ -248,6 +260,8 @@ class Trainer(abc.ABC):
                 self.history.append(row)
                 if self.log:
                     self.log(row)
+                for callback in self.epoch_callbacks:
+                    callback(row)
 
         start_len = len(self.history)
         self.engine.start(process())

@@ -97,9 +97,10 @@ def test_one_shared_read_of_the_layers_below_is_an_approximation_that_hides_thei
     assert spread["shared"] < 1e-2 * spread["fresh"]
 
 
+@pytest.mark.parametrize("chunk", [0, 5])
 @pytest.mark.parametrize("mode", ["pulse", "pulse_verify"])
 @pytest.mark.parametrize("difference", ["forward", "central"])
-def test_pulse_perturbations_leave_the_same_restore_errors_as_the_sequence(mode, difference):
+def test_pulse_perturbations_leave_the_same_restore_errors_as_the_sequence(mode, difference, chunk):
     """Without noise the chip's sequence is deterministic: on an asymmetric nonlinear device the batch gives
     the same gradients and leaves the same conductances as the one-by-one procedure, restore errors (which
     every later measurement sees) included."""
@@ -108,7 +109,7 @@ def test_pulse_perturbations_leave_the_same_restore_errors_as_the_sequence(mode,
     x, y = data.x_train[:8], data.y_train[:8]
     xb = CrossbarConfig(tile_rows=3, tile_cols=2)
     cfg = build(DGCConfig, {"perturbation": mode, "difference": difference, "perturbation_pulses": 2,
-                            "verify_tolerance": 0.02})
+                            "verify_tolerance": 0.02, "chunk": chunk})   # 5: batches that end inside a cell
     nets = [net_of(spec, (3,), crossbar=xb, seed=1), net_of(spec, (3,), crossbar=xb, seed=1)]
     for lb, ls in zip(nets[0].analog_layers, nets[1].analog_layers, strict=True):
         before = lb.crossbar.plus.g.clone()
@@ -281,3 +282,24 @@ def test_wired_dgc_with_noise_below_matches_the_sequential_chip_in_distribution(
     batched = torch.stack([dgc_exact(nets[0], top_b, x, y, "cross_entropy", cfg)[0] for _ in range(runs)])
     loop = torch.stack([dgc_sequential(nets[1], top_s, x, y, "cross_entropy", cfg)[0] for _ in range(runs)])
     assert_same_distribution(batched.double(), loop.double(), runs)
+
+
+def test_pulse_perturbations_with_read_noise_everywhere_match_the_sequence_in_distribution():
+    """Restore errors, fresh reads of the layer below and the read noise of the changed cells (Σ G²) together:
+    the output layer's gradients and the conductances left behind have the sequence's distribution."""
+    spec = make_spec(states=33, nl_ltp=2.0, nl_ltd=-3.0, read_noise=0.05)
+    data = tiny_data()
+    x, y = data.x_train[:6], data.y_train[:6]
+    cfg = build(DGCConfig, {"perturbation": "pulse", "chunk": 4})
+    runs = 100
+    nets = [net_of(spec, (2,), seed=8), net_of(spec, (2,), seed=8)]
+    tops = [n.analog_layers[1] for n in nets]
+    start = [[a.g.clone() for a in top.crossbar._arrays()] for top in tops]
+    grads = [[], []]
+    for _ in range(runs):
+        for k, (net, top, method) in enumerate(zip(nets, tops, (dgc_exact, dgc_sequential), strict=True)):
+            for a, g in zip(top.crossbar._arrays(), start[k], strict=True):
+                a.g = g.clone()
+                a.version += 1
+            grads[k].append(method(net, top, x, y, "cross_entropy", cfg)[0])
+    assert_same_distribution(torch.stack(grads[0]).double(), torch.stack(grads[1]).double(), runs)

@@ -306,10 +306,17 @@ def _measure(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: tor
 
         # The base measurement: the chip as it is, one fresh read of everything.
         c0 = measure(*state_sums(xt0, w_state, q_state))[0]
-        base = None if fresh or residues else state_sums(xt0, w_state, q_state)
+        base = None if fresh else state_sums(xt0, w_state, q_state)
+        # Shortcut: with the same inputs for every measurement, no restore errors and no read noise, every
+        # column but the perturbed one converts as in the base state: a measurement costs (N, cols), not
+        # (row tiles, N, cols), and only the perturbed column passes its ADC again.
+        column_only = base is not None and not residues and base[1] is None
+        if column_only:
+            q0 = quantize(base[0][0].clone(), c.adc_bits, c.adc_range, inplace=True)     # (nr, N, cols)
+            z0 = q0.sum(0)
 
         total = rows * outs * E
-        per = nr * n_rows * cols * (2 if q_state is not None else 1) + (rows * cols * 2 if residues else 0) + \
+        per = (n_rows * cols if column_only else nr * n_rows * cols * (2 if q_state is not None else 1)) + \
             (nr * n_rows * R if fresh else 0)
         chunk = cfg.chunk or max(1, _CHUNK_ELEMENTS // max(1, per))
         costs = torch.empty(total, device=cb.device, dtype=dtype)
@@ -326,40 +333,48 @@ def _measure(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: tor
             r, ii = i // R, i % R
             ar = torch.arange(P, device=cb.device)
             xt = inputs(P) if fresh else xt_shared[None]                        # (P or 1, nr, N, R)
+            xi = xt[ar if fresh else 0, r, :, ii]                               # (P, N) input of the perturbed row
+            if column_only:
+                column = base[0][0][r, :, j] + xi * flat_pw[k][:, None]         # (P, N)
+                z = z0.expand(P, n_rows, cols).clone()
+                z[ar, :, j] += quantize(column, c.adc_bits, c.adc_range, inplace=True) - q0[r, :, j]
+                costs[start:start + P] = _costs_above(network, layer, z[..., :outs] * (c.input_max * c.w_max),
+                                                      y, cost, in_shape)
+                continue
+            if base is None or residues:
+                part, var = state_sums(xt, w_state, q_state)
+                part = part.expand(P, *part.shape[1:]).clone() if part.shape[0] != P else part
+                var = var.expand(P, *var.shape[1:]).clone() if var is not None and var.shape[0] != P else var
+            else:
+                part = base[0].expand(P, *base[0].shape[1:]).clone()
+                var = base[1].expand(P, *base[1].shape[1:]).clone() if base[1] is not None else None
             if residues:
                 # Each measurement sees the restore errors of every earlier cycle: the state at the chunk's start
-                # plus an exclusive prefix sum of this chunk's restore errors.
-                flat = i * cols + j
-                w = torch.zeros((P, w_state.numel()), device=cb.device, dtype=dtype)
-                w[ar, flat] = flat_iw[k]
-                w = w.cumsum(0).roll(1, 0)
-                w[0] = 0
-                w_chunk_end = torch.zeros_like(w_state.reshape(-1)).index_add_(0, flat, flat_iw[k])
-                w[ar, flat] += flat_pw[k]
-                w += w_state.reshape(1, -1)
-                q = None
-                if q_state is not None:
-                    q = torch.zeros((P, q_state.numel()), device=cb.device, dtype=dtype)
-                    q[ar, flat] = flat_iq[k]
-                    q = q.cumsum(0).roll(1, 0)
-                    q[0] = 0
-                    q_chunk_end = torch.zeros_like(q_state.reshape(-1)).index_add_(0, flat, flat_iq[k])
-                    q[ar, flat] += flat_pq[k]
-                    q += q_state.reshape(1, -1)
-                part, var = state_sums(xt, w.reshape(P, -1, cols), q.reshape(P, -1, cols) if q is not None else None)
-                w_state = w_state + w_chunk_end.reshape(w_state.shape)
-                if q_state is not None:
-                    q_state = q_state + q_chunk_end.reshape(q_state.shape)
-            else:
-                if base is None:
-                    part, var = state_sums(xt, w_state, q_state)
-                else:
-                    part = base[0].expand(P, *base[0].shape[1:]).clone()
-                    var = base[1].expand(P, *base[1].shape[1:]).clone() if base[1] is not None else None
-                xi = xt[ar if xt.shape[0] == P else 0, r, :, ii]                  # (P, N) input of the row
-                part[ar, r, :, j] += xi * flat_pw[k][:, None]
-                if var is not None:
-                    var[ar, r, :, j] += xi * xi * flat_pq[k][:, None]
+                # (w_state) plus an exclusive prefix sum of this chunk's restore errors, which lie in the few
+                # rows the chunk spans (cycles go row by row): (P, span rows, cols), read with each
+                # measurement's own inputs of those rows, tile by tile.
+                i0 = int(i[0])
+                span = int(i[-1]) - i0 + 1
+                rows_span = torch.arange(i0, i0 + span, device=cb.device)
+                flat = (i - i0) * cols + j
+                xs = xt[:, rows_span // R, :, rows_span % R].permute(1, 2, 0)   # (P or 1, N, span)
+                for kind, inc, target in (("w", flat_iw, part), ("q", flat_iq if var is not None else None, var)):
+                    if inc is None:
+                        continue
+                    prefix = torch.zeros((P, span * cols), device=cb.device, dtype=dtype)
+                    prefix[ar, flat] = inc[k]
+                    prefix = prefix.cumsum(0).roll(1, 0)
+                    prefix[0] = 0
+                    prefix = prefix.reshape(P, span, cols)
+                    inputs_span = xs if kind == "w" else xs * xs
+                    for t in torch.unique(rows_span // R).tolist():
+                        sel = (rows_span // R) == t
+                        target[:, t] += torch.matmul(inputs_span[..., sel], prefix[:, sel])
+                    state = w_state if kind == "w" else q_state
+                    state.view(-1).index_add_(0, i * cols + j, inc[k])          # the chunk's errors stay
+            part[ar, r, :, j] += xi * flat_pw[k][:, None]
+            if var is not None:
+                var[ar, r, :, j] += xi * xi * flat_pq[k][:, None]
             costs[start:start + P] = measure(part, var)
         dw_nom = _nominal_dw(layer, cfg)
         costs = costs.reshape(rows, outs, E)

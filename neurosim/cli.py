@@ -14,10 +14,10 @@ from neurosim.config import ConfigError
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
-    "devices": ("neurosim.device_report", "list the shipped device cards, or validate and show a card file"),
-    "crossbar": ("neurosim.crossbar_demo", "read and program one crossbar tile of a device, and report errors"),
-    "activations": ("neurosim.activation_report", "tabulate (and plot) exact, Taylor and PWL neuron circuits"),
-    "demo": ("neurosim.demo", "train an MLP on-chip with BP, DGC and hybrid at several variation levels"),
+    "devices": ("neurosim.commands.devices", "list the shipped device cards, or validate and show a card file"),
+    "crossbar": ("neurosim.commands.crossbar", "read and program one crossbar tile of a device, and report errors"),
+    "activations": ("neurosim.commands.activations", "tabulate (and plot) exact, Taylor and PWL neuron circuits"),
+    "demo": ("neurosim.commands.demo", "train an MLP on-chip with BP, DGC and hybrid at several variation levels"),
     "run": ("neurosim.commands.run", "run a scenario into one HDF5 run file (rerun to resume an unfinished one)"),
     "show": ("neurosim.commands.show", "print a run file's key settings and final metrics"),
     "validate": ("neurosim.commands.validate", "check a scenario file (and --set overrides) without running it"),

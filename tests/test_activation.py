@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from neurosim import activation_report
 from neurosim.activation import (
     FUNCTIONS,
     KINKS,
@@ -29,6 +28,7 @@ from neurosim.activation import (
     numpy_function,
     taylor_coefficients,
 )
+from neurosim.commands import activations as activation_report
 from neurosim.config import ConfigError, build
 
 F64 = torch.float64

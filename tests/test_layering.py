@@ -32,8 +32,7 @@ LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
     "runner": (8, ("neurosim.runner", "neurosim.chip_state")),
     "sweep": (9, ("neurosim.sweep",)),
     "analysis": (10, ("neurosim.analysis",)),
-    "interface": (11, ("neurosim.cli", "neurosim.commands", "neurosim.demo", "neurosim.crossbar_demo",
-                       "neurosim.device_report", "neurosim.activation_report")),
+    "interface": (11, ("neurosim.cli", "neurosim.commands")),
 }
 
 # layer -> top-level names it must not reach, directly or through any chain of neurosim imports

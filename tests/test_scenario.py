@@ -119,7 +119,7 @@ def test_parse_sets_reads_toml_literals_and_bare_words():
 
 def test_the_variation_link_is_the_demo_axis():
     """variation = σ sets exactly what neurosim demo's with_variation and circuits set."""
-    from neurosim.demo import circuits, with_variation
+    from neurosim.commands.demo import circuits, with_variation
 
     spec = load_card("ecram_liwo3")
     for level in (0, 0.1, 0.3):

@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _main() -> int:  # pragma: no cover - convenience for `python -m neurosim.activation_report`
+def _main() -> int:  # pragma: no cover - convenience for `python -m neurosim.commands.activations`
     parser = argparse.ArgumentParser(prog="neurosim activations")
     add_arguments(parser)
     return run(parser.parse_args())

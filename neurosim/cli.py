@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"neurosim {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`neurosim show RUN.h5 | head`): nothing left to say
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"neurosim {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -18,12 +18,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import json
-import math
 import os
 import platform
 import sys
-import tomllib
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,10 +34,10 @@ import torch
 from neurosim import __version__, chip_state
 from neurosim.architectures import build_network
 from neurosim.backend import resolve_device
-from neurosim.config import ConfigError, build, to_dict, with_overrides
+from neurosim.config import ConfigError
 from neurosim.data import Dataset, load
 from neurosim.layers import AnalogNetwork
-from neurosim.scenario import Scenario, load_scenario
+from neurosim.scenario import Scenario, apply_sets, load_scenario, loads_scenario
 from neurosim.store import Commit, RunFile, RunFileError, RunWriter, metric_columns
 from neurosim.training import Trainer, make_trainer
 
@@ -89,95 +86,19 @@ class Run(RunFile):
 # ---- the scenario as text (interface to neurosim.scenario) ----------------------------------------------------
 
 def scenario_text(scenario: Scenario) -> str:
-    """The resolved scenario as TOML: ``Scenario.to_toml()`` where the scenario module has it; otherwise a
-    plain writer of the settings (None fields left out: they take their defaults, which are None)."""
-    to_toml = getattr(scenario, "to_toml", None)
-    if to_toml is not None:
-        return to_toml()
-    data = to_dict(scenario)
-    card = data.get("device", {}).get("card", "")
-    if card and Path(card).is_file():   # a card file: absolute, so the text reloads from anywhere
-        data["device"]["card"] = str(Path(card).resolve())
-    return _toml(data)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()
-                               if x is not None) + "}"
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-
-def _toml(data: Mapping[str, Any], prefix: str = "") -> str:
-    lines, tables = [], []
-    for key, value in data.items():
-        if value is None:
-            continue
-        if isinstance(value, Mapping):
-            tables.append((key, value))
-        else:
-            lines.append(f"{key} = {_toml_value(value)}")
-    text = "\n".join(lines)
-    for key, value in tables:
-        name = f"{prefix}.{key}" if prefix else key
-        text += f"\n\n[{name}]\n" + _toml(value, name)
-    return text.strip("\n") + "\n"
+    """The resolved scenario as TOML (card contents included): what a run file keeps."""
+    return scenario.to_toml()
 
 
 def scenario_from_text(text: str, source: str) -> Scenario:
-    """A scenario from the TOML text a run file keeps (the scenario module's own reader where it has one)."""
-    import neurosim.scenario as module
-
-    for name in ("loads_scenario", "scenario_from_toml"):
-        reader = getattr(module, name, None)
-        if reader is not None:
-            return reader(text, source=source)
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise RunFileError(source, f"its scenario_toml is not valid TOML: {e}") from None
-    scenario = build(Scenario, data, source=source)
-    scenario.card()
-    return scenario
+    """A scenario from the TOML text a run file keeps."""
+    return loads_scenario(text, source=source)
 
 
 def identity(scenario: Scenario) -> str:
     """What makes two runs the same run: the resolved scenario, output path aside (a run may be renamed)."""
     plain = dataclasses.replace(scenario, output=dataclasses.replace(scenario.output, path=""))
     return hashlib.sha256(scenario_text(plain).encode()).hexdigest()
-
-
-def parse_sets(items: list[str] | None) -> dict[str, Any]:
-    """``KEY=VALUE`` overrides, the value a TOML literal (``0.05``, ``true``, ``[32, 16]``, ``"digits"``; a
-    bare word is a string); the settings modules' own parser where they have one."""
-    import neurosim.config
-    import neurosim.scenario
-
-    for module in (neurosim.config, neurosim.scenario):
-        parser = getattr(module, "parse_sets", None)
-        if parser is not None:
-            return parser(items or [])
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError("--set", item, "must be KEY=VALUE (e.g. device.overrides.c2c=0.02)")
-        try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text
-        out[key.strip()] = value
-    return out
 
 
 # ---- building ------------------------------------------------------------------------------------------------
@@ -374,7 +295,7 @@ def run(scenario: Scenario | str | os.PathLike, output: str | os.PathLike | None
         source = scenario
         scenario = load_scenario(scenario, dict(sets) if sets else None)
     elif sets:
-        scenario = with_overrides(scenario, dict(sets))
+        scenario = apply_sets(scenario, dict(sets))
     out = output_path(scenario, output, source)
     device = resolve_device(scenario.runtime.device)
     if scenario.runtime.threads:
@@ -469,5 +390,5 @@ def load_chip(path: str | os.PathLike, device: torch.device | str | None = None,
     return chip
 
 
-__all__ = ["Chip", "Run", "build_chip", "identity", "load_chip", "output_path", "parse_sets", "run",
+__all__ = ["Chip", "Run", "build_chip", "identity", "load_chip", "output_path", "run",
            "scenario_from_text", "scenario_text", "total_epochs"]

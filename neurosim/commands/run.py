@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from neurosim.runner import parse_sets
+    from neurosim.config import parse_sets
     from neurosim.runner import run as run_scenario
 
     quiet = args.quiet

@@ -388,6 +388,14 @@ def _plain(obj: Any, path: str) -> Any:
 
 # -- loading ---------------------------------------------------------------------------------------------------
 
+def shipped_scenario_paths() -> dict[str, Path]:
+    """name -> path of every scenario installed with the package (the repository's scenarios/ folder)."""
+    from importlib import resources
+
+    folder = resources.files("neurosim.scenarios")
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".toml")}
+
+
 def load_scenario(path: str | Path, sets: dict[str, Any] | None = None) -> Scenario:
     """A scenario file as a validated, resolved Scenario; ``sets``: dotted overrides and link values
     (``{"device.overrides.c2c": 0.02, "variation": 0.3}``; ``parse_sets`` reads them from ``KEY=VALUE``)."""

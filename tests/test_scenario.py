@@ -118,14 +118,16 @@ def test_parse_sets_reads_toml_literals_and_bare_words():
 
 
 def test_the_variation_link_is_the_demo_axis():
-    """variation = σ sets exactly what neurosim demo's with_variation and circuits set."""
-    from neurosim.commands.demo import circuits, with_variation
-
+    """variation = σ sets the card's four spreads to σ and the circuits' gain σ and offset σ/2."""
     spec = load_card("ecram_liwo3")
     for level in (0, 0.1, 0.3):
         s = load_scenario(VT, {"variation": level})
-        assert s.card() == with_variation(spec, float(level))
-        assert s.network.activation == circuits(float(level))
+        sigma = float(level)
+        assert s.card() == dataclasses.replace(spec, g_min_dtod=sigma, g_max_dtod=sigma, nl_dtod=sigma,
+                                               step_dtod=sigma)
+        assert s.network.activation == ActivationConfig(function="sigmoid", gain_dtod=sigma, offset_dtod=sigma / 2,
+                                                        derivative_gain_dtod=sigma,
+                                                        derivative_offset_dtod=sigma / 2)
         assert s.network.output_activation == ActivationConfig(function="identity")
     s = load_scenario(VT)
     assert s.links["variation"].value == 0.1 and s.network.hidden == (16,)

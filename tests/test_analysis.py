@@ -400,9 +400,10 @@ def test_export_of_a_run_writes_csv_tables_equal_to_the_frames(run_file, tmp_pat
     written = sorted(p.name for p in out.iterdir())
     assert written == ["events.csv", "metrics.csv", "runs.csv", "traces.csv"]
     assert capsys.readouterr().out.count(str(out)) == 4
-    metrics = pd.read_csv(out / "metrics.csv")
+    metrics = pd.read_csv(out / "metrics.csv", float_precision="round_trip")
     frame = analysis.runs_frame(run_file)
-    np.testing.assert_array_equal(metrics["test_accuracy"], frame["test_accuracy"])   # CSV round-trips floats
+    for key in ("test_accuracy", "train_loss", "sim_time_s", "energy_j", "pulse_rate"):   # CSV round-trips floats
+        assert metrics[key].tolist() == frame[key].tolist(), key
     events = pd.read_csv(out / "events.csv")
     assert len(events) == RunFile(run_file).event_count and events["op"].iloc[0] == "read"
     traces = pd.read_csv(out / "traces.csv")

@@ -400,7 +400,9 @@ def test_export_of_a_run_writes_csv_tables_equal_to_the_frames(run_file, tmp_pat
     written = sorted(p.name for p in out.iterdir())
     assert written == ["events.csv", "metrics.csv", "runs.csv", "traces.csv"]
     assert capsys.readouterr().out.count(str(out)) == 4
-    metrics = pd.read_csv(out / "metrics.csv", float_precision="round_trip")
+    # pandas 3 reads floats back exactly by default; pandas 2's default parser is off by an ulp in ~30 % of cases
+    exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+    metrics = pd.read_csv(out / "metrics.csv", **exact)
     frame = analysis.runs_frame(run_file)
     for key in ("test_accuracy", "train_loss", "sim_time_s", "energy_j", "pulse_rate"):   # CSV round-trips floats
         assert metrics[key].tolist() == frame[key].tolist(), key

@@ -19,8 +19,10 @@ COMMANDS = {
     "activations": ("neurosim.commands.activations", "tabulate (and plot) exact, Taylor and PWL neuron circuits"),
     "demo": ("neurosim.commands.demo", "train an MLP on-chip with BP, DGC and hybrid at several variation levels"),
     "run": ("neurosim.commands.run", "run a scenario into one HDF5 run file (rerun to resume an unfinished one)"),
-    "show": ("neurosim.commands.show", "print a run file's key settings and final metrics"),
+    "show": ("neurosim.commands.show", "print a run file's key settings and metrics, or a sweep's summary table"),
     "validate": ("neurosim.commands.validate", "check a scenario file (and --set overrides) without running it"),
+    "export": ("neurosim.commands.export", "write a run file or a sweep folder as CSV (or Parquet) tables"),
+    "plot": ("neurosim.commands.plot", "plot a run's learning curves, or a sweep's accuracy against its axis"),
 }
 
 

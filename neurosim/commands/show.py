@@ -1,7 +1,8 @@
-"""``neurosim show RUN.h5``: a run file's key settings and its metrics, without torch (store only).
+"""``neurosim show RUN.h5|DIR``: a run file's key settings and its metrics, without torch (store only); or a
+sweep folder's summary table, mean ± std over seeds, sorted by the swept axes (``neurosim.analysis``).
 
-A file that is not a neurosim run file (missing, not HDF5, corrupt, someone else's) gets one line naming it
-and exit status 2.
+A file that is not a neurosim run file (missing, not HDF5, corrupt, someone else's), or a folder without a
+sweep summary, gets one line naming it and exit status 2.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import tomllib
+from pathlib import Path
 from typing import Any
 
 # Metrics columns of the epoch table: (name, header, scale, format).
@@ -20,7 +22,7 @@ TAIL = 10   # epochs shown; earlier ones are summarized in one line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="run file (.h5) written by neurosim run")
+    parser.add_argument("file", metavar="RUN.h5|DIR", help="run file (.h5) written by neurosim run, or a sweep folder")
 
 
 def _get(table: Any, dotted: str, default: Any = "") -> Any:
@@ -82,6 +84,11 @@ def _settings(f) -> list[tuple[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     from neurosim.store import METRICS, RunFile
 
+    if Path(args.file).is_dir():
+        from neurosim.analysis import summary_lines
+
+        print("\n".join(summary_lines(args.file)))
+        return 0
     f = RunFile(args.file)
     rows = _settings(f)
     width = max(len(k) for k, _ in rows)

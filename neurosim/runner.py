@@ -297,6 +297,10 @@ def run(scenario: Scenario | str | os.PathLike, output: str | os.PathLike | None
     elif sets:
         scenario = apply_sets(scenario, dict(sets))
     out = output_path(scenario, output, source)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("output.path", str(out), f"cannot create its folder: {e.strerror or e}") from None
     device = resolve_device(scenario.runtime.device)
     if scenario.runtime.threads:
         torch.set_num_threads(scenario.runtime.threads)

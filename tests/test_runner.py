@@ -413,3 +413,13 @@ def test_lazy_exports_keep_the_store_free_of_torch():
     from neurosim.store import open_run
 
     assert (neurosim.open_run, neurosim.run, neurosim.load_chip) == (open_run, run, load_chip)
+
+
+def test_a_run_into_a_folder_that_does_not_exist_yet_creates_it(tmp_path):
+    from neurosim.cli import main
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('[data]\nlimit = 40\n[network]\nhidden = [4]\n[training]\nepochs = 1\n')
+    out = tmp_path / "new" / "deeper" / "run.h5"
+    assert main(["run", str(scenario), "-o", str(out), "--quiet"]) == 0
+    assert out.exists()

@@ -22,6 +22,7 @@ COMMANDS = {
     "show": ("neurosim.commands.show", "print a run file's key settings and metrics, or a sweep's summary table"),
     "validate": ("neurosim.commands.validate", "check a scenario file (and --set overrides) without running it"),
     "export": ("neurosim.commands.export", "write a run file or a sweep folder as CSV (or Parquet) tables"),
+    "fit-device": ("neurosim.commands.fit_device", "fit a device card to measured potentiation/depression pulse data"),
     "plot": ("neurosim.commands.plot", "plot a run's learning curves, or a sweep's accuracy against its axis"),
 }
 

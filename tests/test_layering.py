@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
     "engine": (1, ("neurosim.engine",)),
     "data": (1, ("neurosim.data",)),
     "store": (1, ("neurosim.store",)),
-    "device": (2, ("neurosim.device", "neurosim.cards")),
+    "device": (2, ("neurosim.device", "neurosim.cards", "neurosim.fitting")),
     "crossbar": (3, ("neurosim.crossbar", "neurosim.wires")),
     "circuits": (4, ("neurosim.activation",)),
     "network": (5, ("neurosim.layers", "neurosim.architectures")),

@@ -217,12 +217,12 @@ def read_measurements(path: str | Path, units: str | None = None) -> list[Curve]
         garr = np.asarray(gs)
         net = garr[-1] - garr[0]
         if garr.max() == garr.min():
-            raise ConfigError(f"row {first}, column {header[gi]}", gs[0], f"device {dev or '-'} cycle {cyc} {pol}:"
+            raise ConfigError(f"row {first}, column {header[gi]}", gs[0] / scale, f"device {dev or '-'} cycle {cyc} {pol}:"
                               " the conductance does not change (a window of zero width)", where)
         if (net <= 0) if pol == "ltp" else (net >= 0):
-            raise ConfigError(f"row {first}, column {header[gi]}", gs[0], f"device {dev or '-'} cycle {cyc} "
+            raise ConfigError(f"row {first}, column {header[gi]}", gs[0] / scale, f"device {dev or '-'} cycle {cyc} "
                               f"{pol} goes {'down' if pol == 'ltp' else 'up'} from its first to its last reading "
-                              f"({gs[0]:.4g} -> {gs[-1]:.4g} S): not a {pol} curve", where)
+                              f"({gs[0]:.4g} -> {gs[-1]:.4g} S): not a {'potentiation' if pol == 'ltp' else 'depression'} curve", where)
         curves[key] = Curve(dev, cyc, pol, first, np.asarray(ks, dtype=float), garr, n=pulses)
     counts = {c.polarity: set() for c in curves.values()}
     for c in curves.values():
@@ -345,7 +345,7 @@ def fit_card(curves: list[Curve], source: str, name: str | None = None, technolo
         mean = float(by_dev.mean())
         se = float(by_dev.std(ddof=1) / math.sqrt(len(devices))) if len(devices) > 1 else float(se_dev[0])
         if mean < 0:
-            if -mean > 3.0 * se:
+            if -mean > 3.0 * se and -mean > 1e-6:   # 1e-6: a linear curve's float-rounding noise
                 raise ConfigError(f"polarity {p}", round(mean, 4), "the fitted curve is convex (starts slowly), "
                                   "which the exponential card cannot express (it takes |label|)", source)
             notes_extra.append(f"{p}: fitted label {mean:.4g} is within 3 standard errors of linear; written as 0")

@@ -217,12 +217,13 @@ def read_measurements(path: str | Path, units: str | None = None) -> list[Curve]
         garr = np.asarray(gs)
         net = garr[-1] - garr[0]
         if garr.max() == garr.min():
-            raise ConfigError(f"row {first}, column {header[gi]}", gs[0] / scale, f"device {dev or '-'} cycle {cyc} {pol}:"
-                              " the conductance does not change (a window of zero width)", where)
+            raise ConfigError(f"row {first}, column {header[gi]}", gs[0] / scale,
+                              f"device {dev or '-'} cycle {cyc} {pol}: the conductance does not change (a window of zero width)", where)
         if (net <= 0) if pol == "ltp" else (net >= 0):
             raise ConfigError(f"row {first}, column {header[gi]}", gs[0] / scale, f"device {dev or '-'} cycle {cyc} "
                               f"{pol} goes {'down' if pol == 'ltp' else 'up'} from its first to its last reading "
-                              f"({gs[0]:.4g} -> {gs[-1]:.4g} S): not a {'potentiation' if pol == 'ltp' else 'depression'} curve", where)
+                              f"({gs[0]:.4g} -> {gs[-1]:.4g} S): not a "
+                              f"{'potentiation' if pol == 'ltp' else 'depression'} curve", where)
         curves[key] = Curve(dev, cyc, pol, first, np.asarray(ks, dtype=float), garr, n=pulses)
     counts = {c.polarity: set() for c in curves.values()}
     for c in curves.values():

@@ -218,7 +218,8 @@ def read_measurements(path: str | Path, units: str | None = None) -> list[Curve]
         net = garr[-1] - garr[0]
         if garr.max() == garr.min():
             raise ConfigError(f"row {first}, column {header[gi]}", gs[0] / scale,
-                              f"device {dev or '-'} cycle {cyc} {pol}: the conductance does not change (a window of zero width)", where)
+                              f"device {dev or '-'} cycle {cyc} {pol}: the conductance does not change "
+                              "(a window of zero width)", where)
         if (net <= 0) if pol == "ltp" else (net >= 0):
             raise ConfigError(f"row {first}, column {header[gi]}", gs[0] / scale, f"device {dev or '-'} cycle {cyc} "
                               f"{pol} goes {'down' if pol == 'ltp' else 'up'} from its first to its last reading "

@@ -141,3 +141,24 @@ def test_the_good_corpus_itself_fits(tmp_path):
     path.write_text(GOOD)
     assert main(["fit-device", str(path), "-o", str(tmp_path / "c.toml")]) == 0
     assert load_card(tmp_path / "c.toml").g_max == pytest.approx(5e-6)
+
+
+def test_the_shipped_example_is_what_its_script_makes_and_fits_to_the_shipped_card(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    from neurosim.config import load_toml
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "byod"
+    script = runpy.run_path(str(folder / "make_measured.py"))
+    script["main"](tmp_path / "m.csv")
+    assert (tmp_path / "m.csv").read_bytes() == (folder / "measured.csv").read_bytes()
+    assert main(["fit-device", str(folder / "measured.csv"), "-o", str(tmp_path / "c.toml"),
+                 "--name", "example (fitted)"]) == 0
+    got, shipped = load_toml(tmp_path / "c.toml"), load_toml(folder / "fitted.toml")
+    assert got.keys() == shipped.keys()
+    for key, value in shipped.items():
+        if isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=1e-6), key
+        elif key != "notes":
+            assert got[key] == value, key

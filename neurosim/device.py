@@ -25,7 +25,7 @@ from neurosim.config import ConfigError, build, load_toml, setting
 _NUMERIC_FIELDS = (
     "g_min", "g_max", "states", "states_ltd", "nl_ltp", "nl_ltd", "a_ltp", "a_ltd", "c2c", "read_noise",
     "g_min_dtod", "g_max_dtod", "nl_dtod", "step_dtod", "stuck_at_gmin", "stuck_at_gmax", "drift_nu",
-    "drift_nu_dtod", "drift_t0", "pulse_voltage_ltp", "pulse_voltage_ltd", "pulse_width",
+    "drift_nu_dtod", "drift_t0", "pulse_voltage_ltp", "pulse_voltage_ltd", "pulse_width", "table_ltp", "table_ltd",
 )
 
 # A normalized A above this is treated as linear (the curve then deviates from a line by < 1e-7 of the range).
@@ -77,6 +77,11 @@ class DeviceSpec:
     pulse_voltage_ltp: float | None = setting(None, "potentiation pulse amplitude (V), for energy estimates")
     pulse_voltage_ltd: float | None = setting(None, "depression pulse amplitude (V), for energy estimates")
     pulse_width: float | None = setting(None, "programming pulse width (s)", gt=0.0)
+    table_ltp: tuple[float, ...] | None = setting(
+        None, "measured mean conductance (S) after 0, 1, ..., states − 1 potentiation pulses: the device follows "
+        "this table (interpolated linearly; its shape, scaled to each cell's window) instead of the exponential")
+    table_ltd: tuple[float, ...] | None = setting(
+        None, "measured mean conductance (S) after 0, 1, ..., states_ltd − 1 depression pulses (with table_ltp)")
     notes: str = setting("", "free text: how numbers were derived, what is unknown")
     source: dict = setting(default_factory=dict, doc="citation for each numeric field (key 'default' covers zeros)")
 
@@ -106,11 +111,47 @@ class DeviceSpec:
                               "negative) and the crossbar's column-summed Gaussian differ")
         if self.stuck_at_gmin + self.stuck_at_gmax > 1.0:
             raise ConfigError("stuck_at_gmax", self.stuck_at_gmax, "stuck_at_gmin + stuck_at_gmax must be <= 1")
+        if self.table_ltp is not None or self.table_ltd is not None:
+            self._validate_tables()
         for key, text in self.source.items():
             if not isinstance(text, str) or not text.strip():
                 raise ConfigError(f"source.{key}", text, "must be a non-empty citation string")
             if key != "default" and key not in _NUMERIC_FIELDS:
                 raise ConfigError(f"source.{key}", text, "cites a field the card does not have")
+
+    def _validate_tables(self) -> None:
+        """A table card: both tables, one entry per state, conductances that move the polarity's way (ties
+        allowed: a plateau is crossed by one pulse per entry), and no exponential shape fields beside them."""
+        for name, other in (("table_ltp", "table_ltd"), ("table_ltd", "table_ltp")):
+            if getattr(self, name) is None:
+                raise ConfigError(name, None, f"a table card needs both tables ({other} is given)")
+        for name in ("nl_ltp", "nl_ltd", "a_ltp", "a_ltd", "nl_dtod"):
+            if getattr(self, name) not in (None, 0.0):
+                raise ConfigError(name, getattr(self, name), "a table card takes its curves from table_ltp and "
+                                  "table_ltd: no nonlinearity label, A or label spread beside them")
+        lo, hi = G_RANGE
+        for name, count, up in (("table_ltp", self.states, True), ("table_ltd", self.states_ltd or self.states,
+                                                                   False)):
+            t = getattr(self, name)
+            if len(t) != count:
+                what = "states" if name == "table_ltp" else "states_ltd (default: states)"
+                raise ConfigError(name, f"{len(t)} entries", f"needs one entry per state: {what} = {count}")
+            for i, v in enumerate(t):
+                if not lo <= v <= hi:
+                    raise ConfigError(f"{name}[{i}]", v, f"must lie in [{lo:g}, {hi:g}] S")
+                if i and ((v < t[i - 1]) if up else (v > t[i - 1])):
+                    raise ConfigError(f"{name}[{i}]", v, f"goes {'down' if up else 'up'} from {t[i - 1]!r}: a "
+                                      f"{'potentiation' if up else 'depression'} table must not turn back")
+            if t[-1] == t[0]:
+                raise ConfigError(name, t[0], "has no width (its first and last entries are equal)")
+
+    def table_shape(self, polarity: str) -> tuple[float, ...] | None:
+        """The normalized table of a polarity, 0 at its first entry and 1 at its last (None: exponential)."""
+        t = self.table_ltp if polarity == "ltp" else self.table_ltd
+        if t is None:
+            return None
+        first, span = t[0], t[-1] - t[0]
+        return tuple((v - first) / span for v in t)
 
     # -- derived quantities -------------------------------------------------------------------------------
     @property
@@ -151,6 +192,10 @@ class DeviceSpec:
         in g's dtype: what a controller that knows the card believes an idealized write placed (the same
         arithmetic as ``DeviceArray.nearest_level``, so the same bits for an array without spreads)."""
         kw = {"device": g.device, "dtype": g.dtype}
+        if self.table_ltp is not None:
+            shape = torch.tensor(self.table_shape("ltp"), **kw)
+            return _nearest_level_table(g, torch.tensor(self.g_min, **kw), torch.tensor(self.g_max, **kw), shape,
+                                        torch.tensor(1.0, **kw) / float(self.pulses_ltp))
         a = torch.tensor(min(self.a_norm("ltp"), _LINEAR_A), **kw)
         per = torch.tensor(1.0, **kw) / float(self.pulses_ltp)
         return _nearest_level(g, torch.tensor(self.g_min, **kw), torch.tensor(self.g_max, **kw), list(_constants(a)),
@@ -160,7 +205,12 @@ class DeviceSpec:
         """Closed-form nominal conductance after ``pulses`` pulses from the start of a curve (reference for
         tests and plots)."""
         p_max = self.pulses_ltp if polarity == "ltp" else self.pulses_ltd
-        frac = normalized_response(pulses / p_max, torch.full_like(pulses, self.a_norm(polarity)))
+        shape = self.table_shape(polarity)
+        if shape is not None:
+            frac = table_response((pulses / p_max).clamp(0.0, 1.0), torch.tensor(shape, dtype=pulses.dtype,
+                                                                                 device=pulses.device))
+        else:
+            frac = normalized_response(pulses / p_max, torch.full_like(pulses, self.a_norm(polarity)))
         span = self.g_max - self.g_min
         return self.g_min + span * frac if polarity == "ltp" else self.g_max - span * frac
 
@@ -222,6 +272,43 @@ def _nearest_level(g: torch.Tensor, g_min: torch.Tensor, g_max: torch.Tensor, cu
     k = torch.floor(_inverse(y, *curve) / per)          # the level below y, or one less by rounding
     below = _curve((k * per).clamp(max=1.0), *curve)
     above = _curve(((k + 1) * per).clamp(max=1.0), *curve)
+    return g_min + span * torch.where(y - below <= above - y, below, above)
+
+
+def table_response(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """A table's normalized conductance at curve positions x in [0, 1]: linear between its entries, which sit
+    at x = k/(len − 1) (``shape``: the table normalized to 0 … 1, non-decreasing)."""
+    n = shape.numel() - 1
+    t = x * n
+    i = t.floor().clamp_(0, n - 1)
+    frac = t - i
+    i = i.long()
+    left = shape[i]
+    return left + (shape[i + 1] - left) * frac
+
+
+def table_position(y: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """The curve position x in [0, 1] of normalized conductances y on a table (the inverse of
+    ``table_response``; on a plateau, its last entry: the pulse that leaves it is the next one)."""
+    n = shape.numel() - 1
+    y = y.clamp(0.0, 1.0)
+    i = (torch.searchsorted(shape, y.contiguous(), right=True) - 1).clamp_(0, n - 1)
+    left, right = shape[i], shape[i + 1]
+    width = right - left
+    frac = torch.where(width > 0, (y - left) / torch.where(width > 0, width, torch.ones_like(width)),
+                       torch.zeros_like(y)).clamp_(0.0, 1.0)
+    return (i.to(y.dtype) + frac) / n
+
+
+def _nearest_level_table(g: torch.Tensor, g_min: torch.Tensor, g_max: torch.Tensor, shape: torch.Tensor,
+                         per: torch.Tensor) -> torch.Tensor:
+    """``_nearest_level`` for a table card: the level nearest g among the conductances whole potentiation
+    pulses reach from g_min along the table."""
+    span = g_max - g_min
+    y = ((g - g_min) / span).clamp(0.0, 1.0)
+    k = torch.floor(table_position(y, shape) / per)
+    below = table_response((k * per).clamp(0.0, 1.0), shape)
+    above = table_response(((k + 1) * per).clamp(0.0, 1.0), shape)
     return g_min + span * torch.where(y - below <= above - y, below, above)
 
 
@@ -315,6 +402,10 @@ class DeviceArray:
         self._curves = {"ltp": (*_constants(self.a_ltp), float(spec.pulses_ltp)),
                         "ltd": (*_constants(self.a_ltd), float(spec.pulses_ltd))}
         self.step = spread(1.0, spec.step_dtod)
+        # A table card: the normalized table of each polarity (the exponential columns of the pulse table are
+        # then placeholders of a linear curve, never used).
+        self._shapes = None if spec.table_ltp is None else tuple(
+            torch.tensor(spec.table_shape(p), device=self.device, dtype=dtype) for p in ("ltp", "ltd"))
         self.drift_nu = spread(spec.drift_nu, spec.drift_nu_dtod)
         u = torch.rand(self.shape, generator=g, **kw)
         self.stuck_low = u < spec.stuck_at_gmin
@@ -370,6 +461,8 @@ class DeviceArray:
         g_min (its own window, step and curve). Stuck cells are not treated specially here."""
         g = torch.as_tensor(g, device=self.device, dtype=self.dtype).expand(self.shape)
         *curve, count = self._curves["ltp"]
+        if self._shapes is not None:
+            return _nearest_level_table(g, self.g_min, self.g_max, self._shapes[0], self.step / count)
         return _nearest_level(g, self.g_min, self.g_max, curve, self.step / count)
 
     def _now(self, idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -392,6 +485,8 @@ class DeviceArray:
         y = ((g - self.g_min) / (self.g_max - self.g_min)).clamp(0.0, 1.0)
         *ltp, n_ltp = self._curves["ltp"]
         *ltd, n_ltd = self._curves["ltd"]
+        if self._shapes is not None:
+            return table_position(y, self._shapes[0]) * n_ltp, table_position(1.0 - y, self._shapes[1]) * n_ltd
         return _inverse(y, *ltp) * n_ltp, _inverse(1.0 - y, *ltd) * n_ltd
 
     def after_pulses(self, pulses: torch.Tensor, noise: bool = True) -> torch.Tensor:
@@ -495,7 +590,13 @@ class DeviceArray:
         c0, c1, per_pulse, neg_a, em, y0, dy, low, high = constants.unbind(1)
         pos = torch.addcmul(c0, c1, g).clamp_(0.0, 1.0)   # where the cell is on the curve of its polarity
         step = ns * per_pulse                              # |n| pulses along that curve (backwards: convex)
-        if lin_p and lin_d:
+        if self._shapes is not None:                       # a table card (no convex cells: no label spread)
+            down = ns < 0 if down is None else down
+            up_shape, down_shape = self._shapes
+            x = torch.where(down, table_position(pos, down_shape), table_position(pos, up_shape))
+            x = x.add_(step).clamp_(0.0, 1.0)
+            moved = torch.where(down, table_response(x, down_shape), table_response(x, up_shape))
+        elif lin_p and lin_d:
             moved = pos.add_(step).clamp_(0.0, 1.0)
         else:
             x = torch.log1p(pos * em).mul_(neg_a)          # +inf at a steep curve's flat end: the end, x = 1

@@ -509,3 +509,55 @@ def simulate_measurements(spec, devices: int, cycles: int, seed: int = 0) -> lis
             g = torch.stack(trace).T.tolist()
             rows += [(names[d], cyc, p, k, v) for d in range(devices) for k, v in enumerate(g[d])]
     return rows
+
+
+def _monotone(values: np.ndarray, increasing: bool) -> tuple[np.ndarray, str]:
+    """The least-squares monotone sequence nearest ``values`` (scipy's isotonic regression; scipy < 1.12 lacks
+    it: a running maximum/minimum then, which the notes name)."""
+    try:
+        from scipy.optimize import isotonic_regression
+    except ImportError:  # pragma: no cover - old scipy
+        acc = np.maximum.accumulate if increasing else np.minimum.accumulate
+        return acc(values), "a running maximum/minimum"
+    return np.asarray(isotonic_regression(values, increasing=increasing).x), "isotonic regression"
+
+
+def table_card(fit: Fit, source: str) -> dict:
+    """The fitted card made a table card: the cycle mean of each polarity's curves (all devices and cycles) as
+    table_ltp/table_ltd, made monotone, the window from the tables' ends; c2c keeps its absolute sigma, the
+    window spreads stay; the label spread has no meaning for a table and is dropped (the notes say so)."""
+    src = Path(source).name
+    tables, how = {}, ""
+    for p in ("ltp", "ltd"):
+        mine = [c for c in fit.curves if c.polarity == p]
+        late = next((c for c in mine if c.k[0] != 0), None)
+        if late is not None:
+            raise ConfigError(f"row {late.first_row}, column pulse", int(late.k[0]), "--table needs every curve's "
+                              "reading before its first pulse (pulse 0)", source)
+        tables[p], how = _monotone(np.mean([c.g for c in mine], axis=0), p == "ltp")
+    card = {k: v for k, v in fit.card.items() if k not in ("nl_ltp", "nl_ltd", "nl_dtod", "source", "notes")}
+    old_span = card["g_max"] - card["g_min"]
+    card["g_min"] = float(0.5 * (tables["ltp"][0] + tables["ltd"][-1]))
+    card["g_max"] = float(0.5 * (tables["ltp"][-1] + tables["ltd"][0]))
+    card["c2c"] = fit.card["c2c"] * old_span / (card["g_max"] - card["g_min"])
+    card["table_ltp"] = [float(v) for v in tables["ltp"]]
+    card["table_ltd"] = [float(v) for v in tables["ltd"]]
+    n_curves = len(fit.curves) // 2
+    cite = dict(fit.card["source"])
+    for k in ("nl_ltp", "nl_ltd", "nl_dtod"):
+        cite.pop(k, None)
+    base = f"fitted by neurosim fit-device --table to {src}"
+    cite["g_min"] = f"{base}: mean of the potentiation table's first and the depression table's last entry"
+    cite["g_max"] = f"{base}: mean of the potentiation table's last and the depression table's first entry"
+    cite["c2c"] = (f"{base}: RMS of the one-pulse residuals of the exponential fit (absolute sigma kept) / "
+                   "the table's window")
+    cite["table_ltp"] = f"{base}: mean over the {n_curves} potentiation curves at each pulse, made monotone ({how})"
+    cite["table_ltd"] = f"{base}: mean over the {n_curves} depression curves at each pulse, made monotone ({how})"
+    card["source"] = cite
+    notes = [f"Table card: the device follows the cycle mean of {src} (table_ltp, table_ltd), interpolated "
+             "linearly between pulses; the noise and spreads come from the exponential fit below."]
+    if "nl_dtod" in fit.card:
+        notes.append(f"The exponential fit's label spread (nl_dtod = {fit.card['nl_dtod']:.3g}) has no meaning for a "
+                     "table and is not applied: device-to-device differences of shape are left out.")
+    card["notes"] = "\n".join([*notes, fit.card["notes"]])
+    return card

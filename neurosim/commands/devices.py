@@ -14,6 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fmt_label(spec: DeviceSpec, polarity: str) -> str:
+    if spec.table_ltp is not None:
+        return "table"
     a = spec.a_ltp if polarity == "ltp" else spec.a_ltd
     if a is not None:
         return f"A={a:g}"

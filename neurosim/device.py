@@ -120,8 +120,8 @@ class DeviceSpec:
                 raise ConfigError(f"source.{key}", text, "cites a field the card does not have")
 
     def _validate_tables(self) -> None:
-        """A table card: both tables, one entry per state, conductances that move the polarity's way (ties
-        allowed: a plateau is crossed by one pulse per entry), and no exponential shape fields beside them."""
+        """A table card: both tables, one entry per state, conductances that move the polarity's way at every
+        pulse, and no exponential shape fields beside them."""
         for name, other in (("table_ltp", "table_ltd"), ("table_ltd", "table_ltp")):
             if getattr(self, name) is None:
                 raise ConfigError(name, None, f"a table card needs both tables ({other} is given)")
@@ -139,11 +139,11 @@ class DeviceSpec:
             for i, v in enumerate(t):
                 if not lo <= v <= hi:
                     raise ConfigError(f"{name}[{i}]", v, f"must lie in [{lo:g}, {hi:g}] S")
-                if i and ((v < t[i - 1]) if up else (v > t[i - 1])):
-                    raise ConfigError(f"{name}[{i}]", v, f"goes {'down' if up else 'up'} from {t[i - 1]!r}: a "
-                                      f"{'potentiation' if up else 'depression'} table must not turn back")
-            if t[-1] == t[0]:
-                raise ConfigError(name, t[0], "has no width (its first and last entries are equal)")
+                if i and ((v <= t[i - 1]) if up else (v >= t[i - 1])):
+                    raise ConfigError(f"{name}[{i}]", v, f"does not {'rise above' if up else 'fall below'} "
+                                      f"{t[i - 1]!r}: a {'potentiation' if up else 'depression'} table must move "
+                                      "every pulse (a cell's conductance is its state: on a plateau or a turn "
+                                      "back its place on the curve would be unknown)")
 
     def table_shape(self, polarity: str) -> tuple[float, ...] | None:
         """The normalized table of a polarity, 0 at its first entry and 1 at its last (None: exponential)."""
@@ -277,7 +277,7 @@ def _nearest_level(g: torch.Tensor, g_min: torch.Tensor, g_max: torch.Tensor, cu
 
 def table_response(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
     """A table's normalized conductance at curve positions x in [0, 1]: linear between its entries, which sit
-    at x = k/(len − 1) (``shape``: the table normalized to 0 … 1, non-decreasing)."""
+    at x = k/(len − 1) (``shape``: the table normalized to 0 … 1, rising)."""
     n = shape.numel() - 1
     t = x * n
     i = t.floor().clamp_(0, n - 1)
@@ -289,7 +289,7 @@ def table_response(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
 
 def table_position(y: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
     """The curve position x in [0, 1] of normalized conductances y on a table (the inverse of
-    ``table_response``; on a plateau, its last entry: the pulse that leaves it is the next one)."""
+    ``table_response``; the table rises strictly, which validation ensures)."""
     n = shape.numel() - 1
     y = y.clamp(0.0, 1.0)
     i = (torch.searchsorted(shape, y.contiguous(), right=True) - 1).clamp_(0, n - 1)

@@ -522,6 +522,27 @@ def _monotone(values: np.ndarray, increasing: bool) -> tuple[np.ndarray, str]:
     return np.asarray(isotonic_regression(values, increasing=increasing).x), "isotonic regression"
 
 
+def _spread_ties(values: np.ndarray) -> np.ndarray:
+    """A monotone sequence made strictly monotone: each run of equal entries (where the cycle mean turned back
+    and the isotonic fit pooled it) is spread linearly from its value to the next distinct one (the last run:
+    from the previous distinct value to its own). A card's table must move at every pulse (a plateau would
+    leave a cell's place on it unknown); the change is within the scatter the pooling averaged."""
+    out = values.astype(float).copy()
+    n = len(out)
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and out[j + 1] == out[i]:
+            j += 1
+        if j > i:
+            if j + 1 < n:
+                out[i:j + 1] = np.linspace(values[i], values[j + 1], j - i + 2)[:-1]
+            elif i > 0:
+                out[i:j + 1] = np.linspace(values[i - 1], values[i], j - i + 2)[1:]
+        i = j + 1
+    return out
+
+
 def table_card(fit: Fit, source: str) -> dict:
     """The fitted card made a table card: the cycle mean of each polarity's curves (all devices and cycles) as
     table_ltp/table_ltd, made monotone, the window from the tables' ends; c2c keeps its absolute sigma, the
@@ -534,7 +555,8 @@ def table_card(fit: Fit, source: str) -> dict:
         if late is not None:
             raise ConfigError(f"row {late.first_row}, column pulse", int(late.k[0]), "--table needs every curve's "
                               "reading before its first pulse (pulse 0)", source)
-        tables[p], how = _monotone(np.mean([c.g for c in mine], axis=0), p == "ltp")
+        mono, how = _monotone(np.mean([c.g for c in mine], axis=0), p == "ltp")
+        tables[p] = _spread_ties(mono)
     card = {k: v for k, v in fit.card.items() if k not in ("nl_ltp", "nl_ltd", "nl_dtod", "source", "notes")}
     old_span = card["g_max"] - card["g_min"]
     card["g_min"] = float(0.5 * (tables["ltp"][0] + tables["ltd"][-1]))
@@ -551,8 +573,10 @@ def table_card(fit: Fit, source: str) -> dict:
     cite["g_max"] = f"{base}: mean of the potentiation table's last and the depression table's first entry"
     cite["c2c"] = (f"{base}: RMS of the one-pulse residuals of the exponential fit (absolute sigma kept) / "
                    "the table's window")
-    cite["table_ltp"] = f"{base}: mean over the {n_curves} potentiation curves at each pulse, made monotone ({how})"
-    cite["table_ltd"] = f"{base}: mean over the {n_curves} depression curves at each pulse, made monotone ({how})"
+    cite["table_ltp"] = (f"{base}: mean over the {n_curves} potentiation curves at each pulse, made monotone "
+                          f"({how}; ties spread linearly)")
+    cite["table_ltd"] = (f"{base}: mean over the {n_curves} depression curves at each pulse, made monotone "
+                          f"({how}; ties spread linearly)")
     card["source"] = cite
     notes = [f"Table card: the device follows the cycle mean of {src} (table_ltp, table_ltd), interpolated "
              "linearly between pulses; the noise and spreads come from the exponential fit below."]

@@ -461,8 +461,9 @@ def write_csv(path: str | Path, rows: list[tuple], unit: str = "S") -> None:
             w.writerow([d, c, p, k, repr(float(g) / scale)])
 
 
-def plot_fit(fit: Fit, path: str | Path) -> None:
-    """Data, fitted curves and residuals, a column per polarity (Agg, no pyplot)."""
+def plot_fit(fit: Fit, path: str | Path, table: dict | None = None) -> None:
+    """Data, fitted curves and residuals, a column per polarity (Agg, no pyplot); a table card's tables
+    (``table``: the card) drawn over them in black."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -477,6 +478,14 @@ def plot_fit(fit: Fit, path: str | Path) -> None:
             kk = np.linspace(c.k[0], c.k[-1], 200)
             top.plot(kk, c.model(kk) * 1e6, "-", lw=0.8, color=colors[c.device])
             bottom.plot(c.k, c.residuals * 1e6, ".", ms=2, color=colors[c.device], alpha=0.5)
+        if table is not None:
+            values = np.asarray(table[f"table_{p}"]) * 1e6
+            top.plot(np.arange(values.size), values, "k--", lw=1.2, label="table (cycle mean)")
+            top.legend(loc="best", fontsize=8)
+        elif col == 0 and 1 < len(fit.devices) <= 10:
+            for d in fit.devices:
+                top.plot([], [], "-", color=colors[d], label=d)
+            top.legend(loc="best", fontsize=8, title="device")
         title = "potentiation" if p == "ltp" else "depression"
         top.set_title(f"{title}: label {fit.card['nl_' + p]:.3g}, RMS {fit.rms[p] * 1e6:.3g} µS, "
                       f"R² {fit.r2[p]:.4f}")

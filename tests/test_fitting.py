@@ -162,3 +162,21 @@ def test_the_shipped_example_is_what_its_script_makes_and_fits_to_the_shipped_ca
             assert got[key] == pytest.approx(value, rel=1e-6), key
         elif key != "notes":
             assert got[key] == value, key
+
+
+def test_a_convex_curve_is_refused_and_ties_are_spread(tmp_path, capsys):
+    from neurosim.fitting import _spread_ties, response
+
+    k = np.arange(33)
+    up = 1e-6 + 4e-6 * response(k / 32, -4.0)          # starts slowly: label about -4
+    down = 5e-6 - 4e-6 * response(k / 32, 2.0)
+    lines = ["cycle,polarity,pulse,conductance_S"] + [f"0,ltp,{i},{float(g)!r}" for i, g in enumerate(up)]
+    lines += [f"0,ltd,{i},{float(g)!r}" for i, g in enumerate(down)]
+    path = tmp_path / "convex.csv"
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["fit-device", str(path), "-o", str(tmp_path / "c.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "polarity ltp" in err[0] and "convex" in err[0]
+    assert np.array_equal(_spread_ties(np.array([1.0, 2.0, 2.0, 2.0, 5.0, 6.0, 6.0])),
+                          np.array([1.0, 2.0, 3.0, 4.0, 5.0, 5.5, 6.0]))
+    assert np.array_equal(_spread_ties(np.array([4.0, 3.0, 3.0, 1.0])), np.array([4.0, 3.0, 2.0, 1.0]))

@@ -38,6 +38,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{out}: g {card['g_min']:.4g} .. {card['g_max']:.4g} S, {card['states']} states, {shape}, "
           f"c2c {card['c2c']:.3g}, R^2 {fit.r2['ltp']:.4f} / {fit.r2['ltd']:.4f}")
     if args.plot:
-        plot_fit(fit, args.plot)
+        plot_fit(fit, args.plot, card if args.table else None)
         print(args.plot)
     return 0

@@ -3,6 +3,7 @@ engine's counters add up to what the step did (update pulses plus the perturbati
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -43,11 +44,22 @@ def network(kind: str, spec) -> tuple[AnalogNetwork, Dataset]:
     return AnalogNetwork(stages), Dataset(x, y, x[:8], y[:8], 3, kind)
 
 
+def table_card(spec):
+    """The card with its exponential curves replaced by the tables they imply (a table-driven device)."""
+    tables = {p: tuple(spec.curve(torch.arange(n + 1, dtype=torch.float64), p).tolist())
+              for p, n in (("ltp", spec.pulses_ltp), ("ltd", spec.pulses_ltd))}
+    return dataclasses.replace(spec, nl_ltp=0.0, nl_ltd=0.0, a_ltp=None, a_ltd=None, nl_dtod=0.0,
+                               table_ltp=tables["ltp"], table_ltd=tables["ltd"])
+
+
+@pytest.mark.parametrize("model", ["exponential", "table"])
 @pytest.mark.parametrize("difference", ["forward", "central"])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
-def test_a_step_of_every_scheme_runs_finite_and_its_counters_add_up(scheme, kind, difference):
+def test_a_step_of_every_scheme_runs_finite_and_its_counters_add_up(scheme, kind, difference, model):
     spec = make_spec(states=33, nl_ltp=2.0, nl_ltd=-2.0, c2c=0.01, read_noise=0.01, g_min_dtod=0.1)
+    if model == "table":
+        spec = table_card(spec)
     net, data = network(kind, spec)
     settings = {"epochs": 1, "batch_size": 16, "learning_rate": 0.5, **SCHEMES[scheme]}
     settings["dgc"] = {**settings.get("dgc", {}), "difference": difference}

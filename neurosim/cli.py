@@ -19,6 +19,7 @@ COMMANDS = {
     "activations": ("neurosim.activation_report", "tabulate (and plot) exact, Taylor and PWL neuron circuits"),
     "demo": ("neurosim.demo", "train an MLP on-chip with BP, DGC and hybrid at several variation levels"),
     "run": ("neurosim.commands.run", "run a scenario into one HDF5 run file (rerun to resume an unfinished one)"),
+    "sweep": ("neurosim.commands.sweep", "run a grid of settings and seeds: a run file per point and a summary"),
     "show": ("neurosim.commands.show", "print a run file's key settings and final metrics"),
     "validate": ("neurosim.commands.validate", "check a scenario file (and --set overrides) without running it"),
 }

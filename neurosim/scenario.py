@@ -189,8 +189,6 @@ class SweepConfig:
                 raise ConfigError(f"grid.{key}", values, "must be a list of values (e.g. [0.0, 0.1])")
             if not values:
                 raise ConfigError(f"grid.{key}", [], "needs at least one value")
-            if len(set(map(repr, values))) != len(values):
-                raise ConfigError(f"grid.{key}", list(values), "lists a value twice")
         seen: set[str] = set()
         for group in self.linked:
             for key in group:
@@ -203,6 +201,12 @@ class SweepConfig:
             if len(lengths) > 1:
                 raise ConfigError("linked", list(group), "linked keys need lists of one length (here: "
                                   + ", ".join(f"{k}: {len(self.grid[k])}" for k in group) + ")")
+        for group in [*self.linked, *[(k,) for k in self.grid if k not in seen]]:
+            rows = [repr(r) for r in zip(*(self.grid[k] for k in group), strict=True)]
+            if len(set(rows)) != len(rows):
+                what = f"grid.{group[0]}" if len(group) == 1 else "linked"
+                raise ConfigError(what, [list(self.grid[k]) for k in group] if len(group) > 1 else
+                                  list(self.grid[group[0]]), "lists a value twice")
 
 
 @dataclass(frozen=True, kw_only=True)

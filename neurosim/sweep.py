@@ -552,6 +552,10 @@ def run_point(task: Mapping[str, Any]) -> dict[str, Any]:
     client sent, and the finished file's bytes are returned."""
     from neurosim.runner import run as run_scenario
 
+    if task.get("tune"):   # a worker process neurosim started, and so owns (tune_allocator says why)
+        from neurosim.backend import tune_allocator
+
+        tune_allocator()
     if task.get("slots"):
         _set_threads(_cores() // max(1, _slots_here(task["slots"])))
     elif task.get("threads"):
@@ -594,6 +598,9 @@ def _slots_here(slots: Mapping[str, int]) -> int:
 
 
 def _init_process(threads: int) -> None:
+    from neurosim.backend import tune_allocator
+
+    tune_allocator()   # the process is ours
     _set_threads(threads)
 
 
@@ -726,7 +733,7 @@ class _Dask:
 
         futures = {}
         for task in tasks:
-            task = {**task, "slots": self.slots}
+            task = {**task, "slots": self.slots, "tune": self.cluster is not None}
             fut = self.client.submit(run_point, task, key=f"neurosim-point-{task['name']}-{uuid.uuid4().hex[:8]}",
                                      pure=False)
             futures[fut] = task

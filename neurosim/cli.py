@@ -19,6 +19,7 @@ COMMANDS = {
     "activations": ("neurosim.commands.activations", "tabulate (and plot) exact, Taylor and PWL neuron circuits"),
     "demo": ("neurosim.commands.demo", "train an MLP on-chip with BP, DGC and hybrid at several variation levels"),
     "run": ("neurosim.commands.run", "run a scenario into one HDF5 run file (rerun to resume an unfinished one)"),
+    "sweep": ("neurosim.commands.sweep", "run a grid of settings and seeds: a run file per point and a summary"),
     "show": ("neurosim.commands.show", "print a run file's key settings and metrics, or a sweep's summary table"),
     "validate": ("neurosim.commands.validate", "check a scenario file (and --set overrides) without running it"),
     "export": ("neurosim.commands.export", "write a run file or a sweep folder as CSV (or Parquet) tables"),

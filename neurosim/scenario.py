@@ -60,7 +60,7 @@ from neurosim.engine import HardwareTable
 from neurosim.training.config import TrainerConfig
 
 __all__ = ["DERIVABLE", "STREAMS", "DeviceConfig", "LinkConfig", "OutputConfig", "RuntimeConfig", "Scenario",
-           "TracesConfig", "analog_layer_names", "apply_sets", "default_layer_schemes", "load_scenario",
+           "SweepConfig", "TracesConfig", "analog_layer_names", "apply_sets", "default_layer_schemes", "load_scenario",
            "loads_scenario", "parse_sets", "reference_markdown", "resolve", "scenario_from_dict"]
 
 #: The named random streams a run draws from; each is ``derive_seed(seed, name)``: independent of the others,
@@ -153,6 +153,62 @@ class OutputConfig:
     checkpoint: bool = setting(True, "keep the chip's state after every epoch, so an interrupted run resumes")
 
 
+def _tuples(value: Any) -> Any:
+    """Lists as tuples, all the way down (TOML gives lists; equal settings must compare equal)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What ``neurosim sweep`` runs by default: every combination of the grid's values (linked keys advance
+    together), each with ``seeds`` seeds. ``neurosim run`` ignores this table; a point's run file holds the
+    point's scenario without it."""
+
+    grid: dict = setting(default_factory=dict, doc="axes: a dotted field or a link's name -> its values, a "
+                         "non-empty list of TOML values (e.g. {variation = [0.0, 0.1], \"training.scheme\" = "
+                         "[\"bp\", \"dgc\"]})")
+    linked: tuple[tuple[str, ...], ...] = setting((), "groups of grid keys whose lists (of one length) advance "
+                                                  "together instead of combining, e.g. [[\"training.scheme\", "
+                                                  "\"training.bp.backward\"]]")
+    seeds: int = setting(1, "seeds per grid point: the scenario's seed, seed + 1, ..., seed + seeds - 1", ge=1)
+    workers: int = setting(0, "default of --workers: 0 runs the points one after another in this process; N "
+                           "starts N local Dask workers", ge=0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.grid, dict):
+            object.__setattr__(self, "grid", {k: _tuples(v) for k, v in sorted(self.grid.items())})
+
+    def validate(self) -> None:
+        for key, values in self.grid.items():
+            if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", key):
+                raise ConfigError(f"grid.{key}", values, "a grid key is a dotted field or a link's name")
+            if key == "seed" or key.split(".")[0] in ("sweep", "derived") or key == "output.path":
+                raise ConfigError(f"grid.{key}", values, "cannot be an axis (seeds: set sweep.seeds; a point's "
+                                  "file name comes from its values)")
+            if not isinstance(values, tuple):
+                raise ConfigError(f"grid.{key}", values, "must be a list of values (e.g. [0.0, 0.1])")
+            if not values:
+                raise ConfigError(f"grid.{key}", [], "needs at least one value")
+        seen: set[str] = set()
+        for group in self.linked:
+            for key in group:
+                if key not in self.grid:
+                    raise ConfigError("linked", [list(g) for g in self.linked], f"'{key}' is not a grid key")
+                if key in seen:
+                    raise ConfigError("linked", [list(g) for g in self.linked], f"'{key}' is in two groups")
+                seen.add(key)
+            lengths = {len(self.grid[k]) for k in group}
+            if len(lengths) > 1:
+                raise ConfigError("linked", list(group), "linked keys need lists of one length (here: "
+                                  + ", ".join(f"{k}: {len(self.grid[k])}" for k in group) + ")")
+        for group in [*self.linked, *[(k,) for k in self.grid if k not in seen]]:
+            rows = [repr(r) for r in zip(*(self.grid[k] for k in group), strict=True)]
+            if len(set(rows)) != len(rows):
+                what = f"grid.{group[0]}" if len(group) == 1 else "linked"
+                raise ConfigError(what, [list(self.grid[k]) for k in group] if len(group) > 1 else
+                                  list(self.grid[group[0]]), "lists a value twice")
+
+
 @dataclass(frozen=True, kw_only=True)
 class LinkConfig:
     """One key that sets several fields: each field gets ``value × scale`` (or ``value`` itself without
@@ -242,6 +298,7 @@ class Scenario:
     hardware: HardwareTable = setting(default_factory=HardwareTable, doc="durations and energies of operations")
     traces: TracesConfig = setting(default_factory=TracesConfig, doc="what is recorded per epoch")
     output: OutputConfig = setting(default_factory=OutputConfig, doc="the run file")
+    sweep: SweepConfig = setting(default_factory=SweepConfig, doc="the default grid of `neurosim sweep`")
     links: dict = setting(default_factory=dict, doc="named links: one key that sets several fields "
                           "([links.NAME] with value, fields, scale, doc)")
     derived: tuple[str, ...] = setting((), "fields the loader filled from others (the card, the architecture, "
@@ -268,6 +325,13 @@ class Scenario:
             object.__setattr__(self, "derived", tuple(sorted(set(self.derived))))
 
     def validate(self) -> None:
+        for key, values in self.sweep.grid.items():   # values are checked by the sweep, point by point
+            if key not in self.links:
+                try:
+                    _target_type(key)
+                except ConfigError as e:
+                    raise ConfigError(f"sweep.grid.{key}", list(values), f"{e.reason} (an axis is a field or a "
+                                      f"link: {', '.join(sorted(self.links)) or 'none here'})") from None
         owner: dict[str, str] = {}
         for name, link in self.links.items():
             for f in link.fields:

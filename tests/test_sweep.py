@@ -435,5 +435,5 @@ def test_the_command_prints_progress_and_a_line_and_dry_run_writes_nothing(tmp_p
     assert capsys.readouterr().out.split() == [pt.name for pt in plan(path).points] and not out.exists()
     assert main(["sweep", str(path), "-o", str(out), "--grid", "training.scheme=bp", "--seeds", "1"]) == 0
     captured = capsys.readouterr()
-    assert "1 of 1 points done" in captured.out and "point" in captured.err   # the bar
+    assert "1 of 1 points done" in captured.out and "1/1" in captured.err and "left=0" in captured.err   # the bar
     assert point_files(out) == ["scheme=bp_seed=5.h5"]

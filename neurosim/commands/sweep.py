@@ -81,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
               f"summary in {folder / 'summary.csv'} and {folder / 'summary.h5'}")
         table = _analysis("summary_table")
         if table is not None and result.rows:
-            print(table(folder))
+            try:
+                print(table(folder))
+            except Exception as e:   # the sweep is done and kept: one line, not a traceback
+                log(f"no summary table ({type(e).__name__}: {e})")
     if plotter is not None and result.rows:
         plotter(folder, args.plot)
         log(f"plot written to {args.plot}")

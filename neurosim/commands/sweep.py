@@ -51,8 +51,7 @@ def _analysis(name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from neurosim.config import ConfigError
-    from neurosim.runner import parse_sets
+    from neurosim.config import ConfigError, parse_sets
     from neurosim.sweep import parse_grid, plan, run_sweep
 
     quiet = args.quiet

@@ -18,7 +18,7 @@ def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
     commands = quick_start_commands()
     assert len(commands) == 2
     main_job, tests = commands
-    assert "neurosim demo" in main_job and "pytest" in tests
+    assert "neurosim sweep scenarios/variation_tolerance.toml" in main_job and "pytest" in tests
     for command in commands:
         assert "-c constraints.txt" in command  # never an unpinned torch on a CPU machine
     ci = (ROOT / ".ci" / "run").read_text().splitlines()

@@ -9,7 +9,6 @@ to stderr unless ``--quiet``. Exit status 1 if a point failed (the others ran; r
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 
@@ -41,16 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (for scripts)")
 
 
-def _analysis(name: str):
-    """A function of neurosim.analysis, where this installation has it (None otherwise)."""
-    try:
-        module = importlib.import_module("neurosim.analysis")
-    except ImportError:
-        return None
-    return getattr(module, name, None)
-
-
 def run(args: argparse.Namespace) -> int:
+    from neurosim.analysis import plot, summary_lines
     from neurosim.config import ConfigError, parse_sets
     from neurosim.sweep import parse_grid, plan, run_sweep
 
@@ -62,9 +53,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seeds is not None and args.seeds < 1:
         raise ConfigError("--seeds", args.seeds, "must be >= 1")
-    plotter = _analysis("plot") if args.plot else None
-    if args.plot and plotter is None:
-        raise ConfigError("--plot", args.plot, "needs neurosim.analysis.plot, which this installation lacks")
     the_plan = plan(args.scenario, grid=parse_grid(args.grid), seeds=args.seeds, sets=parse_sets(args.sets))
     if args.dry_run:
         for point in the_plan.points:
@@ -78,14 +66,13 @@ def run(args: argparse.Namespace) -> int:
     if not quiet:
         print(f"{folder}: {len(result.rows)} of {len(the_plan.points)} points done ({len(result.ran)} run now); "
               f"summary in {folder / 'summary.csv'} and {folder / 'summary.h5'}")
-        table = _analysis("summary_table")
-        if table is not None and result.rows:
+        if result.rows:
             try:
-                print(table(folder))
-            except Exception as e:   # the sweep is done and kept: one line, not a traceback
-                log(f"no summary table ({type(e).__name__}: {e})")
-    if plotter is not None and result.rows:
-        plotter(folder, args.plot)
+                print("\n".join(summary_lines(folder)))
+            except ConfigError as e:   # the sweep is done and kept: one line, not a traceback
+                log(f"no summary table ({e})")
+    if args.plot and result.rows:
+        plot(folder, args.plot)
         log(f"plot written to {args.plot}")
     if result.failed:
         for name, line in result.failed.items():

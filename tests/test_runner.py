@@ -21,7 +21,8 @@ import torch
 import neurosim
 from neurosim import chip_state
 from neurosim.cli import main
-from neurosim.store import RunFile, RunFileError, read_tree
+from neurosim.store import RunFile, RunFileError
+from tests.h5compare import differences, tree
 
 ROOT = Path(__file__).resolve().parents[1]
 # Subprocesses import this checkout's neurosim, whatever the environment has installed.
@@ -102,36 +103,12 @@ SCENARIOS = {
         """,
 }
 # What differs between two runs of the same scenario: when they ran, how long they took, how often resumed.
-VARIES = {"created_utc", "finished_utc", "resumed", "wall_time_s"}
 
 
 def scenario(tmp_path: Path, name: str, text: str | None = None) -> Path:
     path = tmp_path / f"{name}.toml"
     path.write_text(textwrap.dedent(text or SCENARIOS[name]))
     return path
-
-
-def tree(path: Path) -> dict:
-    with h5py.File(path) as f:
-        return read_tree(f)
-
-
-def differences(a, b, where: str = "") -> list[str]:
-    """Every dataset and attribute that is not bit for bit the same (NaN equals NaN), besides VARIES."""
-    if isinstance(a, dict):
-        out = [f"{where}/{k}: in one file only" for k in set(a) ^ set(b) if k.lstrip("@") not in VARIES]
-        for k in set(a) & set(b):
-            if k.lstrip("@") not in VARIES:
-                out += differences(a[k], b[k], f"{where}/{k}")
-        return out
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        a, b = np.asarray(a), np.asarray(b)
-        same = a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-    elif isinstance(a, float) and isinstance(b, float):
-        same = a == b or (math.isnan(a) and math.isnan(b))
-    else:
-        same = a == b
-    return [] if same else [where]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import math
 import os
 import random
 import signal
@@ -19,14 +18,14 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 
 import neurosim.sweep
 from neurosim.cli import main
 from neurosim.config import ConfigError
-from neurosim.store import RunFile, RunFileError, read_tree
+from neurosim.store import RunFile, RunFileError
 from neurosim.sweep import parse_grid, plan, read_summary, run_sweep, split_values
+from tests.h5compare import differences, tree
 
 ROOT = Path(__file__).resolve().parents[1]
 # Subprocesses (the CLI, spawned workers) import this checkout's neurosim and this test module.
@@ -75,36 +74,12 @@ KILLED = """
     seeds = 2
     """
 # What differs between two runs of one point: when, how long, how often resumed.
-VARIES = {"created_utc", "finished_utc", "resumed", "wall_time_s"}
 
 
 def scenario(folder: Path, text: str = SMALL, name: str = "small") -> Path:
     path = folder / f"{name}.toml"
     path.write_text(textwrap.dedent(text))
     return path
-
-
-def tree(path: Path) -> dict:
-    with h5py.File(path) as f:
-        return read_tree(f)
-
-
-def differences(a, b, where: str = "") -> list[str]:
-    """Datasets and attributes that are not bit for bit the same (NaN equals NaN), VARIES aside."""
-    if isinstance(a, dict):
-        out = [f"{where}/{k}: in one only" for k in set(a) ^ set(b) if k.lstrip("@") not in VARIES]
-        for k in set(a) & set(b):
-            if k.lstrip("@") not in VARIES:
-                out += differences(a[k], b[k], f"{where}/{k}")
-        return out
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        a, b = np.asarray(a), np.asarray(b)
-        same = a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-    elif isinstance(a, float) and isinstance(b, float):
-        same = a == b or (math.isnan(a) and math.isnan(b))
-    else:
-        same = a == b
-    return [] if same else [where]
 
 
 def summary_differences(a: Path, b: Path) -> list[str]:

@@ -278,7 +278,8 @@ class Trainer(abc.ABC):
             warnings.warn(NoProgrammingWarning(
                 f"epoch {self.epoch}: the weight updates fired {pulses} pulses, {rate:.1e} per weight and step "
                 f"(below {MIN_PULSE_RATE:g}): the chip is barely trained. An update smaller than half a pulse's "
-                "weight step 2*w_max/(states-1) rounds to no pulse with crossbar.rounding = 'deterministic'; "
+                "weight step (w_max·(1/P_ltp + 1/P_ltd) for a pair) rounds to no pulse with crossbar.rounding = "
+                "'deterministic'; "
                 "use 'stochastic' rounding, a larger learning_rate or a smaller crossbar.w_max"), stacklevel=3)
         return rate
 

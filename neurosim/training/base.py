@@ -124,10 +124,13 @@ class Trainer(abc.ABC):
         """DGC gradients of ``layers`` and the measured base cost."""
         cfg = self.config
         if cfg.dgc.mode == "linearized":
-            grads, c0 = dgc_linearized_layers(self.network, layers, x, y, cfg.cost, cfg.dgc, self.generator)
-            for layer in layers:  # the chip's perturbation cycles happen all the same (pulse modes leave errors)
-                plan = self._plans[layer.name] = perturbation_plan(layer, cfg.dgc)
-                commit(layer, plan)
+            # The chip's perturbation cycles happen all the same: their real perturbations scale the gradients,
+            # the engine bills them, and the pulse modes' restore errors stay in the devices.
+            plans = {layer.name: perturbation_plan(layer, cfg.dgc) for layer in layers}
+            grads, c0 = dgc_linearized_layers(self.network, layers, x, y, cfg.cost, cfg.dgc, self.generator, plans)
+            for layer in layers:
+                commit(layer, plans[layer.name])
+            self._plans.update(plans)
             return grads, c0
         grads, c0 = {}, 0.0
         for layer in layers:  # in network order: each layer's measurements see what the ones below left

@@ -542,12 +542,16 @@ def linearized_gradients(network: AnalogNetwork, layers: list[AnalogLayer], x: t
 
 
 def dgc_linearized_layers(network: AnalogNetwork, layers: list[AnalogLayer], x: torch.Tensor, y: torch.Tensor,
-                          cost: str, cfg: DGCConfig, generator: torch.Generator | None = None
+                          cost: str, cfg: DGCConfig, generator: torch.Generator | None = None,
+                          plans: dict[str, PerturbationPlan] | None = None
                           ) -> tuple[dict[str, torch.Tensor], float]:
     """Linearized DGC of several layers of one step: one autograd pass through the noise-free non-ideal model
     and one estimate of the measurement noise serve them all (the chip would measure them all on one state).
-    Valid only where the chip's converters pass a perturbation's effect (resolved or dithered): the trainer
-    checks that once with ``dgc_envelope.check_linearized_validity``."""
+    ``plans``: each layer's perturbation cycles, whose real perturbations scale the gradients (the trainer
+    passes the ones it bills and commits; made here otherwise). Valid only where the chip's converters pass a
+    perturbation's effect (resolved or dithered): the trainer checks that once with
+    ``dgc_envelope.check_linearized_validity``."""
+    plans = plans or {layer.name: perturbation_plan(layer, cfg) for layer in layers}
     grads = linearized_gradients(network, layers, x, y, cost)
     with torch.no_grad():
         # The spread of one cost measurement on this chip, from a few noisy measurements, read as one batch
@@ -558,20 +562,17 @@ def dgc_linearized_layers(network: AnalogNetwork, layers: list[AnalogLayer], x: 
         sigma = float(samples.std())
         out = {}
         for layer, g_lin in zip(layers, grads, strict=True):
-            out[layer.name] = g_lin * _ratio(layer, cfg) + _measurement_noise(layer, cfg, sigma, generator)
+            out[layer.name] = g_lin * _ratio(layer, cfg, plans[layer.name]) + \
+                _measurement_noise(layer, cfg, sigma, generator)
         return out, float(samples[0])
 
 
-def _ratio(layer: AnalogLayer, cfg: DGCConfig) -> torch.Tensor:
-    """Real over nominal perturbation of every weight (the device model's step, not the controller's)."""
-    cb = layer.crossbar
-    shape = (cb.in_features, cb.out_features)
-    dw_nom = _nominal_dw(layer, cfg)
-    if cfg.difference == "central":
-        up, down = (perturbation_effect(layer, cfg, s)[0][: shape[0], : shape[1]] * cb.config.w_max
-                    for s in (1.0, -1.0))
-        return (up - down) / (2 * dw_nom)
-    return perturbation_effect(layer, cfg, 1.0)[0][: shape[0], : shape[1]] * cb.config.w_max / dw_nom
+def _ratio(layer: AnalogLayer, cfg: DGCConfig, plan: PerturbationPlan) -> torch.Tensor:
+    """Real over nominal perturbation of every weight (the device model's step, not the controller's), from the
+    plan's cycles: the +Δ cycle, and for central differences minus the −Δ cycle (which starts where the +Δ
+    cycle's restore left the cell, as the chip's does)."""
+    real = plan.pert_w[0] - plan.pert_w[1] if cfg.difference == "central" else plan.pert_w[0]
+    return real * layer.crossbar.config.w_max / (plan.pert_w.shape[0] * _nominal_dw(layer, cfg))
 
 
 def _measurement_noise(layer: AnalogLayer, cfg: DGCConfig, sigma: float, generator: torch.Generator | None):

@@ -54,6 +54,12 @@ SCHEDULER_TIMEOUT_S = 10.0
 #: Runs of one point whose worker died before the point is given up (processes; Dask has its own setting,
 #: ``distributed.scheduler.allowed-failures``).
 MAX_ATTEMPTS = 3
+# Dask settings for the LocalCluster neurosim starts: a point is one long task, so the worker's statistical
+# profiler (a stack sample every 10 ms, in the process that runs the point) and the frequent system monitor
+# only take time from it; nobody looks at their output here.
+LOCAL_WORKER_CONFIG = {"distributed.worker.profile.enabled": False,
+                       "distributed.admin.system-monitor.interval": "2s"}
+WORKER_STOP_S = 0.5   # grace before our own idle workers are killed at the end
 EXECUTORS = ("dask", "processes")
 
 POINTS = "points"
@@ -660,8 +666,15 @@ class _Processes:
         self.pool = self._pool()
         while todo or running:
             while todo and len(running) < self.workers:   # as many at once as there are workers
-                task = todo.pop(0)
-                running[self.pool.submit(run_point, task)] = task
+                try:
+                    fut = self.pool.submit(run_point, todo[0])
+                except BrokenProcessPool:   # a worker died since the last look: its futures say so below
+                    break
+                running[fut] = todo.pop(0)
+            if not running:   # broken with nothing left running: a fresh pool
+                self.pool.shutdown(wait=True, cancel_futures=True)
+                self.pool = self._pool()
+                continue
             self.running = len(running)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
@@ -712,8 +725,11 @@ class _Dask:
                 reason = str(e) or f"no answer within {SCHEDULER_TIMEOUT_S:g} s"
                 raise ConfigError("--scheduler", scheduler, f"no Dask scheduler answers there ({reason})") from None
         else:
-            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                        dashboard_address=None, silence_logs=logging.ERROR)
+            import dask
+
+            with dask.config.set(LOCAL_WORKER_CONFIG):   # the nannies hand it to their workers
+                self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                            dashboard_address=None, silence_logs=logging.ERROR)
             self.client = Client(self.cluster, set_as_default=False)
         info = self.client.scheduler_info()["workers"]
         self.slots: dict[str, int] = {}
@@ -756,12 +772,23 @@ class _Dask:
                     fut.cancel()
 
     def close(self) -> None:
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                self.cluster.sync(self._stop_workers)
         if self.own_client:
             with contextlib.suppress(Exception):
                 self.client.close()
         if self.cluster is not None:
             with contextlib.suppress(Exception):
                 self.cluster.close()
+
+    async def _stop_workers(self) -> None:
+        """Our own workers hold nothing once every result is here (or the sweep is abandoned): stop them with
+        a short grace instead of Dask's polite close, which waits seconds for processes that have torch loaded."""
+        import asyncio
+
+        await asyncio.gather(*(w.close(timeout=WORKER_STOP_S) for w in self.cluster.workers.values()
+                               if hasattr(w, "close")))
 
 
 def _probe(address: str, timeout: float) -> None:

@@ -412,3 +412,42 @@ def test_the_command_prints_progress_and_a_line_and_dry_run_writes_nothing(tmp_p
     captured = capsys.readouterr()
     assert "1 of 1 points done" in captured.out and "1/1" in captured.err and "left=0" in captured.err   # the bar
     assert point_files(out) == ["scheme=bp_seed=5.h5"]
+
+
+class _FakePool:
+    """A process pool in which the first task finishes at once and the second's worker then dies: the pool is
+    broken by the time the executor submits the third (the race between a result and a death)."""
+
+    def __init__(self, breaks: bool):
+        from concurrent.futures import Future
+
+        self.Future, self.breaks, self.futures = Future, breaks, []
+
+    def submit(self, fn, task):
+        from concurrent.futures.process import BrokenProcessPool
+
+        if self.breaks and len(self.futures) == 2:
+            for f in self.futures:
+                if not f.done():
+                    f.set_exception(BrokenProcessPool("a worker died"))
+            raise BrokenProcessPool("a worker died")
+        f = self.Future()
+        if not self.breaks or not self.futures:
+            f.set_result({"name": task["name"]})
+        self.futures.append(f)
+        return f
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+def test_a_pool_broken_between_a_result_and_the_next_submit_retries_the_points(monkeypatch):
+    """A worker that dies while another point's result is being recorded breaks the pool before the next
+    submit: the executor must treat that like any death (run the dead worker's point again on a new pool),
+    not raise."""
+    pools = iter([_FakePool(breaks=True), _FakePool(breaks=False)])
+    executor = neurosim.sweep._Processes(2)
+    monkeypatch.setattr(executor, "_pool", lambda: next(pools))
+    tasks = [{"name": n} for n in "abcd"]
+    results = dict((task["name"], result) for task, result in executor.run(tasks))
+    assert results == {n: {"name": n} for n in "abcd"}

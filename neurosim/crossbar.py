@@ -246,19 +246,17 @@ class Crossbar:
         key = self._state_key()
         if key != self._cache_key:
             rows = self.in_features
-            out = None
-            if self.padded_shape[0] != rows:
-                kw = {"device": self.device, "dtype": self.dtype}
-                bufs = [torch.empty(self.padded_shape, **kw), torch.empty(self.padded_shape, **kw)
-                        if self._noisy_reads() else None]
-                for b in bufs:
-                    if b is not None:
-                        b[rows:].zero_()
-                out = tuple(b[:rows] if b is not None else None for b in bufs)
-            g = [self.plus.conductance(rows)] if self.minus is None else \
-                list(pair_conductances(self.plus, self.minus, rows))
-            values = self._read_values(g, out)
-            self._cache = values if out is None else tuple(bufs)
+            kw = {"device": self.device, "dtype": self.dtype}
+            bufs = [torch.empty(self.padded_shape, **kw), torch.empty(self.padded_shape, **kw)
+                    if self._noisy_reads() else None]
+            for b in bufs:
+                if b is not None:
+                    b[rows:].zero_()
+            sl = slice(0, rows)
+            g = [self.plus.conductance(sl)] if self.minus is None else \
+                list(pair_conductances(self.plus, self.minus, sl))
+            self._read_values(g, tuple(b[sl] if b is not None else None for b in bufs))
+            self._cache = tuple(bufs)
             self._cache_key, self._solvers = key, None
         if self.read_dtype != self.dtype:
             return tuple(t.to(self.read_dtype) if t is not None else None for t in self._cache)

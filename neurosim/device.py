@@ -684,16 +684,19 @@ class DeviceArray:
         """Changes whenever conductance() may: a write, or the clock moving while drifting."""
         return (self.version, self.time_s if self.drifting else None)
 
-    def conductance(self, rows: int | None = None) -> torch.Tensor:
+    def conductance(self, rows: int | slice | None = None) -> torch.Tensor:
         """Noise-free conductance now, drift included: G·((t − t_prog)/t0)^-nu once t − t_prog exceeds t0.
-        ``rows``: only the first rows (a crossbar's padded rows carry no current; their drift is not needed)."""
-        g = self.g if rows is None else self.g[:rows]
+        ``rows``: only the first rows, or a slice of rows (a crossbar's padded rows carry no current; their
+        drift is not needed)."""
+        if rows is None:
+            rows = slice(None)
+        elif not isinstance(rows, slice):
+            rows = slice(None, rows)
+        g = self.g[rows]
         if not self.drifting:
             return g  # no cell is older than t0 yet
         neg_nu = self._neg_nu()
-        if rows is not None and neg_nu.dim():
-            neg_nu = neg_nu[:rows]
-        return self._drifted(g, self.t_programmed if rows is None else self.t_programmed[:rows], neg_nu)
+        return self._drifted(g, self.t_programmed[rows], neg_nu[rows] if neg_nu.dim() else neg_nu)
 
     def read(self) -> torch.Tensor:
         """Conductance as one read sees it: drift plus read noise of relative sigma read_noise."""
@@ -716,7 +719,7 @@ class DeviceArray:
         return {k: getattr(self, k).expand(self.shape) for k in names}
 
 
-def pair_conductances(first: DeviceArray, second: DeviceArray, rows: int | None = None
+def pair_conductances(first: DeviceArray, second: DeviceArray, rows: int | slice | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``conductance(rows)`` of both devices of a pair, the same bits. The two are written together (pulses,
     placement, write-and-verify at one clock), so their programming times are usually equal: then the
@@ -724,15 +727,16 @@ def pair_conductances(first: DeviceArray, second: DeviceArray, rows: int | None 
     if not (first.drifting and second.drifting and first.time_s == second.time_s
             and first.spec.drift_t0 == second.spec.drift_t0):
         return first.conductance(rows), second.conductance(rows)
-    t1, t2 = (a.t_programmed if rows is None else a.t_programmed[:rows] for a in (first, second))
-    if t1 is not t2 and not torch.equal(t1, t2):
+    if rows is None:
+        rows = slice(None)
+    elif not isinstance(rows, slice):
+        rows = slice(None, rows)
+    t1, t2 = first.t_programmed[rows], second.t_programmed[rows]
+    if not torch.equal(t1, t2):
         return first.conductance(rows), second.conductance(rows)
-    nu1, nu2 = first._neg_nu(), second._neg_nu()
-    if rows is not None:
-        nu1, nu2 = (nu if not nu.dim() else nu[:rows] for nu in (nu1, nu2))
-    g1, g2 = (a.g if rows is None else a.g[:rows] for a in (first, second))
+    nu1, nu2 = (nu[rows] if nu.dim() else nu for nu in (first._neg_nu(), second._neg_nu()))
     log_age = first._log_age(t1)
-    return torch.mul(log_age, nu1).exp_().mul_(g1), log_age.mul_(nu2).exp_().mul_(g2)
+    return torch.mul(log_age, nu1).exp_().mul_(first.g[rows]), log_age.mul_(nu2).exp_().mul_(second.g[rows])
 
 
 def pair_arrays(first: DeviceArray, second: DeviceArray) -> None:

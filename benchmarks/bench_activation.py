@@ -7,7 +7,10 @@ Prints one figure a line as ``name = value``:
 - ``<f>_<mode>_fwdbwd_ratio``: forward with autograd plus backward, against the same for the exact function
   (the custom units produce the derivative in the forward pass, so this is the fair total);
 - ``pwl_derivative_bwd_ratio``: sigmoid PWL with the separate PWL fit of f' as BP derivative, backward time
-  against autograd of the exact sigmoid (and ``..._fwdbwd_ratio`` for the total).
+  against autograd of the exact sigmoid (and ``..._fwdbwd_ratio`` for the total);
+- ``peak_rss_mb``: the process's peak resident memory (resource.getrusage).
+Where users feel these circuits, a hardware-BP epoch, ``benchmarks/bench_training.py`` prints
+``bp_taylor_vs_exact`` and ``bp_pwl_vs_exact``.
 Each time is the minimum over interleaved repetitions (the least disturbed run; shared machines are noisy).
 
     python benchmarks/bench_activation.py [--repeats 40] [--threads N] [--device cpu|cuda] [--epsilon 0.01]
@@ -16,6 +19,7 @@ Each time is the minimum over interleaved repetitions (the least disturbed run; 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import torch
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k}_fwdbwd_ratio = {both[k] / both[ref]:.2f}")
     print(f"pwl_derivative_bwd_ratio = {bwd['sigmoid_pwlfit'] / bwd['sigmoid_exact']:.2f}")
     print(f"pwl_derivative_fwdbwd_ratio = {both['sigmoid_pwlfit'] / both['sigmoid_exact']:.2f}")
+    print(f"peak_rss_mb = {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
     return 0
 
 

@@ -31,15 +31,28 @@ disturbance from another process hits both alike.
   engine_overhead_direct    the engine's own time per epoch (the same engine calls in a simpy process without
                             tensor work, engine_epoch_ms) over the clock-off epoch: the same quantity, measured
                             without the noise of subtracting two epoch timings.
+  bp_<mode>_vs_exact        (mode taylor, pwl) the hardware-BP epoch of that network with its neuron circuits
+                            realized as a Taylor polynomial (4 terms) or PWL segments (eps 0.01, derivative
+                            'fit'), over the same epoch with exact neurons, interleaved.
+  peak_rss_mb               the process's peak resident memory at the end (resource.getrusage).
 
-    python benchmarks/bench_training.py [--quick] [--only dgc|bp]
+With --sizes the BP figures are taken per network and batch instead, as the issue on speed at scale asks:
+4,000 training and 1,000 test samples of MNIST shape, the same non-ideal chip, clock on, and for each size
+bp_vs_digital_<widths>_b<batch> (epochs with the test evaluation), bp_vs_digital_train_only_<...>,
+bp_floor_vs_digital_<...> and the epoch times. SIZES is 'all' (784-256-128-10 and 784-1024-512-10 at batch 64,
+256 and 1024) or a comma-separated list such as 784-256-128-10_b64,784-1024-512-10_b1024.
+
+    python benchmarks/bench_training.py [--quick] [--only dgc|bp] [--sizes SIZES] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -69,6 +82,9 @@ CROSSBAR = {"dac_bits": 8, "adc_bits": 8, "adc_range": 12.0}
 # BP updates of lr·g are mostly below one pulse (2/96 of w_max on Ag:a-Si): stochastic rounding lets the
 # network learn (deterministic rounding would leave nearly every weight unprogrammed and train nothing).
 BP_CROSSBAR = {**CROSSBAR, "rounding": "stochastic"}
+# The neuron circuits of the BP figures: mismatch and noise in the forward and in the derivative circuits.
+BP_ACTIVATION = ActivationConfig(function="sigmoid", gain_dtod=0.05, offset_dtod=0.02, noise=0.01,
+                                 derivative_gain_dtod=0.05, derivative_offset_dtod=0.02, derivative_noise=0.01)
 
 
 def clock(fn) -> float:
@@ -264,9 +280,7 @@ def engine_epoch(network, steps: int, repeats: int = 5) -> float:
 
 def bp_figures(data, repeats: int) -> None:
     spec = device_spec()
-    act = ActivationConfig(function="sigmoid", gain_dtod=0.05, offset_dtod=0.02, noise=0.01,
-                           derivative_gain_dtod=0.05, derivative_offset_dtod=0.02, derivative_noise=0.01)
-    net_cfg = NetworkConfig(hidden=(256, 128), activation=act, crossbar=CrossbarConfig(**BP_CROSSBAR))
+    net_cfg = NetworkConfig(hidden=(256, 128), activation=BP_ACTIVATION, crossbar=CrossbarConfig(**BP_CROSSBAR))
     trainers = {}
     for clock_on in (True, False):
         net = build_network(net_cfg, spec, data.image_shape, data.classes, seed=0)
@@ -320,6 +334,84 @@ def bp_figures(data, repeats: int) -> None:
           f"{row['delta_energy_j']:.4g} J, {row['delta_pulses']:.0f} pulses")
 
 
+SIZES = tuple(f"{w}_b{b}" for w in ("784-256-128-10", "784-1024-512-10") for b in (64, 256, 1024))
+
+
+def parse_size(text: str) -> tuple[tuple[int, ...], int]:
+    """'784-256-128-10_b64' -> ((784, 256, 128, 10), 64)."""
+    try:
+        widths, batch = text.strip().split("_b")
+        return tuple(int(w) for w in widths.split("-")), int(batch)
+    except ValueError:
+        raise SystemExit(f"--sizes: {text!r} is not WIDTHS_bBATCH, e.g. 784-256-128-10_b64") from None
+
+
+def bp_contender(net_cfg, spec, data, batch: int):
+    """A hardware-BP trainer (clock on) of the benchmark's chip for ``net_cfg`` at ``batch``."""
+    net = build_network(net_cfg, spec, data.image_shape, data.classes, seed=0)
+    return make_trainer(net, data, build(TrainerConfig, {"scheme": "bp", "epochs": 1, "batch_size": batch}), seed=0)
+
+
+def size_figures(data, size: str, repeats: int) -> None:
+    """bp_vs_digital and bp_floor_vs_digital of one network and batch (contenders interleaved per round)."""
+    widths, batch = parse_size(size)
+    if widths[0] != math.prod(data.image_shape) or widths[-1] != data.classes:
+        raise SystemExit(f"--sizes: {size}: the data are {math.prod(data.image_shape)} inputs and "
+                         f"{data.classes} classes")
+    spec = device_spec()
+    net_cfg = NetworkConfig(hidden=widths[1:-1], activation=BP_ACTIVATION, crossbar=CrossbarConfig(**BP_CROSSBAR))
+    trainer = bp_contender(net_cfg, spec, data, batch)
+    floor, _ = floor_step(net_cfg, spec, data, batch)
+    steps = -(-len(data.x_train) // batch)
+    torch.manual_seed(0)
+    stages: list[nn.Module] = [nn.Flatten()]
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        stages += [nn.Linear(a, b)] + ([nn.Sigmoid()] if i < len(widths) - 2 else [])
+    model = nn.Sequential(*stages)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    shuffle = torch.Generator().manual_seed(0)
+    times: dict[str, list[float]] = {"bp": [], "bp_train": [], "digital": [], "digital_train": [],
+                                     "digital_accuracy": [], "floor": []}
+    for r in range(repeats + 1):                   # the first round is the warm-up
+        times["bp"].append(clock(lambda: trainer.run_epochs(1)))
+        times["bp_train"].append(trainer.history[-1]["wall_time_s"])
+        digital_epoch(model, opt, data, batch, shuffle, times)
+        times["floor"].append(clock(lambda: [floor() for _ in range(steps)]))
+        if r == 0:
+            times = {k: [] for k in times}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"# {size}: {len(data.x_train)} training and {len(data.x_test)} test samples, median of {repeats} "
+          f"epochs after one warm-up epoch; test accuracy {trainer.history[-1]['test_accuracy']:.3f} "
+          f"(plain torch {times['digital_accuracy'][-1]:.3f})")
+    print(f"bp_epoch_s_{size} = {med['bp']:.3f}")
+    print(f"digital_epoch_s_{size} = {med['digital']:.4f}")
+    print(f"bp_vs_digital_{size} = {med['bp'] / med['digital']:.2f}")
+    print(f"bp_vs_digital_train_only_{size} = {med['bp_train'] / med['digital_train']:.2f}")
+    print(f"bp_floor_vs_digital_{size} = {med['floor'] / med['digital_train']:.2f}")
+    sys.stdout.flush()
+
+
+def neuron_figures(data, repeats: int) -> None:
+    """A BP epoch with Taylor and with PWL neuron circuits over the same epoch with exact ones (interleaved)."""
+    spec = device_spec()
+    trainers = {}
+    for mode, extra in (("exact", {}), ("taylor", {"terms": 4}), ("pwl", {"epsilon": 0.01, "derivative": "fit"})):
+        act = dataclasses.replace(BP_ACTIVATION, mode=mode, **extra)
+        net_cfg = NetworkConfig(hidden=(256, 128), activation=act, crossbar=CrossbarConfig(**BP_CROSSBAR))
+        trainers[mode] = bp_contender(net_cfg, spec, data, 64)
+    times: dict[str, list[float]] = {k: [] for k in trainers}
+    for r in range(repeats + 1):
+        for mode, trainer in trainers.items():
+            trainer.run_epochs(1)
+            times[mode].append(trainer.history[-1]["wall_time_s"])
+        if r == 0:
+            times = {k: [] for k in times}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"# neuron circuits: 784-256-128-10, batch 64, training part of the epoch, median of {repeats}")
+    for mode in ("taylor", "pwl"):
+        print(f"bp_{mode}_vs_exact = {med[mode] / med['exact']:.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     tune_allocator()  # as the neurosim command does: large temporaries are reused, not re-mapped
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -327,11 +419,24 @@ def main(argv: list[str] | None = None) -> int:
                    "training samples (a smoke run; ratios noisier)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     p.add_argument("--only", choices=("dgc", "bp"), help="run one group of figures")
+    p.add_argument("--sizes", help="BP figures per network and batch instead: 'all' or WIDTHS_bBATCH,... "
+                   "(e.g. 784-1024-512-10_b256); 4,000 training samples")
+    p.add_argument("--neurons", action="store_true", help="with --sizes: also the Taylor/PWL-over-exact epochs")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch_threads = {torch.get_num_threads()}")
     print(f"# load average at start: {os.getloadavg()[0]:.2f} (other processes on this machine disturb timings)")
+    if args.sizes:
+        sizes = SIZES if args.sizes == "all" else [t for t in args.sizes.split(",") if t]
+        for size in sizes:
+            parse_size(size)
+        data = load(DataConfig(name="synthetic", size=28, samples=5000, test_fraction=0.2), seed=0)
+        for size in sizes:
+            size_figures(data, size, repeats=1 if args.quick else 3)
+        if args.neurons:
+            neuron_figures(data, repeats=1 if args.quick else 3)
+        return finish()
     samples = 2500 if args.quick else 12500        # test_fraction 0.2: 2,000 or 10,000 training samples
     data = load(DataConfig(name="synthetic", size=28, samples=samples, test_fraction=0.2), seed=0)
     if args.only != "bp":
@@ -340,7 +445,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
     if args.only != "dgc":
         bp_figures(data, repeats=2 if args.quick else 6)
+        neuron_figures(data, repeats=1 if args.quick else 3)
+    return finish()
+
+
+def finish() -> int:
     print(f"# load average at end: {os.getloadavg()[0]:.2f}")
+    print(f"peak_rss_mb = {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
     return 0
 
 

@@ -88,7 +88,7 @@ def exact_derivative(name: str, x: torch.Tensor, alpha: float | torch.Tensor = 0
     a = alpha.detach().reshape(()).to(x) if isinstance(alpha, torch.Tensor) else alpha
     if name == "sigmoid":
         s = torch.sigmoid(x)
-        return s * (1 - s)
+        return torch.rsub(s, 1).mul_(s)  # s·(1 − s), one temporary less
     if name == "tanh":
         return 1 - torch.tanh(x) ** 2
     if name == "relu":
@@ -864,8 +864,9 @@ class ActivationUnit(torch.nn.Module):
         """The forward circuit: clip(gain·f(x) + offset + noise) per neuron (neurons along dim 1)."""
         self._check_shape(x)
         cfg = self.config
-        return self._circuit(self.ideal(x), self.gain, self.offset, cfg.gain_dtod, cfg.offset_dtod, cfg.noise,
-                             "noise", cfg.output_range)
+        y = self.ideal(x)
+        return self._circuit(y, self.gain, self.offset, cfg.gain_dtod, cfg.offset_dtod, cfg.noise,
+                             "noise", cfg.output_range, fresh=y is not x)
 
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         """The derivative circuit's output f'(x) with its own mismatch and noise (no autograd)."""
@@ -877,7 +878,7 @@ class ActivationUnit(torch.nn.Module):
         with torch.no_grad():
             return self._circuit(self.ideal_derivative(x), self.derivative_gain, self.derivative_offset,
                                  cfg.derivative_gain_dtod, cfg.derivative_offset_dtod, cfg.derivative_noise,
-                                 "d_noise", None)
+                                 "d_noise", None, fresh=True)
 
     def pwl_table(self, which: str = "function") -> PWLTable:
         """The segments (breakpoints, slope, intercept) of the PWL function, or of the derivative BP uses."""
@@ -933,19 +934,27 @@ class ActivationUnit(torch.nn.Module):
         return self._noise_gens[key]
 
     def _circuit(self, y: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor, gain_sigma: float,
-                 offset_sigma: float, noise: float, stream: str, clip: tuple[float, float] | None) -> torch.Tensor:
+                 offset_sigma: float, noise: float, stream: str, clip: tuple[float, float] | None,
+                 fresh: bool = False) -> torch.Tensor:
         """Apply per-neuron gain and offset, per-evaluation noise and output clipping (skipped where zero, so a
-        circuit without variation returns its ideal output bit for bit)."""
+        circuit without variation returns its ideal output bit for bit). ``fresh``: y is this evaluation's own
+        temporary, so outside autograd every step works in its buffer (one pass each, no new tensor)."""
         shape = (1, self.num_neurons) + (1,) * (y.dim() - 2)
+        inplace = fresh and not (torch.is_grad_enabled() and y.requires_grad)
         if gain_sigma:
             g = gain.to(device=y.device, dtype=y.dtype).view(shape)
-            y = torch.addcmul(offset.to(device=y.device, dtype=y.dtype).view(shape), y, g) if offset_sigma \
-                else y * g
+            if offset_sigma:
+                off = offset.to(device=y.device, dtype=y.dtype).view(shape)
+                y = torch.addcmul(off, y, g, out=y) if inplace else torch.addcmul(off, y, g)
+            else:
+                y = y.mul_(g) if inplace else y * g
         elif offset_sigma:
-            y = y + offset.to(device=y.device, dtype=y.dtype).view(shape)
+            off = offset.to(device=y.device, dtype=y.dtype).view(shape)
+            y = y.add_(off) if inplace else y + off
         if noise:
             z = torch.randn(y.shape, generator=self._generator(stream, y.device), device=y.device, dtype=y.dtype)
-            y = y + noise * z
+            y = y + noise * z if torch.is_grad_enabled() and y.requires_grad else torch.add(y, z, alpha=noise, out=z)
         if clip is not None:
-            y = torch.clamp(y, clip[0], clip[1])
+            y = y.clamp_(clip[0], clip[1]) if (inplace or noise) and not y.requires_grad else \
+                torch.clamp(y, clip[0], clip[1])
         return y

@@ -20,7 +20,7 @@ import torch
 
 from neurosim.backend import make_generator
 from neurosim.config import ConfigError, setting
-from neurosim.device import DeviceArray, DeviceSpec, pair_arrays, program_pairs
+from neurosim.device import DeviceArray, DeviceSpec, pair_arrays, pair_conductances, program_pairs
 from neurosim.sampling import stochastic_round_sparse
 
 
@@ -101,6 +101,17 @@ def quantize(x: torch.Tensor, bits: int | None, limit: float, inplace: bool = Fa
     x = x.clamp(lower, limit)
     return x + ((x / step).round() * step - x).detach()
 
+
+
+def quantize_codes(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """A signed converter on values in units of its step: clip to ±levels and round to whole codes (half to
+    even, as ``quantize``). In place outside autograd; under autograd the rounding passes gradients straight
+    through. ``quantize(x, b, r)`` equals ``quantize_codes(x/step, 2^(b−1) − 1)·step`` up to the rounding of
+    the scaled values (step = r/(2^(b−1) − 1))."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x.clamp_(-levels, levels).round_()
+    x = x.clamp(-levels, levels)
+    return x + (x.round() - x).detach()
 
 class Crossbar:
     """The conductances of one layer's weight matrix, in tiles, with read, transposed read and programming."""
@@ -211,20 +222,41 @@ class Crossbar:
     def _state_key(self) -> tuple:
         return (self.noise, *(a.read_key() for a in self._arrays()))
 
-    def _read_values(self, g: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        diff = g[0] - (g[1] if len(g) == 2 else self.g_mid)
-        w_hat = diff / (self.k * self.config.w_max)
+    def _noisy_reads(self) -> bool:
+        return bool(self.noise and self.config.read_noise and self.spec.read_noise > 0)
+
+    def _read_values(self, g: list[torch.Tensor], out: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ŵ and ΣG² of the conductances ``g`` (one tensor per array), into ``out`` when given: the same
+        arithmetic for a full rebuild and for a patch of a few cells, so the same bits."""
+        w_hat = torch.sub(g[0], g[1] if len(g) == 2 else self.g_mid, out=None if out is None else out[0])
+        w_hat.div_(self.k * self.config.w_max)
         gsq = None
-        if self.noise and self.config.read_noise and self.spec.read_noise > 0:
-            gsq = g[0] * g[0] if len(g) == 1 else torch.addcmul(g[0] * g[0], g[1], g[1])
+        if self._noisy_reads():
+            gsq = torch.mul(g[0], g[0], out=None if out is None else out[1])
+            if len(g) == 2:
+                gsq.addcmul_(g[1], g[1])
         return w_hat, gsq
 
     def _read_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalized weights ŵ = (G⁺ − G⁻)/(k·w_max) and, for read noise, Σ G², both padded; cached until a
-        write or drift changes the conductances (a sparse write updates the cache in place)."""
+        write or drift changes the conductances (a sparse write updates the cache in place). The padded rows
+        of a ragged last row tile hold zeros: they carry no current (their inputs are 0) and no read uses
+        them, so their conductances (and drift) are not computed."""
         key = self._state_key()
         if key != self._cache_key:
-            self._cache = self._read_values([a.conductance() for a in self._arrays()])
+            rows = self.in_features
+            kw = {"device": self.device, "dtype": self.dtype}
+            bufs = [torch.empty(self.padded_shape, **kw), torch.empty(self.padded_shape, **kw)
+                    if self._noisy_reads() else None]
+            for b in bufs:
+                if b is not None:
+                    b[rows:].zero_()
+            sl = slice(0, rows)
+            g = [self.plus.conductance(sl)] if self.minus is None else \
+                list(pair_conductances(self.plus, self.minus, sl))
+            self._read_values(g, tuple(b[sl] if b is not None else None for b in bufs))
+            self._cache = tuple(bufs)
             self._cache_key, self._solvers = key, None
         if self.read_dtype != self.dtype:
             return tuple(t.to(self.read_dtype) if t is not None else None for t in self._cache)
@@ -318,35 +350,63 @@ class Crossbar:
         noise = torch.randn(part.shape, generator=self.noise_generator, device=part.device, dtype=part.dtype)
         return part.addcmul_(var.sqrt_(), noise, value=self.spec.read_noise / (self.k * self.config.w_max))
 
-    def convert(self, part: torch.Tensor) -> torch.Tensor:
-        """ADC of every tile column, digital sum over row tiles, back to weight × input units: (B, out). Consumes
-        ``part`` (the partial sums are a temporary of the read)."""
+    def adc_step(self, bits: int | None) -> float:
+        """One ADC step in normalized units (1.0 for an ideal converter): reads compute their partial sums in
+        these units, by scaling their few inputs instead of the many partial sums."""
+        if bits is None:
+            return 1.0
+        return self.config.adc_range / (2 ** (bits - 1) - 1)
+
+    def convert(self, part: torch.Tensor, step: float, bits: int | None, scale: torch.Tensor | float | None = None,
+                keep: int | None = None) -> torch.Tensor:
+        """ADC of every tile column, digital sum over tiles, back to weight × input units: (B, keep). ``part``:
+        partial sums (tiles, B, ·) in units of ``step``, the ADC step of ``bits`` (None: an ideal converter,
+        step 1): each converter rounds to a whole code and saturates at ±(2^(b−1) − 1) codes, the codes add
+        up digitally, and one multiplication by step·``scale`` (default input_max·w_max) gives the result.
+        Consumes ``part`` (the partial sums are a temporary of the read)."""
         c = self.config
-        part = quantize(part, c.adc_bits, c.adc_range, inplace=True)
-        y = part[0] if self.n_row_tiles == 1 else part.sum(0)
-        scale = c.input_max * c.w_max
-        if y.shape[1] == self.out_features and scale == 1.0:
-            return y  # nothing to cut off or scale (the default ranges): the digital sum itself
-        return y[:, : self.out_features] * scale
+        if bits is not None:
+            part = quantize_codes(part, 2 ** (bits - 1) - 1)
+        y = part[0] if part.shape[0] == 1 else part.sum(0)
+        keep = self.out_features if keep is None else keep
+        if y.shape[1] != keep:
+            y = y[:, :keep]
+        factor = step * (c.input_max * c.w_max if scale is None else scale)
+        if isinstance(factor, float) and factor == 1.0:
+            return y  # nothing to scale: the digital sum itself
+        return y * factor
 
     def read(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """Forward read y ≈ x·W of a batch (B, in) → (B, out), through DAC, tiles, read noise and ADCs."""
-        return self.convert(self.partial_sums(self.dac(x), w))
+        """Forward read y ≈ x·W of a batch (B, in) → (B, out), through DAC, tiles, read noise and ADCs.
+
+        The partial sums are computed in ADC steps (the DAC outputs divided by the step: B·in numbers instead
+        of tiles·B·out), so the converters only clip and round."""
+        c = self.config
+        step = self.adc_step(c.adc_bits)
+        xn = self.dac(x)
+        if step != 1.0:
+            xn = xn * (1.0 / step) if torch.is_grad_enabled() and xn.requires_grad else xn.mul_(1.0 / step)
+        return self.convert(self.partial_sums(xn, w), step, c.adc_bits)
 
     def read_transposed(self, d: torch.Tensor) -> torch.Tensor:
         """Transposed read d·Wᵀ of a batch (B, out) → (B, in): columns driven, rows sensed (BP's backward path).
 
         With noise management each error vector is divided by its largest magnitude before the DAC and
         multiplied back after the ADC, as chips do to keep small errors above the converters' resolution.
-        The DAC is bipolar whatever ``input_range`` says (errors are signed) and saturates at full scale."""
+        The DAC is bipolar whatever ``input_range`` says (errors are signed) and saturates at full scale.
+        As in ``read``, the partial sums are computed in ADC steps."""
         c = self.config
         w_hat, gsq = self._read_tensors()
         dac_bits = c.backward_dac_bits or c.dac_bits
         adc_bits = c.backward_adc_bits or c.adc_bits
         d = d.to(self.dtype)
-        scale = d.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) if c.noise_management else \
+        scale = d.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30) if c.noise_management else \
             torch.full((d.shape[0], 1), c.input_max, device=d.device, dtype=d.dtype)
-        dn = quantize(d / scale, dac_bits, 1.0) if dac_bits is not None else (d / scale).clamp(-1.0, 1.0)
+        dn = d / scale
+        dn = quantize(dn, dac_bits, 1.0, inplace=True) if dac_bits is not None else dn.clamp_(-1.0, 1.0)
+        step = self.adc_step(adc_bits)
+        if step != 1.0:
+            dn.mul_(1.0 / step)
         pad = self.padded_shape[1] - self.out_features
         if pad:
             dn = torch.nn.functional.pad(dn, (0, pad))
@@ -362,9 +422,7 @@ class Crossbar:
             g2 = gsq[:rows].reshape(rows, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
             part = self.add_read_noise(part, torch.bmm(dt * dt, g2), nonnegative=True)
         # Row partial sums of one column tile pass one ADC, then add digitally across column tiles.
-        part = quantize(part, adc_bits, c.adc_range, inplace=True)
-        y = part[0] if self.n_col_tiles == 1 else part.sum(0)
-        return y * (scale * c.w_max)
+        return self.convert(part, step, adc_bits, scale.mul_(c.w_max), rows)
 
     def _tile(self, rr: int, cc: int) -> torch.Tensor:
         """Conductances of tile (rr, cc) as wired: (R, C), or (R, C, 2) for pairs (G⁺, G⁻ side by side)."""

@@ -472,11 +472,31 @@ class DeviceArray:
         if not self.drifting:
             return g
         t = self.t_programmed.reshape(-1) if idx is None else self.t_programmed.view(-1).index_select(0, idx)
-        nu = self.drift_nu
-        if nu.dim():
-            nu = nu.reshape(-1) if idx is None else nu.reshape(-1).index_select(0, idx)
-        age = (self.time_s - t).clamp(min=self.spec.drift_t0)
-        return g * (age / self.spec.drift_t0).pow(-nu)
+        neg_nu = self._neg_nu()
+        if neg_nu.dim():
+            neg_nu = neg_nu.reshape(-1) if idx is None else neg_nu.reshape(-1).index_select(0, idx)
+        return self._drifted(g, t, neg_nu)
+
+    def _neg_nu(self) -> torch.Tensor:
+        """−ν of every cell (or one scalar), kept until ``drift_nu`` is replaced: drift needs it at every read."""
+        if getattr(self, "_neg_nu_of", None) is not self.drift_nu:
+            self._neg_nu_of, self._neg_nu_value = self.drift_nu, self.drift_nu.neg()
+        return self._neg_nu_value
+
+    def _drifted(self, g: torch.Tensor, t: torch.Tensor, neg_nu: torch.Tensor) -> torch.Tensor:
+        """G·(max(t_now − t_prog, t0)/t0)^−ν as exp(−ν·ln(age/t0)) in one fresh buffer, in place: a drifting
+        chip rebuilds its read tensors at every step, and a power of a tensor to a tensor costs as much as a
+        logarithm and an exponential together, plus five temporaries. (Since 2026-12-01; before, ``pow``:
+        the same function, rounded differently in the last bits.)"""
+        return self._log_age(t).mul_(neg_nu).exp_().mul_(g)
+
+    def _log_age(self, t: torch.Tensor) -> torch.Tensor:
+        """ln(max(t_now − t_prog, t0)/t0) of programming times ``t``, in a fresh buffer."""
+        t0 = self.spec.drift_t0
+        a = torch.rsub(t, self.time_s).clamp_(min=t0)
+        if t0 != 1.0:
+            a.div_(t0)
+        return a.log_()
 
     def pulse_position(self, g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Where each cell sits on its potentiation and depression curves, in nominal pulses (0 … pulse count,
@@ -664,12 +684,19 @@ class DeviceArray:
         """Changes whenever conductance() may: a write, or the clock moving while drifting."""
         return (self.version, self.time_s if self.drifting else None)
 
-    def conductance(self) -> torch.Tensor:
-        """Noise-free conductance now, drift included: G·((t − t_prog)/t0)^-nu once t − t_prog exceeds t0."""
+    def conductance(self, rows: int | slice | None = None) -> torch.Tensor:
+        """Noise-free conductance now, drift included: G·((t − t_prog)/t0)^-nu once t − t_prog exceeds t0.
+        ``rows``: only the first rows, or a slice of rows (a crossbar's padded rows carry no current; their
+        drift is not needed)."""
+        if rows is None:
+            rows = slice(None)
+        elif not isinstance(rows, slice):
+            rows = slice(None, rows)
+        g = self.g[rows]
         if not self.drifting:
-            return self.g  # no cell is older than t0 yet
-        age = (self.time_s - self.t_programmed).clamp(min=self.spec.drift_t0)
-        return self.g * (age / self.spec.drift_t0).pow(-self.drift_nu)
+            return g  # no cell is older than t0 yet
+        neg_nu = self._neg_nu()
+        return self._drifted(g, self.t_programmed[rows], neg_nu[rows] if neg_nu.dim() else neg_nu)
 
     def read(self) -> torch.Tensor:
         """Conductance as one read sees it: drift plus read noise of relative sigma read_noise."""
@@ -690,6 +717,26 @@ class DeviceArray:
         names = ("g", "g_min", "g_max", "a_ltp", "a_ltd", "step", "drift_nu", "stuck_low", "stuck_high",
                  "t_programmed")
         return {k: getattr(self, k).expand(self.shape) for k in names}
+
+
+def pair_conductances(first: DeviceArray, second: DeviceArray, rows: int | slice | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conductance(rows)`` of both devices of a pair, the same bits. The two are written together (pulses,
+    placement, write-and-verify at one clock), so their programming times are usually equal: then the
+    logarithm of the age, the dearer half of drift, is taken once for both."""
+    if not (first.drifting and second.drifting and first.time_s == second.time_s
+            and first.spec.drift_t0 == second.spec.drift_t0):
+        return first.conductance(rows), second.conductance(rows)
+    if rows is None:
+        rows = slice(None)
+    elif not isinstance(rows, slice):
+        rows = slice(None, rows)
+    t1, t2 = first.t_programmed[rows], second.t_programmed[rows]
+    if not torch.equal(t1, t2):
+        return first.conductance(rows), second.conductance(rows)
+    nu1, nu2 = (nu[rows] if nu.dim() else nu for nu in (first._neg_nu(), second._neg_nu()))
+    log_age = first._log_age(t1)
+    return torch.mul(log_age, nu1).exp_().mul_(first.g[rows]), log_age.mul_(nu2).exp_().mul_(second.g[rows])
 
 
 def pair_arrays(first: DeviceArray, second: DeviceArray) -> None:

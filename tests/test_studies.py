@@ -102,3 +102,45 @@ def test_markdown_table_and_mean_std():
     assert studies.mean_std(0.91234, 0.0123) == "0.912 ± 0.012"
     assert studies.mean_std(0.5, math.nan) == "0.500"
     assert studies.mean_std(math.nan, 0.1) == "-"
+
+
+# ---- what each of these studies' tables must hold -----------------------------------------------------------
+
+def test_kim2021_dgc_tables(ci_outputs):
+    from neurosim.studies import kim2021_dgc
+
+    out, _ = ci_outputs("kim2021_dgc")
+    plan = kim2021_dgc.PLAN["ci"]
+    acc = pd.read_csv(out / "mlp_accuracy.csv")
+    methods = list(kim2021_dgc.METHODS.values())
+    # every method at every level of each kind; sigma 0 (one chip) under both kinds, with the same numbers
+    expected = {(k, s, m) for m in methods for k in kim2021_dgc.KINDS
+                for s in {0.0, *plan["mlp"]["conductance"], *plan["mlp"][k]}}
+    assert set(zip(acc["variation"], acc["sigma"], acc["method"], strict=True)) == expected
+    assert (acc["seeds"] == plan["mlp"]["seeds"]).all()
+    assert acc["accuracy_mean"].between(0, 1).all()
+    zero = acc[acc["sigma"] == 0.0].pivot(index="method", columns="variation", values="accuracy_mean")
+    assert (zero["conductance"] == zero["circuit"]).all()
+    # the hybrid's saving is its perturbation count: DGC on fc1 (65 x 16 weights) of the 1210 of the MLP
+    speed = pd.read_csv(out / "hybrid_speed.csv")
+    mlp = speed[speed["network"] == "MLP 64-16-10"].iloc[0]
+    assert mlp["hybrid / DGC cycles"] == pytest.approx(65 * 16 / (65 * 16 + 17 * 10), abs=5e-4)
+    assert float(mlp["DGC cycles"]) == 1210 * plan["mlp"]["sets"]["data.limit"] // 32   # one step per 32 images
+    cost = pd.read_csv(out / "cnn_cost.csv")
+    dgc = cost[cost["method"] == "DGC"].iloc[0]
+    assert float(dgc["perturbation cycles"]) == 21840   # one step, every weight of the LeNet-like CNN once
+    assert set(cost["method"]) == {m for m in methods if m != "hybrid"}
+    diffs = pd.read_csv(out / "mlp_differences.csv")
+    assert {"variation", "σ", "comparison", "Δ accuracy"} <= set(diffs.columns)
+    assert len(diffs) == 4 * 4   # DGC and hybrid against both BPs, at 2 kinds x 2 levels
+
+
+def test_devices_compared_table(ci_outputs):
+    from neurosim.device import shipped_card_paths
+
+    out, _ = ci_outputs("devices_compared")
+    table = pd.read_csv(out / "devices.csv")
+    assert sorted(table["card"]) == sorted(shipped_card_paths())          # every shipped card, once
+    assert list(table["rank"]) == list(range(1, len(table) + 1))
+    assert table["final_test_accuracy_mean"].is_monotonic_decreasing
+    assert (table["sim_time_s_mean"] > 0).all() and (table["energy_j_mean"] > 0).all()

@@ -20,7 +20,7 @@ PAPER = ("P.-Y. Chen, X. Peng, S. Yu, \"NeuroSim: A Circuit-Level Macro Model fo
          "Architectures in Online Learning\", IEEE TCAD 37(12), 3067 (2018), doi 10.1109/TCAD.2018.2789723; "
          "MLP+NeuroSim V3.0, github.com/neurosim/MLP_NeuroSim_V3.0")
 SCENARIOS = ["devices_compared.toml"]
-RUNTIME = {"ci": "10 s", "default": "see docs", "full": "see docs"}
+RUNTIME = {"ci": "10 s", "default": "2 min", "full": "~15 min (estimated)"}
 
 PLAN = {
     "ci": {"seeds": 1, "sets": {"training.epochs": 1, "data.limit": 32}},

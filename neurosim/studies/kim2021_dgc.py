@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from neurosim import studies
+from neurosim.analysis import STATISTICS
 
 NAME = "kim2021_dgc"
 TITLE = "Kim 2021: BP, DGC and hybrid on-chip training as conductance or neuron-circuit variation grows"
@@ -88,17 +89,11 @@ def _frame(out: Path, net: str, size: str, workers: int | None, progress: bool,
     zero = frame[(frame["kind"] == "conductance") & (frame["sigma"] == 0.0)]
     if len(zero) and plan["circuit"]:
         frame = pd.concat([frame, zero.assign(kind="circuit")], ignore_index=True)
-    keep = ["kind", "sigma", "method", "seed", *[c for c in studies_stats() if c in frame.columns], "status"]
+    keep = ["kind", "sigma", "method", "seed", *[c for c in STATISTICS if c in frame.columns], "status"]
     frame = frame[keep].copy()
     frame.attrs["grid"] = {"kind": list(KINDS), "sigma": sorted(frame["sigma"].unique().tolist()),
                            "method": list(METHODS.values())}
     return frame
-
-
-def studies_stats() -> list[str]:
-    from neurosim.analysis import STATISTICS
-
-    return list(STATISTICS)
 
 
 def _order(table: pd.DataFrame) -> pd.DataFrame:

@@ -27,7 +27,7 @@ PAPER = ("H. Kim, J. Hwang, D. Kwon, J. Kim, M.-K. Park, J. Im, B.-G. Park, J.-H
          "Calculation: Simple and Variation-Tolerant On-Chip Training Method for Neural Networks\", Adv. Intell. "
          "Syst. 3(8), 2100064 (2021), doi 10.1002/aisy.202100064")
 SCENARIOS = ["kim2021_dgc_mlp.toml", "kim2021_dgc_cnn.toml"]
-RUNTIME = {"ci": "25 s", "default": "12 min", "full": "~2.5 h (estimated)"}
+RUNTIME = {"ci": "25 s", "default": "12 min", "full": "~2 h (estimated)"}
 
 KINDS = ("conductance", "circuit")
 #: (scheme, bp.backward) -> the method's name in tables and figures

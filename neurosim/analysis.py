@@ -694,6 +694,82 @@ def _plot_sweep(folder: Path, second: str):
     return fig
 
 
+# ---- figures of tables (studies) ------------------------------------------------------------------------------
+
+def _mean_std(table: pd.DataFrame, stat: str, index) -> tuple[np.ndarray, np.ndarray]:
+    mean = table.loc[index, f"{stat}_mean"].to_numpy(np.float64)
+    std = table.loc[index, f"{stat}_std"].to_numpy(np.float64) if f"{stat}_std" in table else \
+        np.full(len(index), np.nan)
+    return mean, np.nan_to_num(std, nan=0.0)   # one seed has no spread: no bar, never a made-up one
+
+
+def plot_means(table: pd.DataFrame, x: str, stats: Sequence[str], *, lines: str | None = None,
+               panels: str | None = None, ylabels: Sequence[str] | None = None, logy: Sequence[str] = (),
+               title: str = "", out: str | os.PathLike | None = None):
+    """Means ± standard deviations of a ``summary_table``-like frame (``<stat>_mean``, ``<stat>_std``) against
+    the numeric column ``x``: one row of panels per statistic, one column per value of ``panels`` (e.g. the
+    kind of variation), one line per value of ``lines`` (e.g. the method), in the order they appear. Returns
+    the Figure, saved to ``out`` if given. For studies whose comparison is not one sweep's axes (``plot``)."""
+    panel_values = list(dict.fromkeys(table[panels])) if panels else [None]
+    line_values = list(dict.fromkeys(table[lines])) if lines else [None]
+    fig, axes = _new_figure(len(stats), len(panel_values), (4.6 * len(panel_values) + 1, 3.4 * len(stats)))
+    for r, stat in enumerate(stats):
+        for c, pv in enumerate(panel_values):
+            ax = axes[r, c]
+            part = table if pv is None else table[table[panels] == pv]
+            for lv in line_values:
+                group = part if lv is None else part[part[lines] == lv]
+                if group.empty:
+                    continue
+                group = group.sort_values(x, kind="stable")
+                mean, std = _mean_std(table, stat, group.index)
+                ax.errorbar(group[x].to_numpy(np.float64), mean, yerr=std, marker="o", capsize=3,
+                            label=None if lv is None else str(lv))
+            ax.set_xlabel(x)
+            ax.set_ylabel(ylabels[r] if ylabels else stat)
+            ax.grid(True, alpha=0.3)
+            if stat in logy:
+                ax.set_yscale("log")
+            if pv is not None and r == 0:
+                ax.set_title(f"{panels} = {pv}", fontsize="medium")
+    if lines:
+        axes[0, 0].legend(fontsize="small")
+    if title:
+        fig.suptitle(_wrap(title))
+    if out is not None:
+        target = _figure_path(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(target, dpi=120)
+    return fig
+
+
+def plot_bars(table: pd.DataFrame, x: str, stats: Sequence[str], *, ylabels: Sequence[str] | None = None,
+              logy: Sequence[str] = (), title: str = "", out: str | os.PathLike | None = None):
+    """One panel of bars per statistic of a ``summary_table``-like frame: a bar per row (labelled by ``x``,
+    in the frame's order) at ``<stat>_mean`` with ``<stat>_std`` as its error bar. Returns the Figure, saved to
+    ``out`` if given."""
+    labels = [str(v) for v in table[x]]
+    fig, axes = _new_figure(len(stats), 1, (max(6.0, 0.7 * len(labels) + 2), 2.8 * len(stats) + 0.6))
+    positions = np.arange(len(labels))
+    for r, stat in enumerate(stats):
+        ax = axes[r, 0]
+        mean, std = _mean_std(table, stat, table.index)
+        ax.bar(positions, mean, yerr=std, capsize=3, color="C0", alpha=0.8)
+        ax.set_ylabel(ylabels[r] if ylabels else stat)
+        ax.grid(True, axis="y", alpha=0.3)
+        if stat in logy:
+            ax.set_yscale("log")
+        ax.set_xticks(positions, labels if r == len(stats) - 1 else [""] * len(labels),
+                      rotation=30 if r == len(stats) - 1 else 0, ha="right")
+    if title:
+        fig.suptitle(_wrap(title))
+    if out is not None:
+        target = _figure_path(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(target, dpi=120)
+    return fig
+
+
 __all__ = ["DONE", "FORMATS", "STATISTICS", "SUMMARY_FIELDS", "InputError", "events_frame", "export", "plot",
-           "runs_frame", "summary_lines", "summary_table", "sweep_axes", "sweep_frame", "swept_keys",
-           "traces_frame"]
+           "plot_bars", "plot_means", "runs_frame", "summary_lines", "summary_table", "sweep_axes", "sweep_frame",
+           "swept_keys", "traces_frame"]

@@ -25,6 +25,7 @@ COMMANDS = {
     "export": ("neurosim.commands.export", "write a run file or a sweep folder as CSV (or Parquet) tables"),
     "fit-device": ("neurosim.commands.fit_device", "fit a device card to measured potentiation/depression pulse data"),
     "plot": ("neurosim.commands.plot", "plot a run's learning curves, or a sweep's accuracy against its axis"),
+    "study": ("neurosim.commands.study", "list the source studies, or run one: its sweeps, tables and figures"),
 }
 
 

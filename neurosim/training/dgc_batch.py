@@ -49,14 +49,24 @@ def costs_above(network: AnalogNetwork, layer: AnalogLayer, z: torch.Tensor, y: 
     return cost_per_sample(out.to(z.dtype), y.repeat(P), cost).reshape(P, batch).mean(1)
 
 
-def _elements_per_measurement(network: AnalogNetwork, batch: int) -> int:
-    """A generous bound of the elements one measurement holds in its largest temporaries, over the layers it
-    evaluates: partial sums and their variance per row tile, and a layer's inputs and outputs."""
+def _elements_per_measurement(network: AnalogNetwork, layer: AnalogLayer, batch: int, fresh: bool) -> int:
+    """A generous bound of the elements one measurement holds in its largest temporaries: per layer it
+    evaluates, its inputs where they differ per measurement, its partial sums per row tile (and their
+    variance), its outputs."""
+    layers = network.analog_layers
+    k = layers.index(layer)
     per = 1
-    for layer in network.analog_layers:
-        cb = layer.crossbar
-        rows = batch * layer.reads_per_sample
-        per = max(per, rows * (2 * cb.n_row_tiles * cb.padded_shape[1] + 2 * cb.padded_shape[0]))
+    for n, lay in enumerate(layers):
+        cb = lay.crossbar
+        rows = batch * lay.reads_per_sample
+        tiles = rows * cb.n_row_tiles * cb.padded_shape[1]
+        if n < k and not fresh:
+            continue
+        if n == k and not fresh and not has_noise(lay):
+            per = max(per, 3 * rows * cb.padded_shape[1])          # the outputs; one column converted anew
+            continue
+        inputs = rows * cb.padded_shape[0] if n > 0 else 0
+        per = max(per, 2 * inputs + 2 * tiles + rows * cb.padded_shape[1])
     return per
 
 
@@ -111,9 +121,10 @@ class _LowerReads:
 
 
 def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: torch.Tensor, cost: str,
-                  cfg: DGCConfig, plan) -> tuple[torch.Tensor, torch.Tensor]:
+                  cfg: DGCConfig, plan, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The cost of every cycle of ``plan`` (rows, outs, cycles per weight) and the base cost C(w), measured on
-    the layer's unwired read in batches equal in distribution to the chip's sequence."""
+    the layer's unwired read in batches equal in distribution to the chip's sequence. ``limit``: measure only
+    the first ``limit`` cycles (benchmarks time part of a layer; the other costs are NaN)."""
     cb = layer.crossbar
     c = cb.config
     stages = list(network.stages)
@@ -153,14 +164,15 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
         start_sums = state_sums(shared, w_state, q_state) if shared is not None else None
 
         total = rows * outs * E
-        chunk = cfg.chunk or max(1, CHUNK_ELEMENTS // _elements_per_measurement(network, y.shape[0]))
-        costs = torch.empty(total, device=dev, dtype=dtype)
+        chunk = cfg.chunk or max(1, CHUNK_ELEMENTS // _elements_per_measurement(network, layer, y.shape[0], fresh))
+        costs = torch.full((total,), float("nan"), device=dev, dtype=dtype)
         flat = [t.to(dtype).permute(1, 2, 0).reshape(-1) if t is not None else None           # cycle order
                 for t in (plan.pert_w, plan.pert_q, plan.inc_w, plan.inc_q)]
         flat_pw, flat_pq, flat_iw, flat_iq = flat
         col_index = torch.arange(cols, device=dev)
-        for start in range(0, total, chunk):
-            k = torch.arange(start, min(total, start + chunk), device=dev)
+        last = total if limit is None else min(total, limit)
+        for start in range(0, last, chunk):
+            k = torch.arange(start, min(last, start + chunk), device=dev)
             P = len(k)
             cell = k // E
             i, j = cell // outs, cell % outs

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from neurosim.crossbar import quantize
-from neurosim.layers import AnalogLayer, AnalogNetwork, StepDropout
+from neurosim.layers import AnalogLayer, AnalogLinear, AnalogNetwork, StepDropout
 from neurosim.training.config import DGCConfig
 from neurosim.training.cost import cost_per_sample
 
@@ -163,6 +163,9 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
         shared = None if fresh else xt0[0]                                        # (nr, rows, R)
         start_sums = state_sums(shared, w_state, q_state) if shared is not None else None
 
+        rank_one = None
+        if shared is not None and not residues:
+            rank_one = _RankOneAbove.make(network, layer, start_sums[0], scale, y, cost)
         total = rows * outs * E
         chunk = cfg.chunk or max(1, CHUNK_ELEMENTS // _elements_per_measurement(network, layer, y.shape[0], fresh))
         costs = torch.full((total,), float("nan"), device=dev, dtype=dtype)
@@ -191,6 +194,12 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
                 dq = flat_pq[k] + own_q if own_q is not None else flat_pq[k]
             if shared is None:   # the prefix over the chunk's cycles carries the cell's own earlier ones
                 dw, dq = flat_pw[k], (flat_pq[k] if flat_pq is not None else None)
+            if rank_one is not None:
+                column = start_sums[0][:, :, j].permute(2, 0, 1).clone()                # (P, nr, rows)
+                column[ar, r] += shared[r, :, ii] * dw[:, None]
+                column = quantize(column, c.adc_bits, c.adc_range, inplace=True).sum(1)
+                costs[start:start + P] = rank_one(column * scale, i, j, k % E)
+                continue
             if shared is not None:
                 z = _shared_input_batch(cb, shared, start_sums, i, j, r, ii, dw, dq, k, flat_iw, flat_iq, residues,
                                         col_index, convert, quantize_args=(c.adc_bits, c.adc_range))
@@ -203,6 +212,65 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
             costs[start:start + P] = above(z)
             del z
     return costs.reshape(rows, outs, E), c0
+
+
+class _RankOneAbove:
+    """Costs of measurements whose layer changed in one output column only, and nothing else (inputs shared,
+    no read noise, no neuron noise, no restore errors): the neuron circuit of that column is evaluated alone,
+    and the next layer's partial sums change by a rank-one term, its input's change times the column's row
+    of weights. From there on every measurement is evaluated in full, with fresh noise."""
+
+    @classmethod
+    def make(cls, network: AnalogNetwork, layer: AnalogLayer, part0: torch.Tensor, scale: float, y: torch.Tensor,
+             cost: str):
+        stages = list(network.stages)
+        idx = stages.index(layer)
+        above = stages[idx + 1] if idx + 1 < len(stages) else None
+        if has_noise(layer) or not isinstance(layer, AnalogLinear) or not isinstance(above, AnalogLinear) or \
+                above.crossbar.config.wire_resistance != "none":
+            return None
+        return cls(network, layer, above, part0, scale, y, cost)
+
+    def __init__(self, network, layer, above, part0, scale, y, cost):
+        self.network, self.layer, self.above, self.y, self.cost = network, layer, above, y, cost
+        self.idx = list(network.stages).index(above)
+        cb, cb2 = layer.crossbar, above.crossbar
+        c = cb.config
+        outs = cb.out_features
+        self.z0 = quantize(part0.clone(), c.adc_bits, c.adc_range, inplace=True).sum(0)[:, :outs] * scale
+        self.h0 = layer.activate(self.z0)                                             # (rows, outs)
+        self.d0 = cb2.dac(above.matrix_input(self.h0))                               # (rows, rows of above)
+        self.w2, self.q2 = (t.to(cb2.read_dtype) if t is not None else None for t in cb2._read_tensors())
+        self.part2 = cb2._clean_partials(self.d0)                                    # (nr, rows, cols)
+        self.var2 = cb2._tile_products(self.d0 * self.d0, self.q2) if self.q2 is not None else None
+
+    def __call__(self, column: torch.Tensor, i: torch.Tensor, j: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """Costs of P measurements from the new value of each one's column j (P, rows), scaled."""
+        layer, above, cb2 = self.layer, self.above, self.above.crossbar
+        P, rows = column.shape
+        E = int(e.max()) + 1
+        # The neuron circuits of the changed columns, packed: each (row, cycle) group of the chunk perturbs
+        # every column at most once, so one (rows, outs) evaluation serves a group's measurements.
+        group = (i - i[0]) * E + e
+        packed = self.z0.expand(int(group.max()) + 1, *self.z0.shape).clone()
+        packed[group, :, j] = column
+        h = layer.activate(packed.reshape(-1, packed.shape[-1])).reshape(packed.shape)[group, :, j]   # (P, rows)
+        d = cb2.dac(h)
+        d_base = self.d0[:, j].T                                                     # (P, rows)
+        tile = j // cb2.tile_rows
+        ar = torch.arange(P, device=column.device)
+        nr, _, cols = self.part2.shape
+        part = self.part2[:, None].expand(nr, P, rows, cols).clone()
+        part[tile, ar] += (d - d_base)[:, :, None] * self.w2[j][:, None, :]
+        part = part.reshape(nr, P * rows, cols)
+        if self.var2 is not None:
+            var = self.var2[:, None].expand(nr, P, rows, cols).clone()
+            var[tile, ar] += (d * d - d_base * d_base)[:, :, None] * self.q2[j][:, None, :]
+            part = cb2.add_read_noise(part, var.reshape(nr, P * rows, cols))
+        z = above.shape_output(cb2.convert(part), (P * rows, cb2.in_features - int(above.has_bias)))
+        out = self.network(above.activate(z), start=self.idx + 1)
+        batch = self.y.shape[0]
+        return cost_per_sample(out.to(column.dtype), self.y.repeat(P), self.cost).reshape(P, batch).mean(1)
 
 
 def _within_cell(inc: torch.Tensor, k: torch.Tensor, first: torch.Tensor) -> torch.Tensor:

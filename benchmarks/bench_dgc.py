@@ -13,6 +13,9 @@ disturbance from another process hits both alike.
         its cycles; the floor is timed on the same count. Without a suffix: 784-100-10 sigmoid MLP, batch
         32, every noise on (read noise 2 % in every crossbar, neuron noise 1 % in the hidden layers),
         temporary perturbations.
+  dgc_exact_vs_floor_f32_draws
+        the same with the floor's Gaussian numbers drawn in float32, torch's cheapest (about 5x cheaper than
+        its float64 draws on this machine): what a cheaper generator in the read and neuron circuits could buy.
   dgc_exact_step_s_..., dgc_floor_step_s_...
         the two times, scaled to one whole DGC step (every weight of every layer).
   dgc_floor_draws_..., dgc_floor_macs_...
@@ -127,13 +130,15 @@ def floor_operands(draws: int, macs) -> tuple[int, dict]:
     return chunk, operands
 
 
-def run_floor(draws: int, macs, measurements: int, generator: torch.Generator, chunk: int, operands: dict) -> None:
+def run_floor(draws: int, macs, measurements: int, generator: torch.Generator, chunk: int, operands: dict,
+              draw_dtype: torch.dtype = torch.float64) -> None:
     """Execute the floor's arithmetic for ``measurements`` measurements, in batches of bounded memory: the
-    Gaussian numbers (float64, as the measurements draw them) and the products."""
+    Gaussian numbers (float64, as the measurements draw them; float32: torch's cheapest draws) and the
+    products (float64)."""
     for start in range(0, measurements, chunk):
         P = min(chunk, measurements - start)
         if draws:
-            torch.randn(P * draws, generator=generator, dtype=torch.float64)
+            torch.randn(P * draws, generator=generator, dtype=draw_dtype)
         for kind, rows, inner, out in macs:
             a, b = operands[(kind, rows, inner, out)]
             if kind == "dense":
@@ -150,13 +155,13 @@ def mac_count(macs) -> int:
 
 # ---------------------------------------------------------------------------------------------- the figures
 def floor_figures(hidden: tuple[int, ...], batch: int, noise: str, mode: str, cycles: int, repeats: int,
-                  suffix: str) -> None:
+                  suffix: str, f32: bool = False) -> None:
     torch.manual_seed(0)
     x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     net = make_net(hidden, noise)
     cfg = build(DGCConfig, {"perturbation": mode})
     gen = torch.Generator().manual_seed(1)
-    t_exact, t_floor, total_draws, total_macs = 0.0, 0.0, 0, 0
+    t_exact, t_floor, t_floor32, total_draws, total_macs = 0.0, 0.0, 0.0, 0, 0
     for layer in net.analog_layers:
         plan = perturbation_plan(layer, cfg)
         commit(layer, plan)
@@ -175,17 +180,25 @@ def floor_figures(hidden: tuple[int, ...], batch: int, noise: str, mode: str, cy
         def floor(draws=draws, macs=macs, n=n, chunk=chunk, operands=operands):
             run_floor(draws, macs, n, gen, chunk, operands)
 
-        exact()
-        floor()
-        te, tf = [], []
+        def floor32(draws=draws, macs=macs, n=n, chunk=chunk, operands=operands):
+            run_floor(draws, macs, n, gen, chunk, operands, torch.float32)
+
+        contenders = [exact, floor] + ([floor32] if draws and f32 else [])
+        times = [[] for _ in contenders]
+        for fn in contenders:
+            fn()
         for _ in range(repeats):
-            for fn, out in ((exact, te), (floor, tf)):
+            for fn, out in zip(contenders, times, strict=True):
                 t0 = time.perf_counter()
                 fn()
                 out.append(time.perf_counter() - t0)
-        t_exact += statistics.median(te) * count / n
-        t_floor += statistics.median(tf) * count / n
+        t_exact += statistics.median(times[0]) * count / n
+        t_floor += statistics.median(times[1]) * count / n
+        if len(times) == 3:
+            t_floor32 += statistics.median(times[2]) * count / n
     print(f"dgc_exact_vs_floor{suffix} = {t_exact / t_floor:.2f}")
+    if t_floor32:
+        print(f"dgc_exact_vs_floor_f32_draws{suffix} = {t_exact / t_floor32:.2f}")
     print(f"dgc_exact_step_s{suffix} = {t_exact:.2f}")
     print(f"dgc_floor_step_s{suffix} = {t_floor:.2f}")
     print(f"dgc_floor_draws{suffix} = {total_draws:.4g}")
@@ -236,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 2 if args.quick else 3
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.2f}; {cycles} cycles timed per layer")
-    floor_figures((100,), 32, "all", "temporary", cycles, repeats, "")
+    floor_figures((100,), 32, "all", "temporary", cycles, repeats, "", f32=True)
     for noise, mode in (("all", "pulse"), ("neuron", "temporary"), ("neuron", "pulse"), ("none", "temporary")):
         floor_figures((100,), 32, noise, mode, cycles, repeats, f"_{noise}_{mode}")
     if args.sizes:

@@ -181,19 +181,16 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
             i, j = cell // outs, cell % outs
             r, ii = i // R, i % R
             ar = torch.arange(P, device=dev)
-            # What the measured cell holds besides its perturbation: the restore errors of its own earlier
-            # cycles in this chunk (the earlier chunks' are in the state already).
-            own_w = own_q = None
-            if residues:
+            dw = flat_pw[k]
+            dq = flat_pq[k] if flat_pq is not None else None
+            if residues and shared is not None:
+                # With shared inputs the measured cell also holds the restore errors of its own earlier cycles
+                # in this chunk (the earlier chunks' are in the state already; with fresh inputs the prefix
+                # over the chunk's cycles carries them).
                 first_of_cell = torch.clamp(cell * E, min=start)
-                own_w = _within_cell(flat_iw, k, first_of_cell)
-                own_q = _within_cell(flat_iq, k, first_of_cell) if flat_iq is not None else None
-            dw = flat_pw[k] + own_w if own_w is not None else flat_pw[k]
-            dq = None
-            if flat_pq is not None:
-                dq = flat_pq[k] + own_q if own_q is not None else flat_pq[k]
-            if shared is None:   # the prefix over the chunk's cycles carries the cell's own earlier ones
-                dw, dq = flat_pw[k], (flat_pq[k] if flat_pq is not None else None)
+                dw = dw + _within_cell(flat_iw, k, first_of_cell)
+                if dq is not None:
+                    dq = dq + _within_cell(flat_iq, k, first_of_cell)
             if rank_one is not None:
                 column = start_sums[0][:, :, j].permute(2, 0, 1).clone()                # (P, nr, rows)
                 column[ar, r] += shared[r, :, ii] * dw[:, None]

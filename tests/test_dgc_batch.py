@@ -14,7 +14,7 @@ from neurosim.training.dgc import _measure, dgc_exact, dgc_sequential, measureme
 from neurosim.training.dgc_batch import measure_costs
 from tests.conftest import make_spec
 from tests.dgc_reference import measure_reference
-from tests.test_dgc import net_of, tiny_data
+from tests.test_dgc import assert_same_distribution, net_of, tiny_data
 
 SIGMOID = ActivationConfig(function="sigmoid")
 NOISY = ActivationConfig(function="sigmoid", noise=0.02)
@@ -93,3 +93,28 @@ def test_a_limited_measurement_is_the_start_of_the_full_one():
                                        perturbation_plan(layer, cfg), limit=limit)[0].reshape(-1))
     assert torch.equal(costs[1][:6], costs[0][:6])
     assert bool(costs[1][6:].isnan().all()) and not bool(costs[0].isnan().any())
+
+
+@pytest.mark.parametrize("mode", ["pulse", "pulse_verify"])
+def test_row_states_with_read_noise_match_the_sequence_in_distribution(mode):
+    """The first layer (shared inputs): the restore errors as row states, the read noise of the changed cells
+    (Σ G²) and fresh neuron noise above, in 2-row tiles (a batch spans rows of two tiles); the gradients and
+    the conductances left behind have the sequential chip's distribution."""
+    spec = make_spec(states=33, nl_ltp=2.0, nl_ltd=-3.0, read_noise=0.05, c2c=0.01)
+    data = tiny_data()
+    x, y = data.x_train[:6], data.y_train[:6]
+    cfg = build(DGCConfig, {"perturbation": mode, "chunk": 4, "verify_tolerance": 0.05})
+    runs = 100
+    nets = [net_of(spec, (2,), act=NOISY, crossbar=CrossbarConfig(tile_rows=2), seed=8) for _ in range(2)]
+    firsts = [n.analog_layers[0] for n in nets]
+    start = [[a.g.clone() for a in f.crossbar._arrays()] for f in firsts]
+    grads, finals = [[], []], [[], []]
+    for _ in range(runs):
+        for k, (net, first, method) in enumerate(zip(nets, firsts, (dgc_exact, dgc_sequential), strict=True)):
+            for a, g in zip(first.crossbar._arrays(), start[k], strict=True):
+                a.g = g.clone()
+                a.version += 1
+            grads[k].append(method(net, first, x, y, "cross_entropy", cfg)[0])
+            finals[k].append(first.crossbar.weights().clone())
+    assert_same_distribution(torch.stack(grads[0]).double(), torch.stack(grads[1]).double(), runs)
+    assert_same_distribution(torch.stack(finals[0]).double(), torch.stack(finals[1]).double(), runs)

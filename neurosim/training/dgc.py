@@ -18,10 +18,10 @@ billed as it happens:
 
 The chip is sequential; this simulator is not. ``dgc_exact`` evaluates the measurements of a layer in batches
 (``dgc_batch``; through wire resistance, ``_measure_wires``), and every batch equals the sequence in
-distribution: measurement c sees the restore errors of every cycle
-before it (a prefix sum), fresh read noise in every layer and fresh neuron noise (``lower_reads = "fresh"``:
-the layers below the perturbed one are re-read for every measurement, as on the chip), the step's one dropout
-mask, and the layer's read as the chip does it. ``dgc_sequential`` is the chip's procedure literally, one
+distribution: measurement c sees the restore errors of every cycle before it (a prefix sum), fresh read
+noise in every layer and fresh neuron noise (``lower_reads = "fresh"``: the layers below the perturbed one
+are re-read for every measurement, as on the chip), the step's one dropout mask, and the layer's read as the
+chip does it. ``dgc_sequential`` is the chip's procedure literally, one
 weight after another: the reference the tests compare the batch against.
 """
 

@@ -1,0 +1,374 @@
+"""Exact DGC's measurements in batches: the chip's sequence of perturb-measure-restore cycles of one layer,
+evaluated P cycles at a time, each cycle equal in distribution to the chip's (``dgc.dgc_sequential`` is the
+reference the tests compare against).
+
+What the batch shares and what each measurement redoes, and why that is exact:
+
+- The layers below the perturbed one are re-read for every measurement (``lower_reads = "fresh"``): fresh
+  read noise, converters and neuron noise in each. The first analog layer's inputs are the step's digital
+  inputs, the same for every measurement, so its matrix products (signal Σ x̂ŵ and read-noise variance
+  Σ x̂²G²) are computed once and only its noise, ADCs and neurons are evaluated per measurement; the layers
+  between it and the perturbed one see fresh inputs and are read in full.
+- The perturbed layer: with shared inputs its state's partial sums are shared, and a perturbation of w_ij
+  changes only column j (one row's input times the change). The restore errors of pulse modes (every cycle
+  leaves one in its own cell, and every later measurement sees it) are carried as *row states*: cycles go row
+  by row, so at cycle (i, j) the columns left of j already hold row i's restore errors and the columns right
+  of it do not: the partial sums are the row state after row i in columns < j and the one before row i in
+  columns > j (an exclusive prefix sum over the cycles, one per row instead of one per cycle). Without read
+  noise in the layer only column j passes its ADCs again; the other columns convert as in their row state.
+- Every layer above is evaluated in full, with fresh noise, for every measurement.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from neurosim.crossbar import quantize
+from neurosim.layers import AnalogLayer, AnalogLinear, AnalogNetwork, StepDropout
+from neurosim.training.config import DGCConfig
+from neurosim.training.cost import cost_per_sample
+
+CHUNK_ELEMENTS = 4_000_000  # tensor elements a batch of measurements holds per large temporary (bounds memory)
+
+
+def has_noise(layer: AnalogLayer) -> bool:
+    """Whether two reads of this layer (crossbar and neuron circuits) can differ."""
+    cb = layer.crossbar
+    return bool((cb.noise and cb.config.read_noise and cb.spec.read_noise > 0) or layer.activation.config.noise)
+
+
+def costs_above(network: AnalogNetwork, layer: AnalogLayer, z: torch.Tensor, y: torch.Tensor, cost: str,
+                in_shape: tuple[int, ...]) -> torch.Tensor:
+    """Costs of P chip states from the layer's digital outputs z (P, crossbar rows per state, out): the layer's
+    neuron circuits (fresh noise), every layer above, the cost of each state's batch."""
+    P = z.shape[0]
+    batch = y.shape[0]
+    idx = list(network.stages).index(layer)
+    z = layer.shape_output(z.reshape(-1, z.shape[-1]), (P * batch, *in_shape))
+    out = network(layer.activate(z), start=idx + 1)
+    return cost_per_sample(out.to(z.dtype), y.repeat(P), cost).reshape(P, batch).mean(1)
+
+
+def _elements_per_measurement(network: AnalogNetwork, layer: AnalogLayer, batch: int, fresh: bool) -> int:
+    """A generous bound of the elements one measurement holds in its largest temporaries: per layer it
+    evaluates, its inputs where they differ per measurement, its partial sums per row tile (and their
+    variance), its outputs."""
+    layers = network.analog_layers
+    k = layers.index(layer)
+    per = 1
+    for n, lay in enumerate(layers):
+        cb = lay.crossbar
+        rows = batch * lay.reads_per_sample
+        tiles = rows * cb.n_row_tiles * cb.padded_shape[1]
+        if n < k and not fresh:
+            continue
+        if n == k and not fresh and not has_noise(lay):
+            per = max(per, 3 * rows * cb.padded_shape[1])          # the outputs; one column converted anew
+            continue
+        inputs = rows * cb.padded_shape[0] if n > 0 else 0
+        per = max(per, 2 * inputs + 2 * tiles + rows * cb.padded_shape[1])
+    return per
+
+
+class _LowerReads:
+    """The perturbed layer's DAC outputs per row tile for P measurements: (P or 1, nr, rows, R)."""
+
+    def __init__(self, network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, fresh: bool):
+        self.network, self.layer, self.x, self.fresh = network, layer, x, fresh
+        stages = list(network.stages)
+        self.idx = stages.index(layer)
+        self.in_shape: tuple[int, ...] = ()
+        self.first = None
+        if not fresh:
+            return
+        self.first = next(k for k, s in enumerate(stages[:self.idx]) if isinstance(s, AnalogLayer))
+        # Digital stages before the first analog layer are evaluated once, unless they draw per call (dropout
+        # outside a step's one mask): then every measurement runs everything below afresh.
+        if any(isinstance(s, StepDropout) and s.training and s.p > 0 and not s.hold for s in stages[:self.first]):
+            self.first = None
+            return
+        first = stages[self.first]
+        cb = first.crossbar
+        pre = network(x, start=0, stop=self.first)
+        self.pre_shape = tuple(pre.shape[1:])
+        xn = cb.dac(first.matrix_input(pre))
+        self.part0 = cb._clean_partials(xn)                          # (nr, rows, cols), shared
+        gsq = cb._read_tensors()[1]
+        self.var0 = cb._tile_products(xn * xn, gsq) if gsq is not None else None
+
+    @staticmethod
+    def _replicate(t: torch.Tensor, P: int) -> torch.Tensor:
+        return t.repeat(1, P, 1)          # always a copy: the read works in place on its temporaries
+
+    def __call__(self, P: int) -> torch.Tensor:
+        network, layer, x = self.network, self.layer, self.x
+        if not self.fresh or self.first is None:
+            reps = P if self.fresh else 1
+            h = network(x.repeat((reps,) + (1,) * (x.dim() - 1)), start=0, stop=self.idx)
+        else:
+            first = network.stages[self.first]
+            cb = first.crossbar
+            part = self._replicate(self.part0, P)
+            if self.var0 is not None:
+                part = cb.add_read_noise(part, self._replicate(self.var0, P), nonnegative=True)
+            z = first.shape_output(cb.convert(part), (P * x.shape[0], *self.pre_shape))
+            h = network(first.activate(z), start=self.first + 1, stop=self.idx)
+        self.in_shape = tuple(h.shape[1:])
+        cb = layer.crossbar
+        xt = cb.input_voltages(layer.matrix_input(h))                   # (nr, P·rows, R)
+        reps = P if self.fresh else 1
+        return xt.reshape(cb.n_row_tiles, reps, -1, cb.tile_rows).transpose(0, 1)
+
+
+def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y: torch.Tensor, cost: str,
+                  cfg: DGCConfig, plan, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cost of every cycle of ``plan`` (rows, outs, cycles per weight) and the base cost C(w), measured on
+    the layer's unwired read in batches equal in distribution to the chip's sequence. ``limit``: measure only
+    the first ``limit`` cycles (benchmarks time part of a layer; the other costs are NaN)."""
+    cb = layer.crossbar
+    c = cb.config
+    stages = list(network.stages)
+    idx = stages.index(layer)
+    fresh = cfg.lower_reads == "fresh" and any(has_noise(s) for s in stages[:idx] if isinstance(s, AnalogLayer))
+    dtype = cb.read_dtype
+    rows, outs = cb.in_features, cb.out_features
+    nr, R, cols = cb.n_row_tiles, cb.tile_rows, cb.padded_shape[1]
+    residues = plan.inc_w is not None
+    E = plan.pert_w.shape[0]
+    scale = c.input_max * c.w_max
+    dev = cb.device
+    with torch.no_grad():
+        w_hat, gsq = (t.to(dtype) if t is not None else None for t in cb._read_tensors())
+        w_state = w_hat.clone()
+        q_state = gsq.clone() if gsq is not None else None
+        lower = _LowerReads(network, layer, x, fresh)
+
+        def above(z: torch.Tensor) -> torch.Tensor:
+            return costs_above(network, layer, z[..., :outs] * scale, y, cost, lower.in_shape)
+
+        def convert(part: torch.Tensor, var: torch.Tensor | None) -> torch.Tensor:
+            """Noise, ADC of every tile column and the digital sum over tiles: (P, rows, cols)."""
+            if var is not None:
+                part = cb.add_read_noise(part, var)
+            return quantize(part, c.adc_bits, c.adc_range, inplace=True).sum(1)
+
+        def state_sums(xt: torch.Tensor, w: torch.Tensor, q: torch.Tensor | None):
+            part = torch.matmul(xt, w.reshape(nr, R, cols))
+            var = torch.matmul(xt * xt, q.reshape(nr, R, cols)) if q is not None else None
+            return part, var
+
+        # The base measurement: the chip as it is, one fresh read of everything.
+        xt0 = lower(1)
+        c0 = above(convert(*state_sums(xt0, w_state, q_state)))[0]
+        shared = None if fresh else xt0[0]                                        # (nr, rows, R)
+        start_sums = state_sums(shared, w_state, q_state) if shared is not None else None
+
+        rank_one = None
+        if shared is not None and not residues:
+            rank_one = _RankOneAbove.make(network, layer, start_sums[0], scale, y, cost)
+        total = rows * outs * E
+        chunk = cfg.chunk or max(1, CHUNK_ELEMENTS // _elements_per_measurement(network, layer, y.shape[0], fresh))
+        costs = torch.full((total,), float("nan"), device=dev, dtype=dtype)
+        flat = [t.to(dtype).permute(1, 2, 0).reshape(-1) if t is not None else None           # cycle order
+                for t in (plan.pert_w, plan.pert_q, plan.inc_w, plan.inc_q)]
+        flat_pw, flat_pq, flat_iw, flat_iq = flat
+        col_index = torch.arange(cols, device=dev)
+        last = total if limit is None else min(total, limit)
+        for start in range(0, last, chunk):
+            k = torch.arange(start, min(last, start + chunk), device=dev)
+            P = len(k)
+            cell = k // E
+            i, j = cell // outs, cell % outs
+            r, ii = i // R, i % R
+            ar = torch.arange(P, device=dev)
+            dw = flat_pw[k]
+            dq = flat_pq[k] if flat_pq is not None else None
+            if residues and shared is not None:
+                # With shared inputs the measured cell also holds the restore errors of its own earlier cycles
+                # in this chunk (the earlier chunks' are in the state already; with fresh inputs the prefix
+                # over the chunk's cycles carries them).
+                first_of_cell = torch.clamp(cell * E, min=start)
+                dw = dw + _within_cell(flat_iw, k, first_of_cell)
+                if dq is not None:
+                    dq = dq + _within_cell(flat_iq, k, first_of_cell)
+            if rank_one is not None:
+                column = start_sums[0][:, :, j].permute(2, 0, 1).clone()                # (P, nr, rows)
+                column[ar, r] += shared[r, :, ii] * dw[:, None]
+                column = quantize(column, c.adc_bits, c.adc_range, inplace=True).sum(1)
+                costs[start:start + P] = rank_one(column * scale, i, j, k % E)
+                continue
+            if shared is not None:
+                z = _shared_input_batch(cb, shared, start_sums, i, j, r, ii, dw, dq, k, flat_iw, flat_iq, residues,
+                                        col_index, convert, quantize_args=(c.adc_bits, c.adc_range))
+                if residues:
+                    start_sums = z[1]
+                z = z[0]
+            else:
+                z = _fresh_input_batch(cb, lower(P), w_state, q_state, i, j, r, ii, dw, dq, k, flat_iw, flat_iq,
+                                       residues, state_sums, convert, ar)
+            costs[start:start + P] = above(z)
+            del z
+    return costs.reshape(rows, outs, E), c0
+
+
+class _RankOneAbove:
+    """Costs of measurements whose layer changed in one output column only, and nothing else (inputs shared,
+    no read noise, no neuron noise, no restore errors): the neuron circuit of that column is evaluated alone,
+    and the next layer's partial sums change by a rank-one term, its input's change times the column's row
+    of weights. From there on every measurement is evaluated in full, with fresh noise."""
+
+    @classmethod
+    def make(cls, network: AnalogNetwork, layer: AnalogLayer, part0: torch.Tensor, scale: float, y: torch.Tensor,
+             cost: str):
+        stages = list(network.stages)
+        idx = stages.index(layer)
+        above = stages[idx + 1] if idx + 1 < len(stages) else None
+        if has_noise(layer) or not isinstance(layer, AnalogLinear) or not isinstance(above, AnalogLinear) or \
+                above.crossbar.config.wire_resistance != "none":
+            return None
+        return cls(network, layer, above, part0, scale, y, cost)
+
+    def __init__(self, network, layer, above, part0, scale, y, cost):
+        self.network, self.layer, self.above, self.y, self.cost = network, layer, above, y, cost
+        self.idx = list(network.stages).index(above)
+        cb, cb2 = layer.crossbar, above.crossbar
+        c = cb.config
+        outs = cb.out_features
+        self.z0 = quantize(part0.clone(), c.adc_bits, c.adc_range, inplace=True).sum(0)[:, :outs] * scale
+        self.h0 = layer.activate(self.z0)                                             # (rows, outs)
+        self.d0 = cb2.dac(above.matrix_input(self.h0))                               # (rows, rows of above)
+        self.w2, self.q2 = (t.to(cb2.read_dtype) if t is not None else None for t in cb2._read_tensors())
+        self.part2 = cb2._clean_partials(self.d0)                                    # (nr, rows, cols)
+        self.var2 = cb2._tile_products(self.d0 * self.d0, self.q2) if self.q2 is not None else None
+
+    def __call__(self, column: torch.Tensor, i: torch.Tensor, j: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """Costs of P measurements from the new value of each one's column j (P, rows), scaled."""
+        layer, above, cb2 = self.layer, self.above, self.above.crossbar
+        P, rows = column.shape
+        E = int(e.max()) + 1
+        # The neuron circuits of the changed columns, packed: each (row, cycle) group of the chunk perturbs
+        # every column at most once, so one (rows, outs) evaluation serves a group's measurements.
+        group = (i - i[0]) * E + e
+        packed = self.z0.expand(int(group.max()) + 1, *self.z0.shape).clone()
+        packed[group, :, j] = column
+        h = layer.activate(packed.reshape(-1, packed.shape[-1])).reshape(packed.shape)[group, :, j]   # (P, rows)
+        d = cb2.dac(h)
+        d_base = self.d0[:, j].T                                                     # (P, rows)
+        tile = j // cb2.tile_rows
+        ar = torch.arange(P, device=column.device)
+        nr, _, cols = self.part2.shape
+        part = self.part2[:, None].expand(nr, P, rows, cols).clone()
+        part[tile, ar] += (d - d_base)[:, :, None] * self.w2[j][:, None, :]
+        part = part.reshape(nr, P * rows, cols)
+        if self.var2 is not None:
+            var = self.var2[:, None].expand(nr, P, rows, cols).clone()
+            var[tile, ar] += (d * d - d_base * d_base)[:, :, None] * self.q2[j][:, None, :]
+            part = cb2.add_read_noise(part, var.reshape(nr, P * rows, cols))
+        z = above.shape_output(cb2.convert(part), (P * rows, cb2.in_features - int(above.has_bias)))
+        out = self.network(above.activate(z), start=self.idx + 1)
+        batch = self.y.shape[0]
+        return cost_per_sample(out.to(column.dtype), self.y.repeat(P), self.cost).reshape(P, batch).mean(1)
+
+
+def _within_cell(inc: torch.Tensor, k: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Σ inc over the cycles of each measured cell that come before it in this chunk (first..k−1)."""
+    csum = torch.cat([inc.new_zeros(1), inc.cumsum(0)])
+    return csum[k] - csum[first]
+
+
+def _row_states(cb, xs: torch.Tensor, start: torch.Tensor, i: torch.Tensor, j: torch.Tensor, k: torch.Tensor,
+                inc: torch.Tensor, square: bool) -> tuple[torch.Tensor, int]:
+    """Partial sums (or variances) of the layer's state before each row the chunk spans and after its last:
+    (span + 1, nr, rows, cols). Row t's restore errors are those of the chunk's cycles in row i0 + t."""
+    R = cb.tile_rows
+    i0 = int(i[0])
+    span = int(i[-1]) - i0 + 1
+    cols = start.shape[-1]
+    per_row = torch.zeros(span * cols, device=start.device, dtype=start.dtype)
+    per_row.index_add_(0, (i - i0) * cols + j, inc[k])
+    per_row = per_row.reshape(span, cols)
+    rr = torch.arange(i0, i0 + span, device=start.device)
+    inputs = xs[rr // R, :, rr % R]                                                  # (span, rows)
+    if square:
+        inputs = inputs * inputs
+    steps = torch.zeros((span, *start.shape), device=start.device, dtype=start.dtype)
+    steps[torch.arange(span, device=start.device), rr // R] = inputs[:, :, None] * per_row[:, None, :]
+    return torch.cat([start[None], start[None] + steps.cumsum(0)]), i0
+
+
+def _select_rows(states: torch.Tensor, t: torch.Tensor, j: torch.Tensor, col_index: torch.Tensor) -> torch.Tensor:
+    """Per measurement (row t of the chunk, column j): the state after the row in columns < j, before it in the
+    others. ``states`` (span + 1, ..., cols)."""
+    left = (col_index < j[:, None]).reshape((len(j),) + (1,) * (states.dim() - 2) + (-1,))
+    return torch.where(left, states[t + 1], states[t])
+
+
+def _shared_input_batch(cb, xs, start_sums, i, j, r, ii, dw, dq, k, flat_iw, flat_iq, residues, col_index, convert,
+                        quantize_args):
+    """The converted outputs (P, rows, cols) of P measurements whose inputs are the same (``xs``: (nr, rows, R)),
+    and the partial sums at the chunk's end (pulse modes)."""
+    part0, var0 = start_sums
+    P = len(k)
+    ar = torch.arange(P, device=xs.device)
+    xi = xs[r, :, ii]                                                                # (P, rows)
+    if residues:
+        parts, i0 = _row_states(cb, xs, part0, i, j, k, flat_iw, square=False)
+        var_states = _row_states(cb, xs, var0, i, j, k, flat_iq, square=True)[0] if var0 is not None else None
+        t = i - i0
+        end = (parts[-1], var_states[-1] if var_states is not None else None)
+    else:
+        parts, var_states = part0[None], (var0[None] if var0 is not None else None)
+        t = torch.zeros_like(i)
+        end = start_sums
+    if var_states is None:
+        # Only column j converts anew: the other columns convert as in the row state they hold.
+        z_states = quantize(parts.clone(), *quantize_args, inplace=True).sum(1)       # (span + 1, rows, cols)
+        z = _select_rows(z_states, t, j, col_index) if residues else z_states[0].expand(P, *z_states.shape[1:]).clone()
+        column = parts[t, :, :, j]                                                   # (P, nr, rows)
+        column[ar, r] += xi * dw[:, None]
+        z[ar, :, j] = quantize(column, *quantize_args, inplace=True).sum(1)
+        return z, end
+    if residues:
+        part = _select_rows(parts, t, j, col_index)
+        var = _select_rows(var_states, t, j, col_index)
+    else:
+        part = parts[0].expand(P, *parts.shape[1:]).clone()
+        var = var_states[0].expand(P, *var_states.shape[1:]).clone()
+    part[ar, r, :, j] += xi * dw[:, None]
+    var[ar, r, :, j] += xi * xi * dq[:, None]
+    return convert(part, var), end
+
+
+def _fresh_input_batch(cb, xt, w_state, q_state, i, j, r, ii, dw, dq, k, flat_iw, flat_iq, residues, state_sums,
+                       convert, ar):
+    """The converted outputs (P, rows, cols) of P measurements that each read the layers below afresh
+    (``xt``: (P, nr, rows, R)): every state's partial sums in full; the restore errors of the chunk's earlier
+    cycles as an exclusive prefix sum over the few rows the chunk spans, read with each measurement's inputs."""
+    R = cb.tile_rows
+    P = len(k)
+    cols = w_state.shape[1]
+    part, var = state_sums(xt, w_state, q_state)
+    xi = xt[ar, r, :, ii]                                                            # (P, rows)
+    if residues:
+        i0 = int(i[0])
+        span = int(i[-1]) - i0 + 1
+        rows_span = torch.arange(i0, i0 + span, device=xt.device)
+        cell = (i - i0) * cols + j
+        xs = xt[:, rows_span // R, :, rows_span % R].permute(1, 2, 0)                # (P, rows, span)
+        for inc, target, state in ((flat_iw, part, w_state), (flat_iq if var is not None else None, var, q_state)):
+            if inc is None:
+                continue
+            prefix = torch.zeros((P, span * cols), device=xt.device, dtype=part.dtype)
+            prefix[ar, cell] = inc[k]
+            prefix = prefix.cumsum(0).roll(1, 0)
+            prefix[0] = 0
+            prefix = prefix.reshape(P, span, cols)
+            inputs = xs if target is part else xs * xs
+            for t in torch.unique(rows_span // R).tolist():
+                sel = (rows_span // R) == t
+                target[:, t] += torch.matmul(inputs[..., sel], prefix[:, sel])
+            state.view(-1).index_add_(0, i * cols + j, inc[k])                      # the chunk's errors stay
+    part[ar, r, :, j] += xi * dw[:, None]
+    if var is not None:
+        var[ar, r, :, j] += xi * xi * dq[:, None]
+    return convert(part, var)

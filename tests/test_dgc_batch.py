@@ -33,6 +33,13 @@ CASES = {
                                     {"perturbation": "pulse", "difference": "central", "chunk": 5}, ()),
     "pulse_verify_every_noise": ({"nl_ltp": 2.0, "nl_ltd": -3.0, "read_noise": 0.05, "c2c": 0.01}, NOISY, (3, 2),
                                  TILES, {"perturbation": "pulse_verify", "difference": "central", "chunk": 5}, ()),
+    # converters: the cached products are in normalized units and pass the ADC through convert_normalized
+    "adc_every_noise_fresh_reads": ({"read_noise": 0.03}, NOISY, (3, 2),
+                                    CrossbarConfig(tile_rows=2, tile_cols=2, adc_bits=7, adc_range=2.0, dac_bits=6),
+                                    {"perturbation_dw": 0.05}, ()),
+    "adc_noise_free_single_column": ({"g_min_dtod": 0.1}, SIGMOID, (3, 2),
+                                     CrossbarConfig(tile_rows=2, tile_cols=2, adc_bits=7, adc_range=2.0),
+                                     {"perturbation_dw": 0.05, "difference": "central", "chunk": 7}, ()),
 }
 
 
@@ -59,6 +66,7 @@ def test_the_engine_equals_the_batch_it_replaced_on_the_same_random_stream(case)
         new, c_new = _measured(_measure, case, n)
         old, c_old = _measured(measure_reference, case, n)
         assert c_new == c_old
+        assert float(old.abs().max()) > 0   # a gradient to compare (coarse converters can zero it)
         torch.testing.assert_close(new, old, rtol=1e-9, atol=1e-9 * float(old.abs().max()))
 
 

@@ -111,7 +111,7 @@ class _LowerReads:
             part = self._replicate(self.part0, P)
             if self.var0 is not None:
                 part = cb.add_read_noise(part, self._replicate(self.var0, P), nonnegative=True)
-            z = first.shape_output(cb.convert(part), (P * x.shape[0], *self.pre_shape))
+            z = first.shape_output(cb.convert_normalized(part), (P * x.shape[0], *self.pre_shape))
             h = network(first.activate(z), start=self.first + 1, stop=self.idx)
         self.in_shape = tuple(h.shape[1:])
         cb = layer.crossbar
@@ -264,7 +264,7 @@ class _RankOneAbove:
             var = self.var2[:, None].expand(nr, P, rows, cols).clone()
             var[tile, ar] += (d * d - d_base * d_base)[:, :, None] * self.q2[j][:, None, :]
             part = cb2.add_read_noise(part, var.reshape(nr, P * rows, cols))
-        z = above.shape_output(cb2.convert(part), (P * rows, cb2.in_features - int(above.has_bias)))
+        z = above.shape_output(cb2.convert_normalized(part), (P * rows, cb2.in_features - int(above.has_bias)))
         out = self.network(above.activate(z), start=self.idx + 1)
         batch = self.y.shape[0]
         return cost_per_sample(out.to(column.dtype), self.y.repeat(P), self.cost).reshape(P, batch).mean(1)

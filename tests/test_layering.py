@@ -32,7 +32,8 @@ LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
     "runner": (8, ("neurosim.runner", "neurosim.chip_state")),
     "sweep": (9, ("neurosim.sweep",)),
     "analysis": (10, ("neurosim.analysis",)),
-    "interface": (11, ("neurosim.cli", "neurosim.commands")),
+    "studies": (11, ("neurosim.studies",)),
+    "interface": (12, ("neurosim.cli", "neurosim.commands")),
 }
 
 # layer -> top-level names it must not reach, directly or through any chain of neurosim imports

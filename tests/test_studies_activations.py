@@ -83,6 +83,18 @@ def test_twin_matches_the_ideal_chip_forward_and_gradient(function):
         assert torch.allclose(g[-1], gb * layer.crossbar.config.input_max, atol=1e-6, rtol=1e-4)
 
 
+def test_input_clip_forward_and_its_two_backwards():
+    x = torch.tensor([-2.0, -0.5, 0.5, 3.0], requires_grad=True)
+    for backward, expected in (("straight_through", [1.0, 1.0, 1.0, 1.0]), ("true", [0.0, 1.0, 1.0, 0.0])):
+        clip = torch_twin.InputClip(-1.0, 1.0, backward)
+        y = clip(x)
+        assert y.tolist() == [-1.0, -0.5, 0.5, 1.0]
+        (g,) = torch.autograd.grad(y.sum(), x)
+        assert g.tolist() == expected
+    with pytest.raises(ValueError, match="input_clip"):
+        torch_twin.twin(_twin_setup("tanh").network, input_clip="sometimes")
+
+
 def test_twin_dropout_masks_follow_the_chip():
     chip = _twin_setup("tanh", dropout=0.5)
     net = chip.network
@@ -186,8 +198,10 @@ def test_hue2019_ci(tmp_path):
     names = {p.name for p in paths}
     assert {"dawnbench.md", "dawnbench.csv", "learning_curves.png"} <= names
     table = pd.read_csv(tmp_path / "dawnbench.csv")
-    assert table[["activation", "platform"]].values.tolist() == [["relu", "torch"], ["relu", "chip ideal"],
-                                                                 ["prelu", "torch"], ["prelu", "chip ideal"]]
+    clipped = "torch, inputs clipped (BP straight through)"
+    assert table[["activation", "platform"]].values.tolist() == [
+        ["relu", "torch"], ["relu", clipped], ["relu", "chip ideal"],
+        ["prelu", "torch"], ["prelu", clipped], ["prelu", "chip ideal"]]
     assert "21,840" in _md(tmp_path / "dawnbench.md")
     epochs = pd.read_csv(tmp_path / "epochs.csv")
-    assert len(epochs) == 4 and epochs["test_accuracy"].between(0, 1).all()
+    assert len(epochs) == 6 and epochs["test_accuracy"].between(0, 1).all()

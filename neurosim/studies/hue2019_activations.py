@@ -92,13 +92,18 @@ def _epochs_rows(frame: pd.DataFrame, platform: str, function: str, seed: int, t
     return rows
 
 
+# Torch twins: plain, and with the chip's input saturation whose error passes straight through (the chip's BP).
+TWINS = {"torch": "none", "torch, inputs clipped (BP straight through)": "straight_through"}
+
+
 def _twin_runs(points, log: Callable[[str], None]) -> pd.DataFrame:
-    """Every ideal-device point again in plain torch: same initial weights, data, batches, dropout masks."""
+    """Every ideal-device point again in plain torch: same initial weights, data, batches, dropout masks; once
+    plain and once with the chip's input clipping (a diagnostic of that one difference)."""
     rows = []
-    for point in points:
+    for point, (platform, clip) in ((p, t) for p in points for t in TWINS.items()):
         s = point.scenario
         chip = build_chip(s)
-        model = torch_twin.twin(chip.network)
+        model = torch_twin.twin(chip.network, input_clip=clip)
         shuffle = torch.Generator()
         shuffle.set_state(chip.trainer.shuffle_generator.get_state())
         t = s.training
@@ -109,8 +114,8 @@ def _twin_runs(points, log: Callable[[str], None]) -> pd.DataFrame:
                  "chip_inference_s_per_sample": np.nan}
         frame = pd.DataFrame(history)
         frame["sim_time_s"] = np.nan
-        rows += _epochs_rows(frame, "torch", s.network.activation.function, s.seed, times)
-        log(f"torch twin {point.name}: final test accuracy {history[-1]['test_accuracy']:.3f}")
+        rows += _epochs_rows(frame, platform, s.network.activation.function, s.seed, times)
+        log(f"{platform} {point.name}: final test accuracy {history[-1]['test_accuracy']:.3f}")
     return pd.DataFrame(rows)
 
 
@@ -164,7 +169,7 @@ def dawnbench(epochs: pd.DataFrame, target: float = TARGET) -> pd.DataFrame:
             "training chip time (ms)": ms("chip", 1e3),
             "inference wall (µs/sample)": ms("inf", 1e6),
             "inference chip (µs/sample)": ms("chip_inf", 1e6),
-            "_order": (order.get(function, 99), platform != "torch", platform)})
+            "_order": (order.get(function, 99), not platform.startswith("torch"), platform)})
     table = pd.DataFrame(out).sort_values("_order", kind="stable").drop(columns="_order")
     return table.reset_index(drop=True)
 
@@ -206,7 +211,10 @@ def run(out: Path, *, size: str = "default", workers: int | None = None, progres
     notes = [f"Mean ± sample std over seeds (ddof 1). Target accuracy {TARGET:.0%} on the test digits. Wall times "
              "are this machine's (a shared CPU: compare within a column, not across machines); chip times are the "
              "simulated chip's clock (engine). Parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
-             + f"; weights and biases {weights:,} (paper: {PAPER_PARAMETERS:,})."]
+             + f"; weights and biases {weights:,} (paper: {PAPER_PARAMETERS:,}); PReLU adds one trainable slope "
+             f"per hidden layer ({len(counts) - 2}). 'torch, inputs clipped': the torch twin with the chip's "
+             "input saturation at ±1 before every layer, the error passed straight through as the chip's BP "
+             "does."]
     paths += write_table(table, out, "dawnbench", TITLE, notes)
     curve = curves(epochs)
     curve.to_csv(out / "curves.csv", index=False)

@@ -31,6 +31,33 @@ class Activation(nn.Module):
         return exact(self.function, x, self.slope if self.slope is not None else self.alpha)
 
 
+class _StraightThroughClamp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, low, high):
+        return x.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+class InputClip(nn.Module):
+    """The chip's input driver (DAC) saturating at its full scale: inputs beyond [low, high] are clipped.
+    ``backward='straight_through'`` passes the error unchanged, as the chip's BP does (its outer product and
+    transposed read know nothing of the clip); ``'true'`` zeroes it where the input was clipped (autograd)."""
+
+    def __init__(self, low: float, high: float, backward: str):
+        super().__init__()
+        if backward not in ("straight_through", "true"):
+            raise ValueError(f"backward must be 'straight_through' or 'true', got {backward!r}")
+        self.low, self.high, self.backward = float(low), float(high), backward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backward == "true":
+            return x.clamp(self.low, self.high)
+        return _StraightThroughClamp.apply(x, self.low, self.high)
+
+
 def _linear_of(layer: AnalogLayer) -> nn.Module:
     """The torch layer holding what the chip's conductances hold now (bias row times the bias input)."""
     w = layer.crossbar.weights().detach().to(torch.float32).cpu()
@@ -50,12 +77,21 @@ def _linear_of(layer: AnalogLayer) -> nn.Module:
     return m
 
 
-def twin(network: AnalogNetwork) -> nn.Sequential:
+def twin(network: AnalogNetwork, input_clip: str = "none") -> nn.Sequential:
     """The analog network as plain torch modules, weights as the chip holds them now. Dropout stages are
-    copies of the chip's, their generators at the same state: the same masks, step by step."""
+    copies of the chip's, their generators at the same state: the same masks, step by step. ``input_clip``:
+    'none' (plain torch), or the chip's input saturation before every layer (``InputClip``) with the error
+    passed 'straight_through' (as the chip's BP) or by the 'true' gradient: a diagnostic of what the clip
+    alone does."""
+    if input_clip not in ("none", "straight_through", "true"):
+        raise ValueError(f"input_clip must be 'none', 'straight_through' or 'true', got {input_clip!r}")
     stages: list[nn.Module] = []
     for stage in network.stages:
         if isinstance(stage, AnalogLayer):
+            if input_clip != "none":
+                c = stage.crossbar.config
+                stages.append(InputClip(0.0 if c.input_range == "unipolar" else -c.input_max, c.input_max,
+                                        input_clip))
             stages.append(_linear_of(stage))
             unit = stage.activation
             stages.append(Activation(unit.config.function, unit.config.alpha))

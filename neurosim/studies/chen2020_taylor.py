@@ -83,12 +83,27 @@ def _series_unit(terms: int, input_range: tuple[float, float]) -> ActivationUnit
     return ActivationUnit(cfg, 1, dtype=torch.float64)
 
 
-def _error_on(unit, u: np.ndarray) -> np.ndarray:
-    """|realization(u) − tanh(u)| of a unit's ideal realization (clipping included) at the values u."""
+def _output(unit, u: np.ndarray) -> np.ndarray:
+    """A unit's ideal realization (its own input clipping included) at the values u, float64."""
     x = torch.as_tensor(u, dtype=torch.float64).reshape(-1, 1)
     with torch.no_grad():
-        y = unit.ideal(x.to(unit_dtype(unit))).double()
-    return (y - torch.tanh(x)).abs().reshape(-1).numpy()
+        return unit.ideal(x.to(unit_dtype(unit))).double().reshape(-1).numpy()
+
+
+def _error_on(unit, u: np.ndarray, clip: float | None = None) -> np.ndarray:
+    """|realization(u) − tanh(u)| at the values u; ``clip``: of the realization after the next layer's input
+    driver saturates it at ±clip (what that layer really receives; tanh itself never exceeds 1)."""
+    y = _output(unit, u)
+    if clip is not None:
+        y = np.clip(y, -clip, clip)
+    return np.abs(y - np.tanh(np.asarray(u, dtype=np.float64)))
+
+
+def _wrong_sign(unit, u: np.ndarray) -> float:
+    """Fraction of the values u (u ≠ 0) where the realization's sign differs from tanh's."""
+    u = np.asarray(u, dtype=np.float64)
+    u = u[u != 0]
+    return float(np.mean(np.sign(_output(unit, u)) != np.sign(u))) if len(u) else float("nan")
 
 
 def unit_dtype(unit) -> torch.dtype:
@@ -116,8 +131,10 @@ def evaluate_point(path: Path, terms: int) -> tuple[dict[str, Any], list[dict[st
     dist = preactivations(net, data.x_test)
     series = _series_unit(terms, input_range)
     rows = []
-    for layer in _hidden(net):
+    layers = net.analog_layers
+    for i, layer in enumerate(_hidden(net)):
         d = dist[layer.name]
+        clip = layers[i + 1].crossbar.config.input_max
         u = d["u"]
         unit = ActivationUnit(ActivationConfig(function="tanh", mode="taylor", terms=terms, input_range=input_range,
                                                train_coefficients=True), 1, dtype=torch.float64)
@@ -129,7 +146,10 @@ def evaluate_point(path: Path, terms: int) -> tuple[dict[str, Any], list[dict[st
                      "outside_range": float(np.mean((u < input_range[0]) | (u > input_range[1]))),
                      "max_abs_u": d["max_abs"],
                      "series_error_seen": float(_error_on(series, u).mean()),
-                     "trained_error_seen": float(_error_on(unit, u).mean())})
+                     "trained_error_seen": float(_error_on(unit, u).mean()),
+                     "series_clipped_error_seen": float(_error_on(series, u, clip).mean()),
+                     "trained_clipped_error_seen": float(_error_on(unit, u, clip).mean()),
+                     "series_wrong_sign": _wrong_sign(series, u), "trained_wrong_sign": _wrong_sign(unit, u)})
     _set_all(net, mode="taylor", terms=terms, train_coefficients=False)
     fixed = accuracy(net, data.x_test, data.y_test)
     point = {"terms": terms, "seed": chip.scenario.seed, "exact": exact_acc, "fixed": fixed, "trained": trained}
@@ -212,12 +232,18 @@ def run(out: Path, *, size: str = "default", workers: int | None = None, progres
             "max |u|": cell(*mean_std(g["max_abs_u"])[:2], ".2f"),
             "series error where seen": cell(*mean_std(g["series_error_seen"])[:2], ".3g"),
             "trained error where seen": cell(*mean_std(g["trained_error_seen"])[:2], ".3g"),
+            "series error after the next input clip": cell(*mean_std(g["series_clipped_error_seen"])[:2], ".3g"),
+            "trained error after the next input clip": cell(*mean_std(g["trained_clipped_error_seen"])[:2], ".3g"),
+            "series sign wrong (%)": cell(*[100 * v for v in mean_std(g["series_wrong_sign"])[:2]], ".1f"),
+            "trained sign wrong (%)": cell(*[100 * v for v in mean_std(g["trained_wrong_sign"])[:2]], ".1f"),
             "series error, uniform on [-4, 4] (mean / max)": f"{u['mean']:.3g} / {u['max']:.3g}"})
     notes = ["u: the pre-activation a hidden neuron circuit receives (test digits, exact tanh circuits: what the "
              "neurons saw when the series replaced tanh). Errors are mean |p(u) − tanh(u)| over the u the layer "
              "really sees (the polynomial clips u to [-4, 4]); 'trained' is the polynomial after stage 2, "
              "measured against tanh although training does not aim at tanh. tanh's series converges only for "
-             "|u| < π/2."]
+             "|u| < π/2. 'After the next input clip': the output as the next layer's input driver passes it, "
+             "saturated at its full scale (±1 here): a magnitude error beyond 1 disappears there, a wrong sign "
+             "does not. 'Sign wrong': the share of the u seen where p(u) and tanh(u) differ in sign."]
     paths += write_table(pd.DataFrame(err_rows), out, "series_error", "Where the gain comes from: the series' "
                          "error over the pre-activations each layer sees", notes)
     layers_frame.to_csv(out / "layers.csv", index=False)

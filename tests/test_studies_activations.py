@@ -59,7 +59,7 @@ def _twin_setup(function: str, dropout: float = 0.0):
     return build_chip(s)
 
 
-@pytest.mark.parametrize("function", ["tanh", "prelu"])
+@pytest.mark.parametrize("function", ["tanh", "prelu", "elu", "selu"])
 def test_twin_matches_the_ideal_chip_forward_and_gradient(function):
     """Ideal card, no noise, inputs inside the DAC range: the chip's output and its BP gradients equal the
     torch twin's to float32 rounding (the bias row is driven at input_max)."""

@@ -174,6 +174,19 @@ def dawnbench(epochs: pd.DataFrame, target: float = TARGET) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
+def _failed_rows(the_plan, failed: dict[str, str]) -> pd.DataFrame:
+    """One row per platform and function whose chip runs failed, with how many and why (first reason)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for p in the_plan.points:
+        if p.name in failed:
+            s = p.scenario
+            groups.setdefault((s.network.activation.function, f"chip {s.device.card}"), []).append(failed[p.name])
+    rows = [{"activation": fn, "platform": platform, "seeds": 0,
+             "final error (%)": f"failed ({len(reasons)} of {the_plan.base.sweep.seeds} seeds): {reasons[0]}"}
+            for (fn, platform), reasons in groups.items()]
+    return pd.DataFrame(rows)
+
+
 def curves(epochs: pd.DataFrame) -> pd.DataFrame:
     """Test accuracy per epoch, mean and std over seeds, per platform and function."""
     rows = []
@@ -200,12 +213,20 @@ def run(out: Path, *, size: str = "default", workers: int | None = None, progres
         log(f"{len(result.failed)} point(s) failed: " + "; ".join(f"{k}: {v}" for k, v in result.failed.items()))
     done = [p for p in the_plan.points if (out / "chip" / "points" / f"{p.name}.h5").exists()]
     chip = _chip_runs(out / "chip", done)
-    twin = _twin_runs([p for p in done if p.scenario.device.card == "ideal"], log)
+    # every ideal-card point has its twins, also where the chip's run failed (the twin does not need it)
+    twin = _twin_runs([p for p in the_plan.points if p.scenario.device.card == "ideal"], log)
     epochs = pd.concat([chip, twin], ignore_index=True)
     epochs.to_csv(out / "epochs.csv", index=False)
 
     paths = []
     table = dawnbench(epochs)
+    failed = _failed_rows(the_plan, result.failed)
+    if len(failed):
+        table = pd.concat([table, failed], ignore_index=True)
+        order = {f: i for i, f in enumerate(FUNCTIONS)}
+        key = table.apply(lambda r: (order.get(r["activation"], 99), not str(r["platform"]).startswith("torch"),
+                                     str(r["platform"])), axis=1)
+        table = table.iloc[sorted(range(len(table)), key=lambda i: key.iloc[i])].reset_index(drop=True)
     counts = parameter_count(build_chip(the_plan.points[0].scenario).network)
     weights = sum(v for k, v in counts.items() if k != "neuron parameters")
     notes = [f"Mean ± sample std over seeds (ddof 1). Target accuracy {TARGET:.0%} on the test digits. Wall times "

@@ -708,17 +708,26 @@ def _save(fig, out: str | os.PathLike | None):
 def plot_means(frame: pd.DataFrame, x: str, y: str, *, group: str | None = None, std: str | None = None,
                panel: str | None = None, xlabel: str | None = None, ylabel: str | None = None,
                title: str | None = None, logx: bool = False, logy: bool = False,
-               hlines: dict[str, float] | None = None, out: str | os.PathLike | None = None):
-    """Lines of ``y`` against ``x`` from a table of means, one line per value of ``group``, error bars from the
-    column ``std`` (NaN: no bar), one panel per value of ``panel`` (sharing the y axis). ``hlines``: labelled
-    horizontal reference lines drawn in every panel (a paper's figure, a target). Returns the figure; saves
-    it to ``out`` (.png, .svg, .pdf) if given. A table without the columns is an InputError naming them."""
+               hlines: dict[str, float] | None = None, columns: int | None = None,
+               out: str | os.PathLike | None = None):
+    """Lines of ``y`` against ``x`` from a table of means, one line per value of ``group`` (the same colour in
+    every panel), error bars from the column ``std`` (NaN: no bar), one panel per value of ``panel``, at most
+    ``columns`` panels a row. ``hlines``: labelled horizontal reference lines drawn in every panel (a paper's
+    figure, a target). Returns the figure; saves it to ``out`` (.png, .svg, .pdf) if given. A table without
+    the columns is an InputError naming them."""
     missing = [c for c in (x, y, group, std, panel) if c is not None and c not in frame.columns]
     if missing:
         raise InputError(title or "table", f"no column {', '.join(map(repr, missing))}", field="columns")
     panels = list(dict.fromkeys(frame[panel])) if panel else [None]
-    fig, axes = _new_figure(1, len(panels), (4.6 * len(panels) + 0.8, 4.2))
-    for ax, value in zip(axes[0], panels, strict=True):
+    cols = min(len(panels), columns or len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, grid = _new_figure(rows_n, cols, (4.6 * cols + 0.8, 4.2 * rows_n))
+    axes = list(grid.flat)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    every = list(dict.fromkeys(frame[group])) if group else [None]
+    colours = {g: f"C{i % 10}" for i, g in enumerate(every)}
+    for ax, value in zip(axes, panels, strict=False):
         part = frame if value is None else frame[frame[panel] == value]
         groups = list(dict.fromkeys(part[group])) if group else [None]
         for g in groups:
@@ -728,7 +737,7 @@ def plot_means(frame: pd.DataFrame, x: str, y: str, *, group: str | None = None,
             if std is not None:
                 yerr = np.nan_to_num(rows[std].to_numpy(np.float64), nan=0.0)
             ax.errorbar(rows[x].to_numpy(), rows[y].to_numpy(np.float64), yerr=yerr, marker="o", capsize=3,
-                        label=None if g is None else _plain_cell(g))
+                        color=colours[g], label=None if g is None else _plain_cell(g))
         for label, level in (hlines or {}).items():
             ax.axhline(level, color="0.4", linestyle="--", linewidth=1)
             ax.annotate(label, (0.01, level), xycoords=("axes fraction", "data"), fontsize="small", color="0.3",

@@ -205,3 +205,37 @@ def test_hue2019_ci(tmp_path):
     assert "21,840" in _md(tmp_path / "dawnbench.md")
     epochs = pd.read_csv(tmp_path / "epochs.csv")
     assert len(epochs) == 6 and epochs["test_accuracy"].between(0, 1).all()
+
+
+# ---- the general figures the studies added to neurosim.analysis ---------------------------------------------------
+
+def test_plot_means_panels_lines_and_colours(tmp_path):
+    from neurosim.analysis import InputError, plot_means
+
+    frame = pd.DataFrame({"x": [1, 2, 1, 2, 1, 2], "y": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "s": [0.01] * 6,
+                          "g": ["a", "a", "b", "b", "a", "a"], "p": ["one", "one", "one", "one", "two", "two"]})
+    fig = plot_means(frame, "x", "y", group="g", std="s", panel="p", columns=1, hlines={"target": 0.5},
+                     out=tmp_path / "f.png")
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 2 and (tmp_path / "f.png").stat().st_size > 0
+    first, second = visible
+    assert [t.get_text() for t in first.get_legend().get_texts()] == ["a", "b"]
+    # group "a" has the same colour in both panels
+    assert first.lines[0].get_color() == second.lines[0].get_color()
+    np.testing.assert_array_equal(second.lines[0].get_ydata(), [0.5, 0.6])
+    with pytest.raises(InputError, match="'nope'"):
+        plot_means(frame, "x", "nope")
+
+
+def test_plot_histogram_curves(tmp_path):
+    from neurosim.analysis import InputError, plot_histogram_curves
+
+    edges = np.linspace(-1, 1, 5)
+    fig = plot_histogram_curves([{"edges": edges, "counts": [1, 2, 3, 4], "title": "t",
+                                  "curves": {"c": (np.array([-1.0, 1.0]), np.array([1.0, 2.0]))}}],
+                                out=tmp_path / "h.png")
+    ax = fig.axes[0]
+    heights = [patch.get_height() for patch in ax.patches]
+    np.testing.assert_allclose(heights, np.array([1, 2, 3, 4]) / 10 / 0.5)   # a density: integrates to 1
+    with pytest.raises(InputError):
+        plot_histogram_curves([])

@@ -243,7 +243,7 @@ def run(out: Path, *, size: str = "default", workers: int | None = None, progres
     fig = out / "learning_curves.png"
     plot_means(curve, "epoch", "test_accuracy_mean", group="platform", std="test_accuracy_std", panel="function",
                ylabel="test accuracy", title="LeNet-like CNN on digits 28x28: test accuracy per epoch, mean ± std "
-               "over seeds", hlines={f"target {TARGET:.0%}": TARGET}, out=fig)
+               "over seeds", hlines={f"target {TARGET:.0%}": TARGET}, columns=3, out=fig)
     paths.append(fig)
     log(f"{NAME}: wrote " + ", ".join(str(p) for p in paths))
     return paths

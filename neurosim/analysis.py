@@ -773,3 +773,105 @@ def plot_bars(table: pd.DataFrame, x: str, stats: Sequence[str], *, ylabels: Seq
 __all__ = ["DONE", "FORMATS", "STATISTICS", "SUMMARY_FIELDS", "InputError", "events_frame", "export", "plot",
            "plot_bars", "plot_means", "runs_frame", "summary_lines", "summary_table", "sweep_axes", "sweep_frame",
            "swept_keys", "traces_frame"]
+
+
+# ---- general figures the studies draw (docs/studies/) ---------------------------------------------------------
+
+def _save(fig, out: str | os.PathLike | None):
+    if out is not None:
+        target = _figure_path(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"Date": None} if target.suffix.lower() in (".svg", ".pdf") else None
+        fig.savefig(target, dpi=120, metadata=metadata)
+    return fig
+
+
+def plot_lines(frame: pd.DataFrame, x: str, y: str, *, group: str | None = None, std: str | None = None,
+               panel: str | None = None, xlabel: str | None = None, ylabel: str | None = None,
+               title: str | None = None, logx: bool = False, logy: bool = False,
+               hlines: dict[str, float] | None = None, columns: int | None = None,
+               out: str | os.PathLike | None = None):
+    """Lines of ``y`` against ``x`` from a table of means, one line per value of ``group`` (the same colour in
+    every panel), error bars from the column ``std`` (NaN: no bar), one panel per value of ``panel``, at most
+    ``columns`` panels a row. ``hlines``: labelled horizontal reference lines drawn in every panel (a paper's
+    figure, a target). Returns the figure; saves it to ``out`` (.png, .svg, .pdf) if given. A table without
+    the columns is an InputError naming them."""
+    missing = [c for c in (x, y, group, std, panel) if c is not None and c not in frame.columns]
+    if missing:
+        raise InputError(title or "table", f"no column {', '.join(map(repr, missing))}", field="columns")
+    panels = list(dict.fromkeys(frame[panel])) if panel else [None]
+    cols = min(len(panels), columns or len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, grid = _new_figure(rows_n, cols, (4.6 * cols + 0.8, 4.2 * rows_n))
+    axes = list(grid.flat)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    every = list(dict.fromkeys(frame[group])) if group else [None]
+    colours = {g: f"C{i % 10}" for i, g in enumerate(every)}
+    for ax, value in zip(axes, panels, strict=False):
+        part = frame if value is None else frame[frame[panel] == value]
+        groups = list(dict.fromkeys(part[group])) if group else [None]
+        for g in groups:
+            rows = part if g is None else part[part[group] == g]
+            rows = rows.sort_values(x, kind="stable")
+            yerr = None
+            if std is not None:
+                yerr = np.nan_to_num(rows[std].to_numpy(np.float64), nan=0.0)
+            ax.errorbar(rows[x].to_numpy(), rows[y].to_numpy(np.float64), yerr=yerr, marker="o", capsize=3,
+                        color=colours[g], label=None if g is None else _plain_cell(g))
+        for label, level in (hlines or {}).items():
+            ax.axhline(level, color="0.4", linestyle="--", linewidth=1)
+            ax.annotate(label, (0.01, level), xycoords=("axes fraction", "data"), fontsize="small", color="0.3",
+                        va="bottom")
+        ax.set_xlabel(xlabel or x)
+        ax.set_ylabel(ylabel or y)
+        ax.grid(True, alpha=0.3)
+        if logx:
+            ax.set_xscale("log")
+        if logy:
+            ax.set_yscale("log")
+        if value is not None:
+            ax.set_title(f"{panel} = {_plain_cell(value)}", fontsize="medium")
+        if group:
+            ax.legend(title=group, fontsize="small")
+    if title:
+        fig.suptitle(_wrap(title))
+    return _save(fig, out)
+
+
+def plot_histogram_curves(panels: Sequence[dict[str, Any]], *, xlabel: str = "x", curve_label: str = "curve",
+                          logy: bool = True, title: str | None = None, out: str | os.PathLike | None = None):
+    """One panel per entry: a histogram (``edges``, ``counts``: a distribution, drawn as a density) and, on a
+    second y axis, curves over the same x (``curves``: label -> (x, y)); ``title`` of the panel. Shows where a
+    distribution lies against a function of x, e.g. the inputs neurons see against an approximation's
+    error there."""
+    if not panels:
+        raise InputError(title or "figure", "no panel to draw", field="panels")
+    fig, axes = _new_figure(1, len(panels), (4.6 * len(panels) + 0.8, 4.2))
+    for ax, p in zip(axes[0], panels, strict=True):
+        edges = np.asarray(p["edges"], dtype=np.float64)
+        counts = np.asarray(p["counts"], dtype=np.float64)
+        widths = np.diff(edges)
+        density = counts / max(counts.sum(), 1.0) / widths
+        ax.bar(edges[:-1], density, width=widths, align="edge", color="0.8", edgecolor="0.6", linewidth=0.3,
+               label="distribution")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("density")
+        twin = ax.twinx()
+        for label, (cx, cy) in p.get("curves", {}).items():
+            twin.plot(np.asarray(cx), np.asarray(cy), label=label)
+        twin.set_ylabel(curve_label)
+        if logy:
+            twin.set_yscale("log")
+        if p.get("title"):
+            ax.set_title(str(p["title"]), fontsize="medium")
+        if p.get("curves"):
+            twin.legend(fontsize="x-small", loc="upper right")
+    if title:
+        fig.suptitle(_wrap(title))
+    return _save(fig, out)
+
+
+__all__ = ["DONE", "FORMATS", "STATISTICS", "SUMMARY_FIELDS", "InputError", "events_frame", "export", "plot",
+           "plot_histogram_curves", "plot_means", "runs_frame", "summary_lines", "summary_table", "sweep_axes",
+           "sweep_frame", "swept_keys", "traces_frame"]

@@ -6,7 +6,8 @@ name starts with ``_`` is a helper, not a study). It defines:
 - ``NAME: str``: the command's name for it (``neurosim study NAME``), e.g. ``"kim2021_dgc"``;
 - ``TITLE: str``: one line;
 - ``PAPER: str``: the citation, with its DOI;
-- ``SCENARIOS: list[str]``: the files under ``scenarios/studies/`` it uses (the tests validate each);
+- ``SCENARIOS: list[str]``: the files under ``scenarios/studies/`` it uses (the tests validate each scenario
+  and check every file, data files included, is installed);
 - ``RUNTIME: dict[str, str]`` (optional): size -> measured wall time on 2 cores, e.g. ``{"default": "9 min"}``;
 - ``run(out: Path, *, size: str = "default", workers: int | None = None, progress: bool = False, log=print)
   -> list[Path]``: writes its tables (markdown ``.md`` and ``.csv``) and figures (PNG) into ``out`` and returns

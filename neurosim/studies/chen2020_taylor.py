@@ -32,6 +32,7 @@ PAPER = ("K. Chen and J.-W. Liang, 'A Two-stage Training Mechanism for the CNN w
          "Function', ISOCC 2020, doi 10.1109/ISOCC50952.2020.9333116 (trainable coefficients with fewer Taylor "
          "terms: +2.24 % to +53.96 % accuracy over the conventional fixed series)")
 SCENARIOS = ["chen2020_taylor.toml"]
+RUNTIME = {"default": "1 min", "full": "3 min"}   # measured on 2 cores, quiet (docs/studies/README.md)
 PAPER_GAIN = (2.24, 53.96)
 
 # Histogram of the pre-activations: fixed edges, wide enough for every layer (the rest is counted outside).

@@ -29,6 +29,7 @@ TITLE = "Activation functions in a CNN (ReLU, Tanh, SELU, PReLU, ELU, Leaky ReLU
 PAPER = ("Activation functions in convolutional neural networks, Hue University Journal of Science: Techniques "
          "and Technology, 2019 (Table 3, MNIST: test error from 1.41 % with PReLU to 2.09 % with Tanh)")
 SCENARIOS = ["hue2019_activations.toml"]
+RUNTIME = {"default": "2 min", "full": "6 min"}   # measured on 2 cores, quiet (docs/studies/README.md)
 
 FUNCTIONS = ("relu", "tanh", "selu", "prelu", "elu", "leaky_relu")
 # The paper's Table 3 (MNIST), the two numbers quoted in issue #15; the others are not reproduced here.

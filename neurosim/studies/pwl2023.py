@@ -32,6 +32,7 @@ PAPER = ("X. Liao, T. Zhou, L. Zhang, X. Hu and Y. Peng, 'A Method for Calculati
          "doi 10.3390/electronics12020267 (least squares: fewer segments or a smaller mean error at the same "
          "bound; same or slightly higher accuracy; backward time 4-6 % lower than PyTorch's operator)")
 SCENARIOS = ["pwl2023.toml", "digits_3_8.npz"]
+RUNTIME = {"default": "17 s", "full": "2 min"}   # measured on 2 cores, quiet (docs/studies/README.md)
 PAPER_BACKWARD_SAVING = (4.0, 6.0)   # % less backward time than PyTorch's own derivative
 DIGITS = (3, 8)
 RANGE = (-4.0, 4.0)

@@ -623,8 +623,11 @@ class Crossbar:
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """The pulses the controller issues for a requested weight change scale·dw, sparsely: (flat indices
         into the (in, out) matrix, signed counts), only cells with a non-zero count. Stochastic rounding fires
-        floor(m + u) pulses for m = |Δw|/Δw_pulse: unbiased, drawn by ``stochastic_round_sparse``."""
-        dw = dw.to(self.dtype)
+        floor(m + u) pulses for m = |Δw|/Δw_pulse: unbiased, drawn by ``stochastic_round_sparse``. A request
+        beyond the weight range (|scale·Δw| > 2·w_max, e.g. a diverging run's) is capped there: the controller
+        knows no weight can move further, and more pulses would only bill time at a saturated device."""
+        limit = 2.0 * self.config.w_max / abs(scale) if scale else math.inf
+        dw = dw.to(self.dtype).clamp(-limit, limit)
         factor = scale / self.dw_up
         if self.dw_up != self.dw_down:  # a single device whose two curves have different pulse counts
             dw = torch.where(dw * scale > 0, dw, dw * (self.dw_up / self.dw_down))

@@ -542,3 +542,20 @@ def test_the_controllers_pulse_step_is_what_a_pulse_really_moves(spec_factory, m
     expected = torch.where(n > 0, n * bar.dw_up, n * bar.dw_down)
     torch.testing.assert_close(moved, expected, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(bar.believed - before, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "deterministic"])
+def test_a_request_beyond_the_weight_range_is_capped_at_it(rounding):
+    """The controller never asks for more pulses than move a weight across its whole range (2·w_max): a
+    diverging run's enormous request costs what saturating the device costs, not 1e16 pulses of chip time."""
+    from tests.conftest import make_spec
+
+    cb = Crossbar(make_spec(states=65), 4, 3, CrossbarConfig(rounding=rounding), seed=0)
+    dw = torch.tensor([[1e20, -1e20, 0.5 * cb.dw_up], [5.0, -3.0, 0.0], [1e3, 0.0, 0.0], [0.0, 0.0, -1e30]])
+    idx, counts = cb.pulse_counts(dw, scale=-0.5)
+    most = math.ceil(2 * cb.config.w_max / cb.dw_up)
+    assert counts.abs().max() <= most and torch.isfinite(counts).all()
+    n = torch.zeros(12).index_copy_(0, idx, counts)
+    assert n[0] == -most and n[1] == most                 # signs kept, −0.5 × the request
+    assert n[3] == -most                                   # 2.5 > 2 w_max (w_max 1): capped too
+    assert abs(n[4]) < most                                # 1.5 < 2 w_max: as requested

@@ -415,3 +415,20 @@ def test_cross_entropy_per_sample_equals_torch_in_value_and_gradient():
     (gb,) = torch.autograd.grad(ref.sum(), out)
     torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-14)
     assert torch.isfinite(ours).all()
+
+
+@pytest.mark.parametrize("scheme", ["bp", "dgc"])
+def test_a_diverged_step_is_a_clear_error_before_any_pulse(scheme):
+    """A batch whose cost is not finite (here: inputs a broken data file could hold) stops training with one
+    line naming the learning rate, before the step programs anything, instead of asking for unbounded pulses."""
+    from neurosim.config import ConfigError
+
+    data = tiny_data()
+    data.x_train[3, 0, 0, 2] = float("nan")
+    net = mlp(make_spec(states=65), hidden=(4,))
+    before = [layer.crossbar.weights().clone() for layer in net.analog_layers]
+    trainer = make_trainer(net, data, build(TrainerConfig, {"scheme": scheme, "epochs": 1, "batch_size": 48}))
+    with pytest.raises(ConfigError, match=r"training\.learning_rate.*diverged"):
+        trainer.fit()
+    assert all(v == 0 for v in trainer.layer_pulses.values())
+    assert all(torch.equal(a, layer.crossbar.weights()) for a, layer in zip(before, net.analog_layers, strict=True))

@@ -160,6 +160,11 @@ class Trainer(abc.ABC):
                     loss = c0
         if not layers:
             return 0.0
+        cost = float(loss)
+        if not math.isfinite(cost):   # before any pulse: a diverged step would ask for unbounded pulse counts
+            raise ConfigError("training.learning_rate", cfg.learning_rate,
+                              f"training diverged: the cost of a batch is {cost} (epoch {self.epoch}); lower "
+                              "the learning rate (or the momentum, or the initial weights' range)")
         # The hardware timeline of this step.
         yield eng.forward(batch)
         if bp_layers:
@@ -182,7 +187,7 @@ class Trainer(abc.ABC):
             for layer in layers:
                 layer.crossbar.set_time(eng.env.now)
         self.update_activations()
-        return float(loss)
+        return cost
 
     def update_layers(self, layers: list[AnalogLayer], grads: list[torch.Tensor]) -> list[dict[str, int]]:
         """Momentum in the controller, then the weight changes become pulses through the device model, all

@@ -6,14 +6,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from neurosim.studies import SIZES, check_size, scenario_path
+from neurosim.studies import SIZES, check_size, scenario_path, sweep_folder
 from neurosim.studies import write_table as _write_table
 
-__all__ = ["SIZES", "cell", "check_size", "mean_std", "say", "scenario_path", "write_table"]
+__all__ = ["SIZES", "cell", "check_size", "mean_std", "run_points", "say", "scenario_path", "write_table"]
 
 
 def mean_std(values: Sequence[float] | np.ndarray | pd.Series) -> tuple[float, float, int]:
@@ -40,3 +41,20 @@ def write_table(frame: pd.DataFrame, out: Path, stem: str, title: str = "", note
 
 def say(log: Callable[[str], None] | None) -> Callable[[str], None]:
     return log if log is not None else (lambda line: None)
+
+
+def run_points(out: Path, name: str, scenario: str, size: str, sets: Any, grid: Any, seeds: int | None,
+               workers: int | None, progress: bool, log: Callable[[str], None]) -> tuple[Any, Path, Any]:
+    """A study's sweep of ``scenario`` at ``size`` into ``sweep_folder(out, name, size)`` (sizes never share a
+    folder; a rerun resumes). Failed points are logged, not raised: a diverged run is a result these studies
+    tabulate. Size 'ci' runs in this process unless ``workers`` says otherwise. Returns (plan, folder, result)."""
+    from neurosim.sweep import plan, run_sweep
+
+    if size == "ci" and workers is None:
+        workers = 0
+    folder = sweep_folder(out, name, size)
+    the_plan = plan(scenario_path(scenario), grid=grid or None, seeds=seeds, sets=sets)
+    result = run_sweep(the_plan, folder, workers=workers, progress=progress, log=log)
+    if result.failed:
+        log(f"{len(result.failed)} point(s) failed: " + "; ".join(f"{k}: {v}" for k, v in result.failed.items()))
+    return the_plan, folder, result

@@ -22,8 +22,7 @@ import torch
 from neurosim.activation import ActivationConfig, ActivationUnit
 from neurosim.analysis import plot_histogram_curves, plot_lines
 from neurosim.runner import load_chip
-from neurosim.studies._activation_common import cell, check_size, mean_std, say, scenario_path, write_table
-from neurosim.sweep import plan, run_sweep
+from neurosim.studies._activation_common import cell, check_size, mean_std, run_points, say, write_table
 from neurosim.training.cost import accuracy
 
 NAME = "chen2020_taylor"
@@ -175,16 +174,11 @@ def run(out: Path, *, size: str = "default", workers: int | None = None, progres
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sets, grid, seeds = SIZES[size]
-    if size == "ci" and workers is None:
-        workers = 0
-    the_plan = plan(scenario_path(SCENARIOS[0]), grid=grid or None, seeds=seeds, sets=sets)
-    result = run_sweep(the_plan, out / "runs", workers=workers, progress=progress, log=log)
-    if result.failed:
-        log(f"{len(result.failed)} point(s) failed: " + "; ".join(f"{k}: {v}" for k, v in result.failed.items()))
+    the_plan, folder, _ = run_points(out, "runs", SCENARIOS[0], size, sets, grid, seeds, workers, progress, log)
 
     points, layers, shown = [], [], {}
     for p in the_plan.points:
-        path = out / "runs" / "points" / f"{p.name}.h5"
+        path = folder / "points" / f"{p.name}.h5"
         if not path.exists():
             continue
         terms = p.scenario.training.two_stage.terms

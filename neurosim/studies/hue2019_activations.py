@@ -20,8 +20,7 @@ import torch
 from neurosim.analysis import plot_lines, runs_frame
 from neurosim.runner import build_chip, load_chip
 from neurosim.studies import _torch_twin as torch_twin
-from neurosim.studies._activation_common import cell, check_size, mean_std, say, scenario_path, write_table
-from neurosim.sweep import plan, run_sweep
+from neurosim.studies._activation_common import cell, check_size, mean_std, run_points, say, write_table
 from neurosim.training.base import make_engine
 
 NAME = "hue2019_activations"
@@ -206,14 +205,9 @@ def run(out: Path, *, size: str = "default", workers: int | None = None, progres
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sets, grid, seeds = SIZES[size]
-    if size == "ci" and workers is None:
-        workers = 0
-    the_plan = plan(scenario_path(SCENARIOS[0]), grid=grid or None, seeds=seeds, sets=sets)
-    result = run_sweep(the_plan, out / "chip", workers=workers, progress=progress, log=log)
-    if result.failed:
-        log(f"{len(result.failed)} point(s) failed: " + "; ".join(f"{k}: {v}" for k, v in result.failed.items()))
-    done = [p for p in the_plan.points if (out / "chip" / "points" / f"{p.name}.h5").exists()]
-    chip = _chip_runs(out / "chip", done)
+    the_plan, folder, result = run_points(out, "chip", SCENARIOS[0], size, sets, grid, seeds, workers, progress, log)
+    done = [p for p in the_plan.points if (folder / "points" / f"{p.name}.h5").exists()]
+    chip = _chip_runs(folder, done)
     # every ideal-card point has its twins, also where the chip's run failed (the twin does not need it)
     twin = _twin_runs([p for p in the_plan.points if p.scenario.device.card == "ideal"], log)
     epochs = pd.concat([chip, twin], ignore_index=True)

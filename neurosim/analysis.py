@@ -703,6 +703,15 @@ def _mean_std(table: pd.DataFrame, stat: str, index) -> tuple[np.ndarray, np.nda
     return mean, np.nan_to_num(std, nan=0.0)   # one seed has no spread: no bar, never a made-up one
 
 
+def _save(fig, out: str | os.PathLike | None):
+    if out is not None:
+        target = _figure_path(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"Date": None} if target.suffix.lower() in (".svg", ".pdf") else None
+        fig.savefig(target, dpi=120, metadata=metadata)
+    return fig
+
+
 def plot_means(table: pd.DataFrame, x: str, stats: Sequence[str], *, lines: str | None = None,
                panels: str | None = None, ylabels: Sequence[str] | None = None, logy: Sequence[str] = (),
                title: str = "", out: str | os.PathLike | None = None):
@@ -736,11 +745,7 @@ def plot_means(table: pd.DataFrame, x: str, stats: Sequence[str], *, lines: str 
         axes[0, 0].legend(fontsize="small")
     if title:
         fig.suptitle(_wrap(title))
-    if out is not None:
-        target = _figure_path(out)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(target, dpi=120)
-    return fig
+    return _save(fig, out)
 
 
 def plot_bars(table: pd.DataFrame, x: str, stats: Sequence[str], *, ylabels: Sequence[str] | None = None,
@@ -763,11 +768,7 @@ def plot_bars(table: pd.DataFrame, x: str, stats: Sequence[str], *, ylabels: Seq
                       rotation=30 if r == len(stats) - 1 else 0, ha="right")
     if title:
         fig.suptitle(_wrap(title))
-    if out is not None:
-        target = _figure_path(out)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(target, dpi=120)
-    return fig
+    return _save(fig, out)
 
 
 __all__ = ["DONE", "FORMATS", "STATISTICS", "SUMMARY_FIELDS", "InputError", "events_frame", "export", "plot",
@@ -776,15 +777,6 @@ __all__ = ["DONE", "FORMATS", "STATISTICS", "SUMMARY_FIELDS", "InputError", "eve
 
 
 # ---- general figures the studies draw (docs/studies/) ---------------------------------------------------------
-
-def _save(fig, out: str | os.PathLike | None):
-    if out is not None:
-        target = _figure_path(out)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"Date": None} if target.suffix.lower() in (".svg", ".pdf") else None
-        fig.savefig(target, dpi=120, metadata=metadata)
-    return fig
-
 
 def plot_lines(frame: pd.DataFrame, x: str, y: str, *, group: str | None = None, std: str | None = None,
                panel: str | None = None, xlabel: str | None = None, ylabel: str | None = None,

@@ -22,8 +22,7 @@ import torch
 
 from neurosim.activation import ActivationConfig, ActivationUnit, exact, exact_derivative
 from neurosim.analysis import plot_lines, runs_frame
-from neurosim.studies._activation_common import cell, check_size, mean_std, say, scenario_path, write_table
-from neurosim.sweep import plan, run_sweep
+from neurosim.studies._activation_common import cell, check_size, mean_std, run_points, say, write_table
 
 NAME = "pwl2023"
 TITLE = "Piecewise-linear activations and derivatives: segments against the error bound, and an MLP trained with them"
@@ -179,12 +178,9 @@ def run(out: Path, *, size: str = "default", workers: int | None = None, progres
     paths += write_table(pd.DataFrame(compare), out, "segmenters", "Least squares against chord at the same bound")
 
     # part 2: the MLP on the binary task, on the chip
-    the_plan = plan(scenario_path(SCENARIOS[0]), grid=cfg["grid"] or None, seeds=cfg["seeds"], sets=cfg["sets"])
-    result = run_sweep(the_plan, out / "mlp", workers=0 if size == "ci" and workers is None else workers,
-                       progress=progress, log=log)
-    if result.failed:
-        log(f"{len(result.failed)} point(s) failed: " + "; ".join(f"{k}: {v}" for k, v in result.failed.items()))
-    metrics = runs_frame(out / "mlp")
+    the_plan, folder, _ = run_points(out, "mlp", SCENARIOS[0], size, cfg["sets"], cfg["grid"], cfg["seeds"], workers,
+                                     progress, log)
+    metrics = runs_frame(folder)
     by_point = {f"{p.name}.h5": p for p in the_plan.points}
     rows = []
     for name, g in metrics.groupby("point", sort=False):

@@ -52,6 +52,11 @@ class CrossbarConfig:
                                    "conjugate-gradient solve in torch for large tiles (see docs/wires.md)",
                                    choices=("none", "nodal", "approximate"))
     r_wire: float = setting(1.0, "resistance of one wire segment between neighbouring cells (ohm)", ge=0.0)
+    drift_tolerance: float = setting(1e-3, "largest relative error of a cell's drift factor the read cache may "
+                                     "carry: drift is recomputed for every cell once ν_max·ln(1 + Δt/t0) since the "
+                                     "last recomputation exceeds it, and a write of a few cells patches the cache "
+                                     "meanwhile (0: exact, every move of the clock recomputes every cell)",
+                                     ge=0.0, le=0.01)
     rounding: str = setting("stochastic", "pulse count of an update: 'stochastic' (floor + Bernoulli of the "
                             "remainder: an unbiased pulse train) or 'deterministic' (nearest count: an update "
                             "below half a pulse fires none)", choices=("deterministic", "stochastic"))
@@ -161,6 +166,7 @@ class Crossbar:
         # Arithmetic of forward reads; DGC measures in float64 so that small cost differences survive.
         self.read_dtype = dtype
         self._cache_key = None
+        self._drift_anchor: float | None = None   # the clock at the read cache's last drift recomputation
         self._cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._solvers = None
         self.set_weights(self.believed)
@@ -220,7 +226,26 @@ class Crossbar:
         return (self.conductance_difference() / self.k)[: self.in_features, : self.out_features]
 
     def _state_key(self) -> tuple:
-        return (self.noise, *(a.read_key() for a in self._arrays()))
+        """What the read cache depends on. A drifting array's clock counts as the time of the cache's last
+        drift recomputation while no cell's drift factor can have moved by more than ``drift_tolerance``
+        since: between training steps the clock moves by microseconds to milliseconds, and recomputing every
+        cell's drift after every step's write (a drifting array could not be patched) cost a quarter of a
+        BP step."""
+        keys = tuple(a.read_key() for a in self._arrays())
+        anchor = self._drift_anchor
+        if anchor is not None and self._drift_change(anchor) <= self.config.drift_tolerance:
+            keys = tuple((k[0], anchor if k[1] is not None else None) for k in keys)
+        return (self.noise, *keys)
+
+    def _drift_change(self, since: float) -> float:
+        """Bound on the relative move of any cell's drift factor (age/t0)^−ν since the clock read ``since``:
+        a factor differs from 1 only at an age ≥ t0, so the age grew by at most the factor 1 + Δt/t0. A cell
+        written since is at most Δt old: the same bound holds for its factor, patched in as 1."""
+        worst = 0.0
+        for a in self._arrays():
+            if a.drifting and a.time_s > since:
+                worst = max(worst, a.max_drift_nu() * math.log1p((a.time_s - since) / a.spec.drift_t0))
+        return worst
 
     def _noisy_reads(self) -> bool:
         return bool(self.noise and self.config.read_noise and self.spec.read_noise > 0)
@@ -257,13 +282,14 @@ class Crossbar:
                 list(pair_conductances(self.plus, self.minus, sl))
             self._read_values(g, tuple(b[sl] if b is not None else None for b in bufs))
             self._cache = tuple(bufs)
-            self._cache_key, self._solvers = key, None
+            self._drift_anchor = self.plus.time_s if any(a.drifting for a in self._arrays()) else None
+            self._cache_key, self._solvers = self._state_key(), None
         if self.read_dtype != self.dtype:
             return tuple(t.to(self.read_dtype) if t is not None else None for t in self._cache)
         return self._cache
 
     def _refresh_cells(self, cells: torch.Tensor, new: torch.Tensor | None = None) -> None:
-        """After a write of a few cells of a non-drifting array: recompute the cached read tensors there only
+        """After a write of a few cells: recompute the cached read tensors there only
         (the same arithmetic as a full rebuild, so the same bits). ``new``: the pair's new conductances of
         those cells, as ``program_pair`` returns them."""
         g = new.split(cells.numel()) if new is not None else [a.g.view(-1).index_select(0, cells)
@@ -662,8 +688,10 @@ class Crossbar:
             cells = idx // self.out_features * self.padded_shape[1] + idx % self.out_features
         else:
             cells = idx
+        # A drifting array is patched too while the cache's drift is within drift_tolerance: the cells just
+        # written are at age 0, where the drift factor is exactly 1.
         patch = (self._cache_key == self._state_key() and 16 * cells.numel() < self.plus.g.numel()
-                 and not any(a.drifting for a in self._arrays()))
+                 and (self.config.drift_tolerance > 0 or not any(a.drifting for a in self._arrays())))
         return cells, patch
 
     def _written(self, idx: torch.Tensor, counts: torch.Tensor, cells: torch.Tensor, new: torch.Tensor | None,

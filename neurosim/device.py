@@ -477,6 +477,12 @@ class DeviceArray:
             neg_nu = neg_nu.reshape(-1) if idx is None else neg_nu.reshape(-1).index_select(0, idx)
         return self._drifted(g, t, neg_nu)
 
+    def max_drift_nu(self) -> float:
+        """The largest drift exponent of any cell (kept until ``drift_nu`` is replaced)."""
+        if getattr(self, "_max_nu_of", None) is not self.drift_nu:
+            self._max_nu_of, self._max_nu_value = self.drift_nu, float(self.drift_nu.max())
+        return self._max_nu_value
+
     def _neg_nu(self) -> torch.Tensor:
         """−ν of every cell (or one scalar), kept until ``drift_nu`` is replaced: drift needs it at every read."""
         if getattr(self, "_neg_nu_of", None) is not self.drift_nu:

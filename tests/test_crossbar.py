@@ -559,3 +559,43 @@ def test_a_request_beyond_the_weight_range_is_capped_at_it(rounding):
     assert n[0] == -most and n[1] == most                 # signs kept, −0.5 × the request
     assert n[3] == -most                                   # 2.5 > 2 w_max (w_max 1): capped too
     assert abs(n[4]) < most                                # 1.5 < 2 w_max: as requested
+
+
+def _exact_w_hat(cb):
+    g = [a.conductance()[: cb.in_features] for a in cb._arrays()]
+    return (g[0] - g[1]) / (cb.k * cb.config.w_max), (g[0] + g[1]) / (cb.k * cb.config.w_max)
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 1e-4, 1e-2])
+def test_the_read_cache_carries_drift_within_its_tolerance_and_is_exact_at_zero(tolerance):
+    """Between steps the clock moves by milliseconds: the cache may keep its drift factors while no cell's can
+    have changed by more than drift_tolerance (relative), is patched for the cells written (at age 0 their
+    factor is 1), and recomputes everything once the bound is passed; at tolerance 0 it is exact."""
+    from tests.conftest import make_spec
+
+    spec = make_spec(states=65, drift_nu=0.05, drift_nu_dtod=0.3)
+    cb = Crossbar(spec, 20, 10, CrossbarConfig(drift_tolerance=tolerance), seed=1)
+    cb.set_weights(rand((20, 10), 5, -0.8, 0.8, dtype=torch.float32))
+    cb.advance(2.0)
+    cb._read_tensors()
+    anchor, recomputed = cb._drift_anchor, 0
+    g = make_generator(3, "cpu", "test")
+    for _ in range(40):
+        cb.advance(2e-4)
+        dw = torch.zeros(20, 10)
+        dw.view(-1)[torch.randperm(200, generator=g)[:6]] = 0.05
+        cb.program_delta(dw)
+        w_hat = cb._read_tensors()[0][: cb.in_features]
+        exact, scale = _exact_w_hat(cb)
+        recomputed += cb._drift_anchor != anchor
+        anchor = cb._drift_anchor
+        assert (w_hat - exact).abs().max() <= tolerance * scale.max() + 1e-6
+    bound = max(a.max_drift_nu() for a in cb._arrays()) * math.log1p(40 * 2e-4 / spec.drift_t0)
+    assert bound < 1e-2                    # so: 1e-2 never recomputes, 1e-4 sometimes, 0 at every step
+    assert recomputed == {0.0: 40, 1e-2: 0}.get(tolerance, recomputed)
+    if tolerance == 1e-4:
+        assert 0 < recomputed < 40
+    cb.advance(500.0)                      # far past any tolerance: recomputed, exact again
+    w_hat = cb._read_tensors()[0][: cb.in_features]
+    assert cb._drift_anchor == cb.plus.time_s
+    assert (w_hat - _exact_w_hat(cb)[0]).abs().max() < 1e-6

@@ -650,18 +650,21 @@ class Crossbar:
         """The pulses the controller issues for a requested weight change scale·dw, sparsely: (flat indices
         into the (in, out) matrix, signed counts), only cells with a non-zero count. Stochastic rounding fires
         floor(m + u) pulses for m = |Δw|/Δw_pulse: unbiased, drawn by ``stochastic_round_sparse``. A request
-        beyond the weight range (|scale·Δw| > 2·w_max, e.g. a diverging run's) is capped there: the controller
-        knows no weight can move further, and more pulses would only bill time at a saturated device."""
-        limit = 2.0 * self.config.w_max / abs(scale) if scale else math.inf
-        dw = dw.to(self.dtype).clamp(-limit, limit)
+        beyond the weight range (|scale·Δw| > 2·w_max, e.g. a diverging run's) is capped at the pulses that
+        cross it: the controller knows no weight can move further, and more pulses would only bill time at a
+        saturated device. (Capped on the few counts, not on the whole request: no pass over the matrix.)"""
+        dw = dw.to(self.dtype)
         factor = scale / self.dw_up
         if self.dw_up != self.dw_down:  # a single device whose two curves have different pulse counts
             dw = torch.where(dw * scale > 0, dw, dw * (self.dw_up / self.dw_down))
         if self.config.rounding == "stochastic":
-            return stochastic_round_sparse(dw, generator or self.noise_generator, factor)
-        n = dw.mul(factor).round_().view(-1)
-        idx = n.nonzero().squeeze(1)
-        return idx, n.index_select(0, idx)
+            idx, counts = stochastic_round_sparse(dw, generator or self.noise_generator, factor)
+        else:
+            n = dw.mul(factor).round_().view(-1)
+            idx = n.nonzero().squeeze(1)
+            counts = n.index_select(0, idx)
+        span = 2.0 * self.config.w_max
+        return idx, counts.clamp_(-math.ceil(span / self.dw_down), math.ceil(span / self.dw_up))
 
     def pulses_for_delta(self, dw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Signed pulse counts (in, out) that the controller issues for a requested weight change (dense)."""

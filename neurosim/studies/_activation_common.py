@@ -14,7 +14,7 @@ import pandas as pd
 from neurosim.studies import SIZES, check_size, scenario_path, sweep_folder
 from neurosim.studies import write_table as _write_table
 
-__all__ = ["SIZES", "cell", "check_size", "mean_std", "run_points", "say", "scenario_path", "write_table"]
+__all__ = ["SIZES", "begin", "cell", "check_size", "mean_std", "run_points", "say", "scenario_path", "write_table"]
 
 
 def mean_std(values: Sequence[float] | np.ndarray | pd.Series) -> tuple[float, float, int]:
@@ -58,3 +58,12 @@ def run_points(out: Path, name: str, scenario: str, size: str, sets: Any, grid: 
     if result.failed:
         log(f"{len(result.failed)} point(s) failed: " + "; ".join(f"{k}: {v}" for k, v in result.failed.items()))
     return the_plan, folder, result
+
+
+def begin(out: str | Path, size: str, log: Callable[[str], None] | None) -> tuple[Path, Callable[[str], None]]:
+    """What every activation study's ``run`` does first: check the size, make the output folder, and a
+    logger that is silent for ``log=None``."""
+    check_size(size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, say(log)

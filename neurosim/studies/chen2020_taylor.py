@@ -22,7 +22,7 @@ import torch
 from neurosim.activation import ActivationConfig, ActivationUnit
 from neurosim.analysis import plot_histogram_curves, plot_lines
 from neurosim.runner import load_chip
-from neurosim.studies._activation_common import cell, check_size, mean_std, run_points, say, write_table
+from neurosim.studies._activation_common import begin, cell, mean_std, run_points, write_table
 from neurosim.training.cost import accuracy
 
 NAME = "chen2020_taylor"
@@ -169,10 +169,7 @@ def uniform_errors(terms_list, input_range=(-4.0, 4.0), points: int = 20001) -> 
 def run(out: Path, *, size: str = "default", workers: int | None = None, progress: bool = False,
         log: Callable[[str], None] | None = print) -> list[Path]:
     """Run the study at ``size`` ('ci', 'default', 'full') into ``out``; returns the tables and figures."""
-    check_size(size)
-    log = say(log)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, log = begin(out, size, log)
     sets, grid, seeds = SIZES[size]
     the_plan, folder, _ = run_points(out, "runs", SCENARIOS[0], size, sets, grid, seeds, workers, progress, log)
 

@@ -20,7 +20,7 @@ import torch
 from neurosim.analysis import plot_lines, runs_frame
 from neurosim.runner import build_chip, load_chip
 from neurosim.studies import _torch_twin as torch_twin
-from neurosim.studies._activation_common import cell, check_size, mean_std, run_points, say, write_table
+from neurosim.studies._activation_common import begin, cell, mean_std, run_points, write_table
 from neurosim.training.base import make_engine
 
 NAME = "hue2019_activations"
@@ -200,10 +200,7 @@ def curves(epochs: pd.DataFrame) -> pd.DataFrame:
 def run(out: Path, *, size: str = "default", workers: int | None = None, progress: bool = False,
         log: Callable[[str], None] | None = print) -> list[Path]:
     """Run the study at ``size`` ('ci', 'default', 'full') into ``out``; returns the tables and figures."""
-    check_size(size)
-    log = say(log)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, log = begin(out, size, log)
     sets, grid, seeds = SIZES[size]
     the_plan, folder, result = run_points(out, "chip", SCENARIOS[0], size, sets, grid, seeds, workers, progress, log)
     done = [p for p in the_plan.points if (folder / "points" / f"{p.name}.h5").exists()]

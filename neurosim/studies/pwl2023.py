@@ -22,7 +22,7 @@ import torch
 
 from neurosim.activation import ActivationConfig, ActivationUnit, exact, exact_derivative
 from neurosim.analysis import plot_lines, runs_frame
-from neurosim.studies._activation_common import cell, check_size, mean_std, run_points, say, write_table
+from neurosim.studies._activation_common import begin, cell, mean_std, run_points, write_table
 
 NAME = "pwl2023"
 TITLE = "Piecewise-linear activations and derivatives: segments against the error bound, and an MLP trained with them"
@@ -147,10 +147,7 @@ def _realization(s) -> str:
 def run(out: Path, *, size: str = "default", workers: int | None = None, progress: bool = False,
         log: Callable[[str], None] | None = print) -> list[Path]:
     """Run the study at ``size`` ('ci', 'default', 'full') into ``out``; returns the tables and figures."""
-    check_size(size)
-    log = say(log)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, log = begin(out, size, log)
     cfg = SIZES[size]
     paths: list[Path] = []
 

@@ -222,7 +222,7 @@ class _StepRecorder(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         if name in self.PRODUCTS:
-            self.products.append((name, [tuple(a.shape) for a in args[:self.PRODUCTS[name]]]))
+            self.products.append((name, [(tuple(a.shape), a.dtype) for a in args[:self.PRODUCTS[name]]]))
         elif name in ("randn", "normal_", "normal"):
             self.draws["normal"] += out.numel()
         elif name in ("rand", "uniform_"):
@@ -231,8 +231,9 @@ class _StepRecorder(TorchDispatchMode):
 
 
 def floor_step(net_cfg, spec, data, batch: int):
-    """A function doing one hardware-BP step's matrix products and random draws and nothing else, recorded from
-    one real step (gradients and the update of every layer) of a fresh copy of the benchmark's network."""
+    """A function doing one hardware-BP step's matrix products (shapes and dtypes: the read noise's variance
+    products may be bfloat16) and random draws and nothing else, recorded from one real step (gradients and the
+    update of every layer) of a fresh copy of the benchmark's network."""
     net = build_network(net_cfg, spec, data.image_shape, data.classes, seed=1)
     trainer = make_trainer(net, data, build(TrainerConfig, {"scheme": "bp", "batch_size": batch}), seed=1)
     x, y, layers = data.x_train[:batch], data.y_train[:batch], net.analog_layers
@@ -243,7 +244,7 @@ def floor_step(net_cfg, spec, data, batch: int):
         trainer.bp_gradients(x, y, layers)
         trainer.update_layers(layers, [layer.weight.grad for layer in layers])
     gen = torch.Generator().manual_seed(0)
-    operands = [(getattr(torch, name), [torch.rand(s, generator=gen) for s in shapes])
+    operands = [(getattr(torch, name), [torch.rand(s, generator=gen).to(dtype) for s, dtype in shapes])
                 for name, shapes in recorder.products]
     normal, uniform = recorder.draws["normal"], recorder.draws["uniform"]
 
@@ -320,7 +321,7 @@ def bp_figures(data, repeats: int) -> None:
     print(f"bp_vs_digital = {med['on'] / med['digital']:.1f}")
     print(f"bp_vs_digital_train_only = {med['on_train'] / med['digital_train']:.1f}")
     print(f"# floor: {len(recorded.products)} matrix products "
-          f"({sum(math.prod(s[-2]) * s[-1][-1] for _, s in recorded.products) / 1e6:.1f} M "
+          f"({sum(math.prod(s[-2][0]) * s[-1][0][-1] for _, s in recorded.products) / 1e6:.1f} M "
           f"multiply-adds), {recorded.draws['normal']:,} Gaussian and {recorded.draws['uniform']:,} uniform "
           f"numbers a step")
     print(f"bp_floor_step_ms = {1e3 * med['floor'] / steps:.3f}")

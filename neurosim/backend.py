@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import os
 import sys
@@ -46,6 +47,28 @@ def make_generator(seed: int, device: torch.device | str = "cpu", *names: object
     g = torch.Generator(device=torch.device(device))
     g.manual_seed(derive_seed(seed, *names) if names else seed)
     return g
+
+
+def fast_bfloat16(device: torch.device | str) -> bool:
+    """Whether bfloat16 matrix products are fast here: on CUDA, and on CPUs with AVX512-BF16 or AMX (Linux:
+    their flags in /proc/cpuinfo). Elsewhere torch emulates them, slower than float32. A fixed property of the
+    machine, so a choice made by it keeps runs reproducible on that machine."""
+    if torch.device(device).type == "cuda":
+        return True
+    return _cpu_has_bfloat16()
+
+
+@functools.cache
+def _cpu_has_bfloat16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 # glibc's mallopt parameters (malloc.h) and the values tune_allocator sets.

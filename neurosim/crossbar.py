@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from neurosim.backend import make_generator
+from neurosim.backend import fast_bfloat16, make_generator
 from neurosim.config import ConfigError, setting
 from neurosim.device import DeviceArray, DeviceSpec, pair_arrays, pair_conductances, program_pairs
 from neurosim.sampling import stochastic_round_sparse
@@ -66,6 +66,12 @@ class CrossbarConfig:
                                             ge=1, le=24)
     noise_management: bool = setting(True, "transposed read scales each error vector by its max |value| "
                                      "to use the DAC range, and scales back digitally")
+    noise_variance_precision: str = setting(
+        "auto", "arithmetic of the read noise's variance product Σ x̂²·G² (float32 reads only; it sets the noise's "
+        "standard deviation, not the signal): 'float32'; 'bfloat16' (operands and result rounded to bfloat16, "
+        "the noise's standard deviation within 0.6 % of float32's, see docs/crossbar.md); 'auto': bfloat16 "
+        "where the hardware multiplies it fast (CUDA, CPUs with AVX512-BF16 or AMX), else float32",
+        choices=("auto", "float32", "bfloat16"))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,6 +88,14 @@ class CrossbarConfig:
             if bits == 1 and not isinstance(bits, bool):   # a wrong type is check()'s to report
                 raise ConfigError(name, bits, "a signed (bipolar) converter needs at least 2 bits: "
                                   "2^(b−1) − 1 levels a sign")
+
+
+def noise_variance_precision(config: CrossbarConfig, device: torch.device | str) -> str:
+    """What ``config.noise_variance_precision`` resolves to on ``device``: 'auto' is bfloat16 where the hardware
+    multiplies it fast (a fixed property of the machine, so runs stay reproducible on it), else float32."""
+    if config.noise_variance_precision != "auto":
+        return config.noise_variance_precision
+    return "bfloat16" if fast_bfloat16(device) else "float32"
 
 
 def quantize(x: torch.Tensor, bits: int | None, limit: float, inplace: bool = False,
@@ -168,6 +182,8 @@ class Crossbar:
         self._cache_key = None
         self._drift_anchor: float | None = None   # the clock at the read cache's last drift recomputation
         self._cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._cache_low: torch.Tensor | None = None   # ΣG² in bfloat16 for the variance product, when used
+        self._low_precision = noise_variance_precision(self.config, self.device) == "bfloat16"
         self._solvers = None
         self.set_weights(self.believed)
 
@@ -281,7 +297,7 @@ class Crossbar:
             g = [self.plus.conductance(sl)] if self.minus is None else \
                 list(pair_conductances(self.plus, self.minus, sl))
             self._read_values(g, tuple(b[sl] if b is not None else None for b in bufs))
-            self._cache = tuple(bufs)
+            self._cache, self._cache_low = tuple(bufs), None
             self._drift_anchor = self.plus.time_s if any(a.drifting for a in self._arrays()) else None
             self._cache_key, self._solvers = self._state_key(), None
         if self.read_dtype != self.dtype:
@@ -298,6 +314,8 @@ class Crossbar:
         for cached, fresh in zip(self._cache, values, strict=True):
             if cached is not None:
                 cached.view(-1).index_copy_(0, cells, fresh)
+        if self._cache_low is not None:
+            self._cache_low.view(-1).index_copy_(0, cells, values[1].to(self._cache_low.dtype))
         self._cache_key, self._solvers = self._state_key(), None
 
     def dac(self, x: torch.Tensor) -> torch.Tensor:
@@ -361,16 +379,36 @@ class Crossbar:
         autograd (linearized DGC). With wire resistance, the read noise's variance is that of the ideal cell
         voltages (Σ x̂²·σ²·G²), as without wires."""
         part = self._clean_partials(xn, w)
-        gsq = self._read_tensors()[1]
+        gsq = self._variance_operand()
         if gsq is not None:
-            part = self.add_read_noise(part, self._tile_products(xn * xn, gsq), nonnegative=True)
+            part = self.add_read_noise(part, self._tile_products(self._squares(xn, gsq.dtype), gsq),
+                                       nonnegative=True)
         return part
+
+    def _variance_operand(self) -> torch.Tensor | None:
+        """ΣG² for the read noise's variance product, in the precision ``noise_variance_precision`` chose (None
+        without read noise). bfloat16 only for float32 reads: DGC's float64 measurements keep theirs."""
+        gsq = self._read_tensors()[1]
+        if gsq is None or not self._low_precision or gsq.dtype != torch.float32:
+            return gsq
+        if self._cache_low is None:
+            self._cache_low = gsq.to(torch.bfloat16)
+        return self._cache_low
+
+    @staticmethod
+    def _squares(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x² in ``dtype``: squared in x's precision, rounded once (one pass)."""
+        if dtype == x.dtype:
+            return x * x
+        return torch.mul(x, x, out=torch.empty(x.shape, dtype=dtype, device=x.device))
 
     def add_read_noise(self, part: torch.Tensor, var: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
         """Read noise of every cell summed per column: Gaussian of variance Σ V̂²·(σ·G)² (``var`` = Σ V̂²·G²),
         drawn at the output -- the same distribution as one draw per cell, for one matmul instead of B·R·C
         draws. Normalized units, as the partial sums. Works in place on both buffers, which must be the
         caller's own temporaries; ``nonnegative``: var is a plain sum of squares (no clamp needed)."""
+        if var.dtype != part.dtype:   # a bfloat16 variance product: the square root in the read's precision
+            var = var.to(part.dtype)
         if not nonnegative:
             var = var.clamp_(min=0)
         noise = torch.randn(part.shape, generator=self.noise_generator, device=part.device, dtype=part.dtype)
@@ -429,7 +467,8 @@ class Crossbar:
         The DAC is bipolar whatever ``input_range`` says (errors are signed) and saturates at full scale.
         As in ``read``, the partial sums are computed in ADC steps."""
         c = self.config
-        w_hat, gsq = self._read_tensors()
+        w_hat, _ = self._read_tensors()
+        gsq = self._variance_operand()
         dac_bits = c.backward_dac_bits or c.dac_bits
         adc_bits = c.backward_adc_bits or c.adc_bits
         d = d.to(self.dtype)
@@ -453,7 +492,7 @@ class Crossbar:
             part = torch.bmm(dt, w)                                                 # (nc, B, rows)
         if gsq is not None:
             g2 = gsq[:rows].reshape(rows, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
-            part = self.add_read_noise(part, torch.bmm(dt * dt, g2), nonnegative=True)
+            part = self.add_read_noise(part, torch.bmm(self._squares(dt, g2.dtype), g2), nonnegative=True)
         # Row partial sums of one column tile pass one ADC, then add digitally across column tiles.
         return self.convert(part, step, adc_bits, scale.mul_(c.w_max), rows)
 

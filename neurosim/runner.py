@@ -35,6 +35,7 @@ from neurosim import __version__, chip_state
 from neurosim.architectures import build_network
 from neurosim.backend import resolve_device
 from neurosim.config import ConfigError
+from neurosim.crossbar import noise_variance_precision
 from neurosim.data import Dataset, load
 from neurosim.layers import AnalogNetwork
 from neurosim.scenario import Scenario, apply_sets, load_scenario, loads_scenario
@@ -199,6 +200,8 @@ def _root_attrs(scenario: Scenario, text: str, device: torch.device, data: Datas
         "device": str(device), "torch_version": torch.__version__, "numpy_version": np.__version__,
         "h5py_version": h5py.__version__, "hdf5_version": h5py.version.hdf5_version,
         "python_version": platform.python_version(), "platform": platform.platform(),
+        # 'auto' resolves by the machine: say what this run's reads used.
+        "noise_variance_precision": noise_variance_precision(scenario.network.crossbar, device),
     }
 
 

@@ -599,3 +599,82 @@ def test_the_read_cache_carries_drift_within_its_tolerance_and_is_exact_at_zero(
     w_hat = cb._read_tensors()[0][: cb.in_features]
     assert cb._drift_anchor == cb.plus.time_s
     assert (w_hat - _exact_w_hat(cb)[0]).abs().max() < 1e-6
+
+
+def _variance_products(cb: Crossbar, xn: torch.Tensor) -> torch.Tensor:
+    """The read's variance product Σ x̂²·G² per tile, as the read computes it (its own precision), in float64."""
+    gsq = cb._variance_operand()
+    return cb._tile_products(cb._squares(xn, gsq.dtype), gsq).double()
+
+
+@pytest.mark.parametrize("mapping", ["differential", "reference"])
+def test_bfloat16_noise_variance_is_within_its_bound_and_float32_is_exact(spec_factory, mapping):
+    """noise_variance_precision = 'bfloat16' rounds x̂², G² and the product's result to bfloat16 (8-bit
+    significand: unit roundoff u = 2⁻⁸), with float32 accumulation: the sum of positive terms is then within
+    (1 + u)³ − 1 of the exact variance (+ float32 accumulation, ~1e-6 here), so the noise's standard deviation
+    is within 0.6 % -- the documented bound, checked on every output. 'float32' is the plain product, bit for
+    bit."""
+    spec = spec_factory(g_min_dtod=0.1, g_max_dtod=0.1, read_noise=0.03)
+    x = rand((64, 600), 2).float()
+    stds = {}
+    for precision in ("float32", "bfloat16"):
+        cb = Crossbar(spec, 600, 300, CrossbarConfig(mapping=mapping, noise_variance_precision=precision), seed=0)
+        cb.set_weights(rand((600, 300), 1).float())
+        stds[precision] = _variance_products(cb, x).sqrt()
+        if precision == "float32":
+            gsq = cb._read_tensors()[1]
+            assert torch.equal(_variance_products(cb, x), cb._tile_products(x * x, gsq).double())
+            exact = cb._tile_products(x.double() ** 2, gsq.double()).sqrt()
+    rel32 = float((stds["float32"] / exact - 1).abs().max())
+    rel16 = float((stds["bfloat16"] / exact - 1).abs().max())
+    bound = 0.5 * ((1 + 2.0 ** -8) ** 3 - 1) + 1e-5
+    assert rel32 < 1e-5
+    assert 1e-4 < rel16 < bound        # the low precision is used, and within its bound
+
+
+def test_bfloat16_noise_variance_cache_is_patched_like_a_rebuild(spec_factory):
+    """After a sparse write the bfloat16 copy of ΣG² is patched at the written cells: equal, bit for bit, to a
+    fresh conversion of the rebuilt cache (otherwise reads after training steps would differ from a reloaded
+    chip's)."""
+    spec = spec_factory(g_min_dtod=0.1, g_max_dtod=0.1, c2c=0.02, read_noise=0.03)
+    cb = Crossbar(spec, 300, 40, CrossbarConfig(tile_rows=128, noise_variance_precision="bfloat16"), seed=0)
+    cb.set_weights(rand((300, 40), 1).float() * 0.5)
+    cb.read(rand((8, 300), 2).float())                            # builds both caches
+    assert cb._cache_low is not None and cb._cache_low.dtype == torch.bfloat16
+    dw = torch.zeros(300, 40)
+    dw.view(-1)[torch.randperm(12000, generator=torch.Generator().manual_seed(3))[:200]] = 0.3
+    cb.program_delta(dw)
+    assert cb._cache_key == cb._state_key()                       # patched, not invalidated
+    patched = cb._cache_low.clone()
+    cb._cache_key = None
+    assert torch.equal(patched, cb._variance_operand())           # rebuilt and converted afresh
+    assert not torch.equal(patched, cb._read_tensors()[1].to(torch.bfloat16).zero_())
+
+
+def test_read_noise_with_bfloat16_variance_has_the_per_cell_distribution(spec_factory):
+    """The read noise's standard deviation with the bfloat16 variance product still matches Σ x²·(σ·G)² per
+    output (float32 read, 20,000 samples: 5-sigma tolerance of a sample std, plus the 0.6 % bound)."""
+    sigma = 0.05
+    spec = spec_factory(read_noise=sigma)
+    bar = Crossbar(spec, 64, 4, CrossbarConfig(tile_rows=24, noise_variance_precision="bfloat16"), seed=0)
+    w = rand((64, 4), 1).float()
+    bar.set_weights(w, snap=False)
+    n = 20000
+    x = rand((1, 64), 2).float().expand(n, 64)
+    y = bar.read(x).double()
+    g2 = (bar.plus.g[:64, :4].double() ** 2 + bar.minus.g[:64, :4].double() ** 2)
+    expected_std = sigma * torch.sqrt((x[0:1].double() ** 2) @ g2) / bar.k
+    rel = y.std(0) / expected_std[0]
+    assert float((rel - 1).abs().max()) < 5 / math.sqrt(2 * (n - 1)) + 0.006
+
+
+def test_auto_noise_variance_precision_follows_the_hardware(spec_factory, monkeypatch):
+    import neurosim.crossbar as crossbar_module
+    spec = spec_factory(read_noise=0.02)
+    for fast in (True, False):
+        monkeypatch.setattr(crossbar_module, "fast_bfloat16", lambda device, fast=fast: fast)
+        cb = Crossbar(spec, 10, 5, CrossbarConfig(), seed=0)
+        cb.read(torch.rand(2, 10))
+        assert (cb._variance_operand().dtype == torch.bfloat16) is fast
+        cb.read_dtype = torch.float64                              # DGC's measurements keep float64
+        assert cb._variance_operand().dtype == torch.float64

@@ -20,6 +20,7 @@ import torch
 
 import neurosim
 from neurosim import chip_state
+from neurosim.backend import fast_bfloat16
 from neurosim.cli import main
 from neurosim.store import RunFile, RunFileError
 from tests.h5compare import differences, tree
@@ -166,6 +167,8 @@ def test_the_run_file_holds_what_the_issue_lists(full_runs):
     run = full_runs["bp_drift"]
     assert run.complete and run.epochs == 3 and run.seed == 7
     assert "gst_pcm" in run.scenario_toml and run.attrs["scenario_sha256"] and run.attrs["torch_version"]
+    # the scenario leaves it 'auto': the file says what that was on this machine
+    assert run.attrs["noise_variance_precision"] == ("bfloat16" if fast_bfloat16("cpu") else "float32")
     for key in ("epoch", "stage", "train_loss", "test_accuracy", "sim_time_s", "energy_j", "pulses", "perturbations",
                 "wall_time_s"):
         assert len(run.metrics[key]) == 3, key

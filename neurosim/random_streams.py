@@ -33,7 +33,7 @@ from neurosim.config import ConfigError
 _MASK = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57          # Philox4x32 multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85          # Weyl increments of the key between rounds
-_SERIAL_BELOW = 4096                        # smaller requests run on the calling thread (same numbers)
+_SERIAL_BELOW = 1 << 16                   # smaller requests run on the calling thread (same numbers)
 KERNELS = ("auto", "numba", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 

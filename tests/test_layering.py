@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1] / "neurosim"
 # layer name -> (rank, module prefixes). Lower ranks sit below higher ones.
 LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
     "foundation": (0, ("neurosim", "neurosim.config")),
-    "numerics": (1, ("neurosim.backend", "neurosim.sampling", "neurosim.nonlinearity")),
+    "numerics": (1, ("neurosim.backend", "neurosim.sampling", "neurosim.nonlinearity", "neurosim.random_streams",
+                      "neurosim._philox_numba")),
     "engine": (1, ("neurosim.engine",)),
     "data": (1, ("neurosim.data",)),
     "store": (1, ("neurosim.store",)),

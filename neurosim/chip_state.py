@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from neurosim.layers import AnalogLayer, AnalogNetwork, StepDropout
+from neurosim.random_streams import PhiloxStream
 from neurosim.training.base import Trainer
 
 # Per-cell parameters of a DeviceArray sampled once at construction (DeviceArray.state_dict's names).
@@ -41,13 +42,13 @@ def _arrays(layer: AnalogLayer) -> dict[str, Any]:
     return {"plus": cb.plus} if cb.minus is None else {"plus": cb.plus, "minus": cb.minus}
 
 
-def network_generators(network: AnalogNetwork) -> dict[str, torch.Generator]:
+def network_generators(network: AnalogNetwork) -> dict[str, torch.Generator | PhiloxStream]:
     """Every random stream of a chip, by a stable name. Streams shared by several parts (a crossbar's read
     and pulse noise, both arrays of a pair) appear once."""
-    out: dict[str, torch.Generator] = {}
+    out: dict[str, torch.Generator | PhiloxStream] = {}
     seen: set[int] = set()
 
-    def add(name: str, g: torch.Generator) -> None:
+    def add(name: str, g: torch.Generator | PhiloxStream) -> None:
         if id(g) not in seen:
             seen.add(id(g))
             out[name] = g
@@ -55,6 +56,7 @@ def network_generators(network: AnalogNetwork) -> dict[str, torch.Generator]:
     for stage in network.stages:
         if isinstance(stage, AnalogLayer):
             add(f"{stage.name}.noise", stage.crossbar.noise_generator)
+            add(f"{stage.name}.read_noise", stage.crossbar.read_stream)
             for side, array in _arrays(stage).items():
                 add(f"{stage.name}.{side}.noise", array.noise_generator)
             for (stream, device), g in sorted(stage.activation._noise_gens.items()):
@@ -81,7 +83,7 @@ def stray_generators(trainer: Trainer) -> list[str]:
         if id(obj) in seen or isinstance(obj, torch.Tensor | str | bytes | int | float | type(None)):
             continue
         seen.add(id(obj))
-        if isinstance(obj, torch.Generator):
+        if isinstance(obj, torch.Generator | PhiloxStream):
             if id(obj) not in known:
                 found.append(path)
             continue
@@ -190,7 +192,8 @@ def _restore_streams(gens: dict[str, torch.Generator], network: AnalogNetwork, s
             target = unit._generator(stream, torch.device(device))
         if target is None:
             raise ChipMismatch(f"the checkpoint has a random stream '{name}' this chip does not")
-        target.set_state(torch.from_numpy(np.asarray(g["state"], dtype=np.uint8)))
+        dtype = np.int64 if isinstance(target, PhiloxStream) else np.uint8   # (key, counter) or torch's bytes
+        target.set_state(torch.from_numpy(np.asarray(g["state"], dtype=dtype)))
 
 
 def restore(trainer: Trainer, state: dict[str, Any], history: list[dict[str, Any]] | None = None,

@@ -21,6 +21,7 @@ import torch
 from neurosim.backend import fast_bfloat16, make_generator
 from neurosim.config import ConfigError, setting
 from neurosim.device import DeviceArray, DeviceSpec, pair_arrays, pair_conductances, program_pairs
+from neurosim.random_streams import PhiloxStream, noisy_adc_sum
 from neurosim.sampling import stochastic_round_sparse
 
 
@@ -161,6 +162,9 @@ class Crossbar:
                                      dtype, noise)
             pair_arrays(self.plus, self.minus)
         self.noise_generator = noise
+        # Read noise: the most numbers a step draws (one per tile column and sample of every read), from a
+        # counter-based stream that fills them on every core and fuses them into the ADC (docs/random.md).
+        self.read_stream = PhiloxStream(seed, self.device, name, "read_noise")
         span = spec.g_max - spec.g_min
         self.g_mid = 0.5 * (spec.g_max + spec.g_min)
         # Conductance per unit weight: a pair spans ±span, a single device ±span/2 around the reference.
@@ -379,11 +383,13 @@ class Crossbar:
         autograd (linearized DGC). With wire resistance, the read noise's variance is that of the ideal cell
         voltages (Σ x̂²·σ²·G²), as without wires."""
         part = self._clean_partials(xn, w)
+        var = self._variances(xn, w)
+        return part if var is None else self.add_read_noise(part, var, nonnegative=True)
+
+    def _variances(self, xn: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Σ x̂²·G² per row tile and column (the read noise's variance in units of σ²), or None without noise."""
         gsq = self._variance_operand()
-        if gsq is not None:
-            part = self.add_read_noise(part, self._tile_products(self._squares(xn, gsq.dtype), gsq),
-                                       nonnegative=True)
-        return part
+        return None if gsq is None else self._tile_products(self._squares(xn, gsq.dtype), gsq)
 
     def _variance_operand(self) -> torch.Tensor | None:
         """ΣG² for the read noise's variance product, in the precision ``noise_variance_precision`` chose (None
@@ -411,8 +417,30 @@ class Crossbar:
             var = var.to(part.dtype)
         if not nonnegative:
             var = var.clamp_(min=0)
-        noise = torch.randn(part.shape, generator=self.noise_generator, device=part.device, dtype=part.dtype)
-        return part.addcmul_(var.sqrt_(), noise, value=self.spec.read_noise / (self.k * self.config.w_max))
+        noise = self.read_stream.normal(part.shape, dtype=part.dtype)
+        return part.addcmul_(var.sqrt_(), noise, value=self._noise_scale())
+
+    def _noise_scale(self) -> float:
+        """σ of the card in the partial sums' normalized units."""
+        return self.spec.read_noise / (self.k * self.config.w_max)
+
+    def _noisy_convert(self, part: torch.Tensor, var: torch.Tensor | None, step: float, bits: int | None,
+                       scale: torch.Tensor | float | None = None, keep: int | None = None) -> torch.Tensor:
+        """Read noise (when ``var`` is given), ADC and the sum over tiles: ``add_read_noise`` then ``convert``,
+        in one fused pass where it applies (float32 partial sums outside autograd, on the CPU kernel of the
+        read stream; docs/random.md). Both draw the same numbers from the stream, so they give the same
+        result up to the rounding of a square root (one ulp of the noise)."""
+        if var is None:
+            return self.convert(part, step, bits, scale, keep)
+        keep = self.out_features if keep is None else keep
+        fused = (self.read_stream.kernel == "numba" and part.dtype == torch.float32 and part.is_contiguous()
+                 and not (torch.is_grad_enabled() and part.requires_grad))
+        if not fused:
+            return self.convert(self.add_read_noise(part, var, nonnegative=True), step, bits, scale, keep)
+        levels = None if bits is None else float(2 ** (bits - 1) - 1)
+        y = noisy_adc_sum(part, var if var.is_contiguous() else var.contiguous(), self._noise_scale(), levels,
+                          keep, self.read_stream)
+        return self._scaled(y, step, scale)
 
     def adc_step(self, bits: int | None) -> float:
         """One ADC step in normalized units (1.0 for an ideal converter): reads compute their partial sums in
@@ -428,13 +456,17 @@ class Crossbar:
         step 1): each converter rounds to a whole code and saturates at ±(2^(b−1) − 1) codes, the codes add
         up digitally, and one multiplication by step·``scale`` (default input_max·w_max) gives the result.
         Consumes ``part`` (the partial sums are a temporary of the read)."""
-        c = self.config
         if bits is not None:
             part = quantize_codes(part, 2 ** (bits - 1) - 1)
         y = part[0] if part.shape[0] == 1 else part.sum(0)
         keep = self.out_features if keep is None else keep
         if y.shape[1] != keep:
             y = y[:, :keep]
+        return self._scaled(y, step, scale)
+
+    def _scaled(self, y: torch.Tensor, step: float, scale: torch.Tensor | float | None) -> torch.Tensor:
+        """Summed codes → weight × input units: one multiplication by step·scale (default input_max·w_max)."""
+        c = self.config
         factor = step * (c.input_max * c.w_max if scale is None else scale)
         if isinstance(factor, float) and factor == 1.0:
             return y  # nothing to scale: the digital sum itself
@@ -457,7 +489,7 @@ class Crossbar:
         xn = self.dac(x)
         if step != 1.0:
             xn = xn * (1.0 / step) if torch.is_grad_enabled() and xn.requires_grad else xn.mul_(1.0 / step)
-        return self.convert(self.partial_sums(xn, w), step, c.adc_bits)
+        return self._noisy_convert(self._clean_partials(xn, w), self._variances(xn, w), step, c.adc_bits)
 
     def read_transposed(self, d: torch.Tensor) -> torch.Tensor:
         """Transposed read d·Wᵀ of a batch (B, out) → (B, in): columns driven, rows sensed (BP's backward path).
@@ -490,11 +522,12 @@ class Crossbar:
         else:
             w = w_hat[:rows].reshape(rows, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
             part = torch.bmm(dt, w)                                                 # (nc, B, rows)
+        var = None
         if gsq is not None:
             g2 = gsq[:rows].reshape(rows, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
-            part = self.add_read_noise(part, torch.bmm(self._squares(dt, g2.dtype), g2), nonnegative=True)
+            var = torch.bmm(self._squares(dt, g2.dtype), g2)
         # Row partial sums of one column tile pass one ADC, then add digitally across column tiles.
-        return self.convert(part, step, adc_bits, scale.mul_(c.w_max), rows)
+        return self._noisy_convert(part, var, step, adc_bits, scale.mul_(c.w_max), rows)
 
     def _tile(self, rr: int, cc: int) -> torch.Tensor:
         """Conductances of tile (rr, cc) as wired: (R, C), or (R, C, 2) for pairs (G⁺, G⁻ side by side)."""

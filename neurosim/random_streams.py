@@ -268,6 +268,12 @@ class PhiloxStream:
         key, counter = (int(v) % 2**64 for v in state.tolist())
         self._key, self._counter = key, counter
 
+    def manual_seed(self, seed: int) -> PhiloxStream:
+        """Restart at key ``seed`` (mod 2^64), block 0: as ``torch.Generator.manual_seed``, for tests and
+        scripts that reseed a chip's streams."""
+        self._key, self._counter = int(seed) % 2**64, 0
+        return self
+
     def clone(self) -> PhiloxStream:
         """An independent copy at the same position: it draws the same numbers as this stream would."""
         return PhiloxStream.from_key(self._key, self._counter, self._device, self._kernel)

@@ -678,3 +678,52 @@ def test_auto_noise_variance_precision_follows_the_hardware(spec_factory, monkey
         assert (cb._variance_operand().dtype == torch.bfloat16) is fast
         cb.read_dtype = torch.float64                              # DGC's measurements keep float64
         assert cb._variance_operand().dtype == torch.float64
+
+
+def _noisy_bar(spec_factory, **cfg):
+    spec = spec_factory(g_min_dtod=0.1, g_max_dtod=0.1, read_noise=0.05)
+    bar = Crossbar(spec, 300, 70, CrossbarConfig(tile_rows=128, tile_cols=32, dac_bits=8, adc_bits=6,
+                                                 adc_range=4.0, **cfg), seed=3)
+    bar.set_weights(rand((300, 70), 1).float())
+    return bar
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_fused_noisy_read_equals_the_torch_composition(spec_factory, precision):
+    """The fused read epilogue (noise, ADC, tile sum in one pass) draws the same numbers from the read stream
+    as add_read_noise + convert and gives the same codes: the torch kernel of the same stream is the
+    reference. The two square roots may differ by one ulp (torch's CPU sqrt is not correctly rounded), so a
+    value on a rounding boundary may move by one code: allowed at no more than 0.1 % of the outputs."""
+    bar = _noisy_bar(spec_factory, noise_variance_precision=precision)
+    assert bar.read_stream.kernel == "numba"
+    x = rand((64, 300), 2).float()
+    d = rand((64, 70), 3).float()
+    start = bar.read_stream.get_state()
+    fused = bar.read(x), bar.read_transposed(d)
+    end = bar.read_stream.get_state()
+    bar.read_stream.set_state(start)
+    bar.read_stream._kernel = "torch"
+    plain = bar.read(x), bar.read_transposed(d)
+    assert torch.equal(bar.read_stream.get_state(), end)          # the same numbers consumed
+    step_f = bar.adc_step(6) * bar.config.input_max * bar.config.w_max
+    step_t = bar.adc_step(6) * d.abs().amax(1, keepdim=True) * bar.config.w_max
+    for a, b, step in ((fused[0], plain[0], step_f), (fused[1], plain[1], step_t)):
+        codes = (a - b).abs() / step
+        assert float(codes.max()) < 1 + 1e-4
+        assert float((codes > 1e-4).double().mean()) <= 1e-3
+
+
+def test_noisy_reads_are_the_same_at_any_thread_count(spec_factory):
+    """Same seed, same numbers whatever torch's thread count: the read noise comes from a counter-based stream
+    filled in parallel (docs/random.md)."""
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            bar = _noisy_bar(spec_factory)
+            x = rand((256, 300), 2).float()
+            outs.append((bar.read(x), bar.read_transposed(rand((256, 70), 3).float())))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

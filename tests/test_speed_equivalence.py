@@ -12,6 +12,7 @@ import torch
 from neurosim.activation import ActivationConfig, ActivationUnit
 from neurosim.crossbar import Crossbar, CrossbarConfig, quantize
 from neurosim.device import DeviceArray, pair_conductances
+from neurosim.random_streams import PhiloxStream
 from tests.conftest import make_spec
 
 
@@ -91,7 +92,7 @@ def test_padded_rows_of_the_read_cache_are_zero_and_the_rest_as_computed():
 
 
 # ------------------------------------------------------------------------------------------ reads in steps
-def reference_read(bar: Crossbar, x: torch.Tensor, noise: torch.Generator | None) -> torch.Tensor:
+def reference_read(bar: Crossbar, x: torch.Tensor, noise: PhiloxStream | None) -> torch.Tensor:
     """The forward read as it was computed before: partial sums in normalized units, noise, the ADC as
     ``quantize`` (clip, divide, round, multiply by the step) per tile, the sum, the scaling."""
     c = bar.config
@@ -99,13 +100,13 @@ def reference_read(bar: Crossbar, x: torch.Tensor, noise: torch.Generator | None
     w_hat, gsq = bar._read_tensors()
     part = bar._tile_products(xn, w_hat)
     if noise is not None:
-        z = torch.randn(part.shape, generator=noise, dtype=part.dtype)
+        z = noise.normal(part.shape, dtype=part.dtype)
         part = part + (bar.spec.read_noise / (bar.k * c.w_max)) * bar._tile_products(xn * xn, gsq).sqrt() * z
     part = quantize(part, c.adc_bits, c.adc_range)
     return part.sum(0)[:, : bar.out_features] * (c.input_max * c.w_max)
 
 
-def reference_transposed(bar: Crossbar, d: torch.Tensor, noise: torch.Generator | None) -> torch.Tensor:
+def reference_transposed(bar: Crossbar, d: torch.Tensor, noise: PhiloxStream | None) -> torch.Tensor:
     c = bar.config
     w_hat, gsq = bar._read_tensors()
     rows = bar.in_features
@@ -116,7 +117,7 @@ def reference_transposed(bar: Crossbar, d: torch.Tensor, noise: torch.Generator 
     part = torch.bmm(dt, w)
     if noise is not None:
         g2 = gsq[:rows].reshape(rows, bar.n_col_tiles, bar.tile_cols).permute(1, 2, 0)
-        z = torch.randn(part.shape, generator=noise, dtype=part.dtype)
+        z = noise.normal(part.shape, dtype=part.dtype)
         part = part + (bar.spec.read_noise / (bar.k * c.w_max)) * torch.bmm(dt * dt, g2).sqrt() * z
     part = quantize(part, c.adc_bits, c.adc_range)
     return part.sum(0) * (scale * c.w_max)
@@ -134,10 +135,8 @@ def test_reads_in_adc_steps_equal_the_reference(noisy, input_max):
     bar.advance(20.0)
     x = (torch.rand((32, 150), generator=gen(7), dtype=torch.float64) * 2 - 1) * input_max
     d = torch.randn((32, 40), generator=gen(8), dtype=torch.float64)
-    state = bar.noise_generator.get_state()
+    ref_gen = bar.read_stream.clone()          # the read noise's stream, at the reads' position
     got_f, got_t = bar.read(x), bar.read_transposed(d)
-    ref_gen = torch.Generator().manual_seed(0)
-    ref_gen.set_state(state)
     ref_f = reference_read(bar, x, ref_gen if noisy else None)
     ref_t = reference_transposed(bar, d, ref_gen if noisy else None)
     step_f = cfg.adc_range / 15 * input_max

@@ -22,8 +22,9 @@ disturbance from another process hits both alike.
                             divided by the same network in plain torch (Linear + Sigmoid, SGD, batch 64, same
                             tensors, same test evaluation). bp_vs_digital_train_only leaves the evaluations out.
   bp_floor_vs_digital       what the arithmetic of the physics costs on its own: the hardware-BP step's matrix
-                            products (operand shapes recorded from one real step) and the same count of random
-                            numbers (one call each for the Gaussian and the uniform ones), nothing else, over
+                            products (operand shapes and dtypes recorded from one real step) and the same count
+                            of random numbers (one call each for torch's Gaussian and uniform ones, one fill of
+                            the read noise's Philox Gaussians), nothing else, over
                             the plain-torch step (both per training step; bp_floor_step_ms is its time). The
                             periphery (DAC and ADC, mismatch, derivative circuits, pulse programming, the
                             controller's bookkeeping) has to fit in bp_vs_digital_train_only − this.
@@ -71,6 +72,7 @@ from neurosim.config import build, with_overrides
 from neurosim.crossbar import CrossbarConfig
 from neurosim.data import DataConfig, load
 from neurosim.device import load_card
+from neurosim.random_streams import PhiloxStream
 from neurosim.training import TrainerConfig, make_engine, make_trainer
 from neurosim.training.config import DGCConfig
 from neurosim.training.dgc import dgc_exact, dgc_linearized_layers, dgc_sequential
@@ -242,19 +244,33 @@ def floor_step(net_cfg, spec, data, batch: int):
     trainer.bp_gradients(x, y, layers)   # warm-up: the read caches are built once, not every step
     trainer.update_layers(layers, [layer.weight.grad for layer in layers])
     recorder = _StepRecorder()
-    with recorder:
-        trainer.bp_gradients(x, y, layers)
-        trainer.update_layers(layers, [layer.weight.grad for layer in layers])
+    take = PhiloxStream._take
+
+    def counted(stream, n):   # the read noise's Philox draws (fused into the ADC: no torch operation to see)
+        recorder.draws["philox"] += n
+        return take(stream, n)
+
+    recorder.draws["philox"] = 0
+    PhiloxStream._take = counted
+    try:
+        with recorder:
+            trainer.bp_gradients(x, y, layers)
+            trainer.update_layers(layers, [layer.weight.grad for layer in layers])
+    finally:
+        PhiloxStream._take = take
     gen = torch.Generator().manual_seed(0)
     operands = [(getattr(torch, name), [torch.rand(s, generator=gen).to(dtype) for s, dtype in shapes])
                 for name, shapes in recorder.products]
-    normal, uniform = recorder.draws["normal"], recorder.draws["uniform"]
+    normal, uniform, philox = recorder.draws["normal"], recorder.draws["uniform"], recorder.draws["philox"]
+    stream = PhiloxStream(0, "cpu", "floor")
+    buffer = torch.empty(philox)
 
     def step():
         for fn, args in operands:
             fn(*args)
         torch.randn(normal, generator=gen)
         torch.rand(uniform, generator=gen)
+        stream.normal_(buffer)
 
     return step, recorder
 
@@ -325,7 +341,7 @@ def bp_figures(data, repeats: int) -> None:
     print(f"# floor: {len(recorded.products)} matrix products "
           f"({sum(math.prod(s[-2][0]) * s[-1][0][-1] for _, s in recorded.products) / 1e6:.1f} M "
           f"multiply-adds), {recorded.draws['normal']:,} Gaussian and {recorded.draws['uniform']:,} uniform "
-          f"numbers a step")
+          f"numbers from torch and {recorded.draws['philox']:,} Philox Gaussians (read noise) a step")
     print(f"bp_floor_step_ms = {1e3 * med['floor'] / steps:.3f}")
     print(f"digital_step_ms = {1e3 * med['digital_train'] / steps:.3f}")
     print(f"bp_floor_vs_digital = {med['floor'] / med['digital_train']:.2f}")

@@ -179,8 +179,12 @@ def restore_network(network: AnalogNetwork, state: dict[str, Any], streams: bool
                                                                                                  "shuffle"))
 
 
-def _restore_streams(gens: dict[str, torch.Generator], network: AnalogNetwork, saved: dict[str, Any],
-                     skip: tuple[str, ...] = ()) -> None:
+def _restore_streams(gens: dict[str, torch.Generator | PhiloxStream], network: AnalogNetwork,
+                     saved: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
+    missing = sorted(set(gens) - set(saved) - set(skip))
+    if missing:   # left as seeded, the run would go on with other numbers than the interrupted one
+        raise ChipMismatch(f"the checkpoint lacks the random stream(s) {', '.join(missing)} of this chip "
+                           "(written by another version of neurosim?): it cannot continue the same run")
     for name, g in saved.items():
         if name in skip:
             continue

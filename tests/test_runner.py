@@ -214,8 +214,19 @@ def test_every_random_stream_is_in_the_checkpoint(full_runs):
     for run in full_runs.values():
         assert chip_state.stray_generators(run.trainer) == []
     trainer = full_runs["bp_drift"].trainer
-    assert {"trainer", "shuffle", "fc1.noise", "dropout1.dropout", "fc1.neurons.d_noise@cpu"} <= set(
-        chip_state.generators(trainer))
+    assert {"trainer", "shuffle", "fc1.noise", "fc1.read_noise", "dropout1.dropout",
+            "fc1.neurons.d_noise@cpu"} <= set(chip_state.generators(trainer))
+
+
+def test_a_checkpoint_without_one_of_the_chips_streams_is_refused(tmp_path, full_runs):
+    """A checkpoint that lacks a stream the chip draws from (one written before the read noise had its own
+    stream) would continue with that stream as seeded: other numbers than the interrupted run. Refused."""
+    out = tmp_path / "old.h5"
+    out.write_bytes(full_runs["bp_drift"].path.read_bytes())
+    with h5py.File(out, "r+") as f:
+        del f["chip/generators/fc1.read_noise"]
+    with pytest.raises(RunFileError, match=r"lacks the random stream.*fc1\.read_noise"):
+        neurosim.load_chip(out)
 
 
 def test_a_trained_chip_reloads_for_inference_and_further_training(tmp_path, full_runs):

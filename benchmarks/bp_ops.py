@@ -1,0 +1,145 @@
+"""Torch operations and Python time per hardware-BP training step, by phase (issue #14's measure).
+
+Op counts come from torch.profiler (every aten op, nested ones included, as ``key_averages`` counts them) and
+are deterministic: they do not depend on the machine's load, unlike wall-clock times. The phases are
+``forward`` (``AnalogLayer.forward_bp``), ``cost`` (the cost and its gradient), ``backward``
+(``AnalogLayer.backward_bp``), ``update`` (``Trainer.update_layers``: momentum and ``program_deltas``) and
+``other`` (the rest of the step: the engine's events, the clock, neuron-circuit updates).
+
+    python benchmarks/bp_ops.py [--sizes 784-256-128-10_b64,...] [--steps 20] [--top 25] [--cprofile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import cProfile
+import functools
+import pstats
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_training import BP_ACTIVATION, BP_CROSSBAR, bp_contender, parse_size
+
+from neurosim.architectures import NetworkConfig
+from neurosim.crossbar import CrossbarConfig
+from neurosim.data import DataConfig, load
+from neurosim.layers import AnalogLayer
+from neurosim.training import bp as bp_module
+from neurosim.training.base import Trainer
+
+PHASES = ("forward", "cost", "backward", "update")
+
+
+@contextlib.contextmanager
+def phase_marks():
+    """Wrap each phase's function in a profiler range of its name (restored afterwards)."""
+    saved = []
+
+    def wrap(owner, attr, name):
+        fn = getattr(owner, attr)
+        saved.append((owner, attr, fn))
+
+        @functools.wraps(fn)
+        def marked(*args, **kwargs):
+            with record_function(f"phase::{name}"):
+                return fn(*args, **kwargs)
+
+        setattr(owner, attr, marked)
+
+    wrap(AnalogLayer, "forward_bp", "forward")
+    wrap(AnalogLayer, "backward_bp", "backward")
+    wrap(bp_module, "cost_per_sample", "cost")
+    wrap(Trainer, "update_layers", "update")
+    try:
+        yield
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+
+
+def run_steps(trainer, steps: int) -> None:
+    """``steps`` training steps of the trainer's process (engine included), on its own data."""
+    data, batch = trainer.data, trainer.config.batch_size
+    schemes = trainer.layer_schemes(1)
+
+    def process():
+        for i in range(steps):
+            idx = torch.arange(i * batch, (i + 1) * batch) % len(data.x_train)
+            yield from trainer.step(data.x_train[idx], data.y_train[idx], schemes)
+
+    trainer.engine.start(process())
+
+
+def phase_of(event) -> str:
+    e = event
+    while e is not None:
+        if e.name.startswith("phase::"):
+            return e.name[7:]
+        e = e.cpu_parent
+    return "other"
+
+
+def count_ops(trainer, steps: int, top: int) -> None:
+    with phase_marks(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_steps(trainer, steps)
+    per_phase: dict[str, int] = collections.Counter()
+    per_op: dict[str, int] = collections.Counter()
+    for e in prof.events():
+        if e.name.startswith("aten::"):
+            per_phase[phase_of(e)] += 1
+            per_op[e.name] += 1
+    total = sum(per_phase.values())
+    print(f"aten_ops_per_step = {total / steps:.1f}")
+    for p in (*PHASES, "other"):
+        print(f"aten_ops_per_step_{p} = {per_phase[p] / steps:.1f}")
+    print("# most frequent ops per step:")
+    for name, n in per_op.most_common(top):
+        print(f"#   {name:40s} {n / steps:7.1f}")
+
+
+def python_profile(trainer, steps: int, top: int) -> None:
+    pr = cProfile.Profile()
+    pr.enable()
+    run_steps(trainer, steps)
+    pr.disable()
+    stats = pstats.Stats(pr)
+    print("# cProfile, cumulative ms per step:")
+    for fn in ("forward_bp", "backward_bp", "update_layers", "program_deltas", "bp_gradients", "step"):
+        rows = [(k, v) for k, v in stats.stats.items() if k[2] == fn]
+        for k, v in rows:
+            print(f"#   {fn:20s} {1e3 * v[3] / steps:7.3f}  ({Path(k[0]).name}:{k[1]})")
+    stats.sort_stats("tottime").print_stats(top)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="784-256-128-10_b64")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cprofile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from bench_crossbar import device_spec
+
+    data = load(DataConfig(name="synthetic", size=28, samples=5000, test_fraction=0.2), seed=0)
+    for size in args.sizes.split(","):
+        widths, batch = parse_size(size)
+        net_cfg = NetworkConfig(hidden=widths[1:-1], activation=BP_ACTIVATION,
+                                crossbar=CrossbarConfig(**BP_CROSSBAR))
+        trainer = bp_contender(net_cfg, device_spec(), data, batch)
+        run_steps(trainer, 5)   # warm-up: read caches, lazily made tensors
+        print(f"# {size}, {args.steps} steps")
+        count_ops(trainer, args.steps, args.top)
+        if args.cprofile:
+            python_profile(trainer, args.steps, args.top)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,7 @@ are deterministic: they do not depend on the machine's load, unlike wall-clock t
 (``AnalogLayer.backward_bp``), ``update`` (``Trainer.update_layers``: momentum and ``program_deltas``) and
 ``other`` (the rest of the step: the engine's events, the clock, neuron-circuit updates).
 
-    python benchmarks/bp_ops.py [--sizes 784-256-128-10_b64,...] [--steps 20] [--top 25] [--cprofile]
+    python benchmarks/bp_ops.py [--sizes 784-256-128-10_b64,...] [--steps 20] [--top 25] [--cprofile] [--detail]
 """
 
 from __future__ import annotations
@@ -85,19 +85,32 @@ def phase_of(event) -> str:
     return "other"
 
 
-def count_ops(trainer, steps: int, top: int) -> None:
+def count_ops(trainer, steps: int, top: int, detail: bool = False) -> None:
     with phase_marks(), profile(activities=[ProfilerActivity.CPU]) as prof:
         run_steps(trainer, steps)
     per_phase: dict[str, int] = collections.Counter()
+    calls: dict[str, int] = collections.Counter()      # ops called from Python (not from inside another op)
     per_op: dict[str, int] = collections.Counter()
+    top_ops: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for e in prof.events():
         if e.name.startswith("aten::"):
-            per_phase[phase_of(e)] += 1
+            phase = phase_of(e)
+            per_phase[phase] += 1
             per_op[e.name] += 1
+            if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"):
+                calls[phase] += 1
+                top_ops[phase][e.name] += 1
     total = sum(per_phase.values())
     print(f"aten_ops_per_step = {total / steps:.1f}")
+    print(f"aten_calls_per_step = {sum(calls.values()) / steps:.1f}")
     for p in (*PHASES, "other"):
         print(f"aten_ops_per_step_{p} = {per_phase[p] / steps:.1f}")
+        print(f"aten_calls_per_step_{p} = {calls[p] / steps:.1f}")
+    if detail:
+        for p in (*PHASES, "other"):
+            print(f"# {p}: ops called from Python per step")
+            for name, n in top_ops[p].most_common(top):
+                print(f"#   {name:40s} {n / steps:7.1f}")
     print("# most frequent ops per step:")
     for name, n in per_op.most_common(top):
         print(f"#   {name:40s} {n / steps:7.1f}")
@@ -124,6 +137,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--detail", action="store_true", help="the ops called from Python, per phase")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from bench_crossbar import device_spec
@@ -136,7 +150,7 @@ def main() -> None:
         trainer = bp_contender(net_cfg, device_spec(), data, batch)
         run_steps(trainer, 5)   # warm-up: read caches, lazily made tensors
         print(f"# {size}, {args.steps} steps")
-        count_ops(trainer, args.steps, args.top)
+        count_ops(trainer, args.steps, args.top, args.detail)
         if args.cprofile:
             python_profile(trainer, args.steps, args.top)
 

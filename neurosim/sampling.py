@@ -21,8 +21,8 @@ import math
 import torch
 
 
-def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None = None, factor: float = 1.0
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None = None, factor: float = 1.0,
+                            limits: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """floor(m + u) with u ~ U[0, 1) independent per element, for m = |factor·x| (x any shape and sign),
     returned sparsely with the sign of factor·x: (flat indices of the non-zero results, in no particular
     order, and their signed values). Same distribution as the dense rounding; a few dozen operations whatever
@@ -30,7 +30,8 @@ def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None =
     (a training update passes the gradient and −learning rate / pulse size): one pass over x finds its
     mean and largest magnitude, and only the gathered elements are scaled. A matrix is searched for its few
     large elements row by row (a row maximum, then only the rows that have one), which is much cheaper than
-    a full comparison and index search."""
+    a full comparison and index search. ``limits`` (low, high): the results are clamped to them, a pass that
+    is skipped when the largest |x| shows that no result can reach them."""
     n = x.numel()
     flat = x.reshape(-1)
     size = abs(factor)
@@ -60,8 +61,11 @@ def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None =
     while last < n - 1:
         gaps = torch.log1p(uniform(chunk).neg_()).div_(log_q).floor_().long().add_(1)
         positions = gaps.cumsum_(0).add_(last)
-        last = int(positions[-1])
-        pieces.append(positions[: int(torch.searchsorted(positions, n))])
+        inside = int(torch.searchsorted(positions, n))
+        pieces.append(positions[:inside])
+        # Positions rise strictly: one at or past n ends the search, and only a chunk wholly inside needs its
+        # last position read (one synchronisation a chunk instead of two).
+        last = n if inside < chunk else int(positions[-1])
     candidates = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     a_c = a.index_select(0, candidates)
     fire = uniform(candidates.numel()).mul_(limit) < a_c  # u·τ < m: probability m/τ
@@ -71,7 +75,11 @@ def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None =
     small = candidates.index_select(0, chosen)
     signs = flat.index_select(0, small).sign_()
     idx, counts = (small, signs) if big is None else (torch.cat([big, small]), torch.cat([big_counts, signs]))
-    return idx, (counts.neg_() if factor < 0 else counts)
+    counts = counts.neg_() if factor < 0 else counts
+    # The largest result is floor(m + u) <= m + 1 (m rounded up by a part in 10^6 at most in float32).
+    if limits is not None and largest * size * (1.0 + 1e-6) + 1.0 >= min(-limits[0], limits[1]):
+        counts = counts.clamp_(limits[0], limits[1])
+    return idx, counts
 
 
 def _above(m: torch.Tensor, tau: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from neurosim.backend import make_generator
 from neurosim.config import ConfigError, setting
 from neurosim.device import DeviceArray, DeviceSpec, pair_arrays, pair_conductances, program_pairs
-from neurosim.sampling import stochastic_round_sparse
+from neurosim.sampling import stochastic_round_sparse, stochastic_round_sparse_many
 
 
 @dataclass(frozen=True)
@@ -667,15 +667,23 @@ class Crossbar:
         beyond the weight range (|scale·Δw| > 2·w_max, e.g. a diverging run's) is capped at the pulses that
         cross it: the controller knows no weight can move further, and more pulses would only bill time at a
         saturated device. (Capped on the few counts, not on the whole request: no pass over the matrix.)"""
+        dw, factor, limits = self._rounding_request(dw, scale)
+        if self.config.rounding == "stochastic":   # clamps only where a count can reach the limits
+            return stochastic_round_sparse(dw, generator or self.noise_generator, factor, limits)
+        return self._round_nearest(dw, factor, limits)
+
+    def _rounding_request(self, dw: torch.Tensor, scale: float) -> tuple[torch.Tensor, float, tuple[int, int]]:
+        """What ``pulse_counts`` rounds: the request in the array's dtype (depressions rescaled where the two
+        curves take different pulse counts), the factor to pulses, and the limits of a count."""
         if dw.dtype != self.dtype:
             dw = dw.to(self.dtype)
-        factor = scale / self.dw_up
         if self.dw_up != self.dw_down:  # a single device whose two curves have different pulse counts
             dw = torch.where(dw * scale > 0, dw, dw * (self.dw_up / self.dw_down))
         span = 2.0 * self.config.w_max
-        limits = (-math.ceil(span / self.dw_down), math.ceil(span / self.dw_up))
-        if self.config.rounding == "stochastic":   # clamps only where a count can reach the limits
-            return stochastic_round_sparse(dw, generator or self.noise_generator, factor, limits)
+        return dw, scale / self.dw_up, (-math.ceil(span / self.dw_down), math.ceil(span / self.dw_up))
+
+    @staticmethod
+    def _round_nearest(dw: torch.Tensor, factor: float, limits: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         n = dw.mul(factor).round_().view(-1)
         idx = n.nonzero().squeeze(1)
         return idx, n.index_select(0, idx).clamp_(*limits)
@@ -820,4 +828,11 @@ def program_deltas(crossbars: list[Crossbar], dws: list[torch.Tensor], scale: fl
     layers are programmed one by one."""
     for cb, dw in zip(crossbars, dws, strict=True):
         cb._check_shape(dw)
-    return _fire([(cb, *cb.pulse_counts(dw, scale=scale)) for cb, dw in zip(crossbars, dws, strict=True)])
+    # pulse_counts of every layer, the stochastic ones' magnitude statistics read in one synchronisation.
+    requests = [cb._rounding_request(dw, scale) for cb, dw in zip(crossbars, dws, strict=True)]
+    drawn = [i for i, cb in enumerate(crossbars) if cb.config.rounding == "stochastic"]
+    rounded = dict(zip(drawn, stochastic_round_sparse_many(
+        [requests[i][0] for i in drawn], [crossbars[i].noise_generator for i in drawn],
+        [requests[i][1] for i in drawn], [requests[i][2] for i in drawn]), strict=True))
+    return _fire([(cb, *(rounded[i] if i in rounded else cb._round_nearest(*requests[i])))
+                  for i, cb in enumerate(crossbars)])

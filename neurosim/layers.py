@@ -56,7 +56,7 @@ def derivative_backward(unit: ActivationUnit, z: torch.Tensor, grad_out: torch.T
                         input_grad: bool = True) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
     """The error behind a neuron circuit: the derivative circuit's output times the incoming error, and the
     gradients of the unit's trainable coefficients (from the circuit's own function), keyed by id."""
-    grad_z = unit.derivative(z).mul_(grad_out) if input_grad else None  # the circuit's output is a temporary
+    grad_z = unit.derivative_times(z, grad_out) if input_grad else None
     params = [p for p in unit.trainable_parameters() if p.requires_grad]
     if not params:
         return grad_z, {}

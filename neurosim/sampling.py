@@ -32,11 +32,32 @@ def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None =
     large elements row by row (a row maximum, then only the rows that have one), which is much cheaper than
     a full comparison and index search. ``limits`` (low, high): the results are clamped to them, a pass that
     is skipped when the largest |x| shows that no result can reach them."""
+    return stochastic_round_sparse_many([x], [generator], [factor], [limits])[0]
+
+
+def stochastic_round_sparse_many(xs: list[torch.Tensor], generators: list[torch.Generator | None],
+                                 factors: list[float], limits: list[tuple[float, float] | None]
+                                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``stochastic_round_sparse`` of several requests (a network's layers at one step), each with its own
+    stream, in order: the same numbers as separate calls, with the magnitudes' sums and maxima of all of them
+    read in one synchronisation."""
+    flats = [x.reshape(-1) for x in xs]
+    mags = [f.abs() for f in flats]
+    wanted = [i for i, (x, f) in enumerate(zip(xs, factors, strict=True)) if x.numel() and f]
+    values = torch.stack([t for i in wanted for t in (mags[i].sum(), mags[i].amax())]).tolist() if wanted else []
+    stats = [(0.0, 0.0)] * len(xs)
+    for k, i in enumerate(wanted):
+        stats[i] = (values[2 * k], values[2 * k + 1])
+    return [_round_sparse(x, flat, a, total, largest, g, factor, lim) for x, flat, a, (total, largest), g, factor, lim
+            in zip(xs, flats, mags, stats, generators, factors, limits, strict=True)]
+
+
+def _round_sparse(x: torch.Tensor, flat: torch.Tensor, a: torch.Tensor, total: float, largest: float,
+                  generator: torch.Generator | None, factor: float, limits: tuple[float, float] | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stochastic_round_sparse`` given x flat, its magnitudes ``a`` and their sum and maximum."""
     n = x.numel()
-    flat = x.reshape(-1)
     size = abs(factor)
-    a = flat.abs()
-    total, largest = torch.stack([a.sum(), a.amax()]).tolist() if n and size else (0.0, 0.0)
     if largest == 0.0:
         return torch.zeros(0, dtype=torch.long, device=x.device), x.new_zeros(0)
     tau = min(0.5, max(16.0 * total / n * size, 1.0 / n))

@@ -20,7 +20,7 @@ import torch
 
 from neurosim.backend import make_generator
 from neurosim.config import ConfigError, setting
-from neurosim.device import DeviceArray, DeviceSpec, pair_arrays, pair_conductances, program_pairs
+from neurosim.device import DeviceArray, DeviceSpec, flat_view, pair_arrays, pair_conductances, program_pairs
 from neurosim.sampling import stochastic_round_sparse, stochastic_round_sparse_many
 
 
@@ -311,7 +311,7 @@ class Crossbar:
         values = self._read_values(list(g))
         for cached, fresh in zip(self._cache, values, strict=True):
             if cached is not None:
-                cached.view(-1).index_copy_(0, cells, fresh)
+                flat_view(self, cached).index_copy_(0, cells, fresh)
         self._cache_key, self._solvers = self._state_key(), None
 
     def dac(self, x: torch.Tensor) -> torch.Tensor:
@@ -726,7 +726,7 @@ class Crossbar:
         pulse slots."""
         if patch:
             self._refresh_cells(cells, new)
-        believed = self.believed.view(-1)
+        believed = flat_view(self, self.believed)
         if self.dw_up == self.dw_down:
             step = counts * self.dw_up
         else:

@@ -468,13 +468,17 @@ class DeviceArray:
     def _now(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """Conductances of flat cells ``idx`` (None: all) now, drift included: the same arithmetic as
         ``conductance()``, so the same bits. A pulse starts from here."""
-        g = self.g.reshape(-1) if idx is None else self.g.view(-1).index_select(0, idx)
+        g = self.g.reshape(-1) if idx is None else flat_view(self, self.g).index_select(0, idx)
         if not self.drifting:
             return g
-        t = self.t_programmed.reshape(-1) if idx is None else self.t_programmed.view(-1).index_select(0, idx)
+        t = self.t_programmed.reshape(-1) if idx is None else flat_view(self, self.t_programmed).index_select(0, idx)
         neg_nu = self._neg_nu()
         if neg_nu.dim():
-            neg_nu = neg_nu.reshape(-1) if idx is None else neg_nu.reshape(-1).index_select(0, idx)
+            if idx is None:
+                neg_nu = neg_nu.reshape(-1)
+            else:
+                flat = flat_view(self, neg_nu) if neg_nu.is_contiguous() else neg_nu.reshape(-1)
+                neg_nu = flat.index_select(0, idx)
         return self._drifted(g, t, neg_nu)
 
     def max_drift_nu(self) -> float:
@@ -663,9 +667,9 @@ class DeviceArray:
 
     def _store(self, idx: torch.Tensor, g: torch.Tensor) -> None:
         """Write new conductances of cells ``idx`` (flat), their programming time and the version."""
-        self.g.view(-1).index_copy_(0, idx, g)
+        flat_view(self, self.g).index_copy_(0, idx, g)
         if self.spec.drift_nu > 0:  # the age of a cell matters only where it drifts
-            self.t_programmed.view(-1).index_fill_(0, idx, self.time_s)
+            flat_view(self, self.t_programmed).index_fill_(0, idx, self.time_s)
         self.version += 1
 
     def pulses_for(self, g_target: torch.Tensor, g_now: torch.Tensor | None = None) -> torch.Tensor:
@@ -723,6 +727,21 @@ class DeviceArray:
         names = ("g", "g_min", "g_max", "a_ltp", "a_ltd", "step", "drift_nu", "stuck_low", "stuck_high",
                  "t_programmed")
         return {k: getattr(self, k).expand(self.shape) for k in names}
+
+
+def flat_view(owner: object, t: torch.Tensor) -> torch.Tensor:
+    """``t.view(-1)``, kept on ``owner`` while ``t`` is alive and the same tensor: the sparse write of a training
+    step takes a dozen flat views of the same few tensors (conductances, programming times, beliefs), each
+    an operation of its own. A few entries at most (old ones are dropped once the owner's tensors change)."""
+    cache = owner.__dict__.get("_flat_views")
+    if cache is None:
+        cache = owner.__dict__["_flat_views"] = {}
+    hit = cache.get(id(t))
+    if hit is None or hit[0] is not t or hit[1].data_ptr() != t.data_ptr():   # (a copy of the owner: remade)
+        if len(cache) >= 8:
+            cache.clear()
+        hit = cache[id(t)] = (t, t.view(-1))
+    return hit[1]
 
 
 def pair_conductances(first: DeviceArray, second: DeviceArray, rows: int | slice | None = None

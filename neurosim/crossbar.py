@@ -226,6 +226,7 @@ class Crossbar:
         return (self.conductance_difference() / self.k)[: self.in_features, : self.out_features]
 
     _key_memo: tuple | None = None   # (what _state_key was computed from, the key)
+    _slot_buffer: torch.Tensor | None = None   # _written's per-row pulse maxima
 
     def _state_key(self) -> tuple:
         """What the read cache depends on. A drifting array's clock counts as the time of the cache's last
@@ -735,7 +736,12 @@ class Crossbar:
                              .clamp_(-self.config.w_max, self.config.w_max))
         # Slots: per tile, the sum over its rows of the largest pulse count in the row; tiles in parallel.
         mag = counts.abs()
-        per_row = torch.zeros(self.padded_shape[0] * self.n_col_tiles, device=mag.device, dtype=mag.dtype)
+        per_row = self._slot_buffer   # kept between steps (a fresh one was an allocation and a fill a step)
+        if per_row is None or per_row.dtype != mag.dtype or per_row.device != mag.device:
+            per_row = self._slot_buffer = torch.zeros(self.padded_shape[0] * self.n_col_tiles, device=mag.device,
+                                                      dtype=mag.dtype)
+        else:
+            per_row.zero_()
         rows = idx // self.out_features
         where = rows if self.n_col_tiles == 1 else rows * self.n_col_tiles + idx % self.out_features // self.tile_cols
         per_row.scatter_reduce_(0, where, mag, "amax")

@@ -70,7 +70,7 @@ def _round_sparse(x: torch.Tensor, flat: torch.Tensor, a: torch.Tensor, total: f
     if largest > limit:
         big = _above(a.view(x.shape), limit)
         big_counts = a.index_select(0, big).mul_(size).add_(uniform(big.numel())).floor_()
-        keep = (big_counts > 0).nonzero().squeeze(1)
+        keep = big_counts.nonzero().squeeze(1)   # floor(m + u) >= 0, and finite x here (largest is)
         big = big.index_select(0, keep)
         big_counts = big_counts.index_select(0, keep).copysign_(flat.index_select(0, big))
 

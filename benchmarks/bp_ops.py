@@ -6,7 +6,8 @@ are deterministic: they do not depend on the machine's load, unlike wall-clock t
 (``AnalogLayer.backward_bp``), ``update`` (``Trainer.update_layers``: momentum and ``program_deltas``) and
 ``other`` (the rest of the step: the engine's events, the clock, neuron-circuit updates).
 
-    python benchmarks/bp_ops.py [--sizes 784-256-128-10_b64,...] [--steps 20] [--top 25] [--cprofile] [--detail]
+    python benchmarks/bp_ops.py [--sizes 784-256-128-10_b64,...] [--steps 20] [--top 25] [--threads 2]
+                                [--cprofile] [--detail] [--time]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import cProfile
 import functools
 import pstats
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -63,17 +65,68 @@ def phase_marks():
             setattr(owner, attr, fn)
 
 
-def run_steps(trainer, steps: int) -> None:
-    """``steps`` training steps of the trainer's process (engine included), on its own data."""
+def run_steps(trainer, steps: int, times: list[float] | None = None) -> None:
+    """``steps`` training steps of the trainer's process (engine included), on its own data; each step's
+    seconds appended to ``times`` when given."""
     data, batch = trainer.data, trainer.config.batch_size
     schemes = trainer.layer_schemes(1)
 
     def process():
         for i in range(steps):
             idx = torch.arange(i * batch, (i + 1) * batch) % len(data.x_train)
+            t0 = time.perf_counter()
             yield from trainer.step(data.x_train[idx], data.y_train[idx], schemes)
+            if times is not None:
+                times.append(time.perf_counter() - t0)
 
     trainer.engine.start(process())
+
+
+@contextlib.contextmanager
+def phase_clocks(spent: dict[str, float]):
+    """Add each phase's seconds into ``spent`` (the same wrapping as ``phase_marks``, with a clock)."""
+    saved = []
+
+    def wrap(owner, attr, name):
+        fn = getattr(owner, attr)
+        saved.append((owner, attr, fn))
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, attr, timed)
+
+    wrap(AnalogLayer, "forward_bp", "forward")
+    wrap(AnalogLayer, "backward_bp", "backward")
+    wrap(Trainer, "update_layers", "update")
+    try:
+        yield
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+
+
+def time_steps(trainer, steps: int) -> None:
+    """Least and median milliseconds of a step and of its phases, each step timed on its own (the least is
+    the figure least disturbed by other processes)."""
+    per_step: dict[str, list[float]] = collections.defaultdict(list)
+    for _ in range(steps):
+        spent: dict[str, float] = {}
+        times: list[float] = []
+        with phase_clocks(spent):
+            run_steps(trainer, 1, times)
+        per_step["step"].append(times[0])
+        for k, v in spent.items():
+            per_step[k].append(v)
+    for k in ("step", "forward", "backward", "update"):
+        v = sorted(per_step[k])
+        print(f"{k}_ms_min = {1e3 * v[0]:.3f}")
+        print(f"{k}_ms_median = {1e3 * v[len(v) // 2]:.3f}")
 
 
 def phase_of(event) -> str:
@@ -138,6 +191,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--detail", action="store_true", help="the ops called from Python, per phase")
+    parser.add_argument("--time", action="store_true", help="least and median ms per step and phase instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from bench_crossbar import device_spec
@@ -150,6 +204,9 @@ def main() -> None:
         trainer = bp_contender(net_cfg, device_spec(), data, batch)
         run_steps(trainer, 5)   # warm-up: read caches, lazily made tensors
         print(f"# {size}, {args.steps} steps")
+        if args.time:
+            time_steps(trainer, args.steps)
+            continue
         count_ops(trainer, args.steps, args.top, args.detail)
         if args.cprofile:
             python_profile(trainer, args.steps, args.top)

@@ -20,7 +20,14 @@ import torch
 
 from neurosim.backend import make_generator
 from neurosim.config import ConfigError, setting
-from neurosim.device import DeviceArray, DeviceSpec, flat_view, pair_arrays, pair_conductances, program_pairs
+from neurosim.device import (
+    DeviceArray,
+    DeviceSpec,
+    _program_pairs,
+    flat_view,
+    pair_arrays,
+    pair_conductances,
+)
 from neurosim.sampling import stochastic_round_sparse, stochastic_round_sparse_many
 
 
@@ -306,9 +313,11 @@ class Crossbar:
     def _refresh_cells(self, cells: torch.Tensor, new: torch.Tensor | None = None) -> None:
         """After a write of a few cells: recompute the cached read tensors there only
         (the same arithmetic as a full rebuild, so the same bits). ``new``: the pair's new conductances of
-        those cells, as ``program_pair`` returns them."""
-        g = new.split(cells.numel()) if new is not None else [a.g.view(-1).index_select(0, cells)
-                                                               for a in self._arrays()]
+        those cells, as ``program_pair`` returns them (or already split in two)."""
+        if new is None:
+            g = [a.g.view(-1).index_select(0, cells) for a in self._arrays()]
+        else:
+            g = new if isinstance(new, tuple) else new.split(cells.numel())
         values = self._read_values(list(g))
         for cached, fresh in zip(self._cache, values, strict=True):
             if cached is not None:
@@ -815,7 +824,8 @@ def _fire(writes: list[tuple[Crossbar, torch.Tensor, torch.Tensor]]) -> list[dic
     all crossbars in one pass of the device model (``program_pairs``, which splits different cards), single
     devices on their own; then each crossbar's bookkeeping, and all the numbers in one synchronisation."""
     parts = [(cb, idx, counts, *cb._cells(idx)) for cb, idx, counts in writes]
-    paired = program_pairs([(cb.plus, cb.minus, cells, n) for cb, _, n, cells, _ in parts if cb.minus is not None])
+    paired = _program_pairs([(cb.plus, cb.minus, cells, n) for cb, _, n, cells, _ in parts if cb.minus is not None],
+                            halves=True)
     news = iter(paired)
     return _stats([part[0] for part in parts],
                   [cb._written(idx, n, cells, next(news) if cb.minus is not None else cb.plus.program_cells(cells, n),

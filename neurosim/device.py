@@ -792,7 +792,14 @@ def program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, tor
     The pairs must share the card (the first pair's cycle-to-cycle stream draws for all); a pair that
     cannot join (not paired, or every cell pulsed) is programmed on its own. Returns, per pair, the new
     conductances of its cells (first's, then second's) or None where it fell back."""
-    out: list[torch.Tensor | None] = [None] * len(writes)
+    return _program_pairs(writes, halves=False)
+
+
+def _program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, torch.Tensor]], halves: bool
+                   ) -> list:
+    """``program_pairs``; ``halves``: each pair's new conductances as (first's, second's), split once for all
+    pairs (a crossbar's read-cache patch wants them so)."""
+    out: list = [None] * len(writes)
     joined, others = [], []
     for i, (first, second, idx, counts) in enumerate(writes):
         n = idx.numel()
@@ -816,14 +823,33 @@ def program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, tor
         else:
             base = idx * 2
             rows = torch.cat([base + down, base.add_(m + 1).sub_(down)])
-        joined.append((i, first, second, idx, shared.index_select(0, rows),
-                       torch.cat([first._now(idx), second._now(idx)]),
-                       torch.cat([counts, counts.neg()])))
+        joined.append((i, first, second, idx, shared.index_select(0, rows), first._now(idx), second._now(idx),
+                       counts))
     if others:
-        for i, part in zip(others, program_pairs([writes[i] for i in others]), strict=True):
+        for i, part in zip(others, _program_pairs([writes[i] for i in others], halves), strict=True):
             out[i] = part
     if not joined:
         return out
+    lead = joined[0][1]
+    # The pass's operands, pair after pair (first's cells, then second's): one concatenation each, the same
+    # values in the same places as concatenating per pair first.
+    constants = joined[0][4] if len(joined) == 1 else torch.cat([j[4] for j in joined])
+    g = torch.cat([t for j in joined for t in (j[5], j[6])])
+    ns = torch.cat([t for j in joined for t in (j[7], j[7].neg())])
+    new = lead._pulse(constants, g, ns, None, True)
+    if halves:
+        pieces = iter(new.split([j[3].numel() for j in joined for _ in range(2)]))
+        for i, first, second, idx, *_ in joined:
+            out[i] = (next(pieces), next(pieces))
+            first._store(idx, out[i][0])
+            second._store(idx, out[i][1])
+        return out
+    for (i, first, second, idx, *_), part in zip(joined, new.split([2 * j[3].numel() for j in joined]),
+                                                  strict=True):
+        for array, half in zip((first, second), part.split(idx.numel()), strict=True):
+            array._store(idx, half)
+        out[i] = part
+    return out
     lead = joined[0][1]
     if len(joined) == 1:
         constants, g, ns = joined[0][4:]

@@ -222,7 +222,7 @@ class AnalogLinear(AnalogLayer):
         self.in_features, self.out_features = in_features, out_features
 
     def rows_of(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1)
+        return x if x.dim() == 2 else x.reshape(x.shape[0], -1)   # (a reshape to its own shape is a call)
 
     def shape_output(self, z: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
         return z
@@ -231,7 +231,7 @@ class AnalogLinear(AnalogLayer):
         return grad
 
     def input_from_rows(self, grad_rows: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
-        return grad_rows.reshape(x_shape)
+        return grad_rows if grad_rows.shape == x_shape else grad_rows.reshape(x_shape)
 
 
 class AnalogConv2d(AnalogLayer):

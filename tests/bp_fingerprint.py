@@ -3,8 +3,10 @@ parameter, momentum buffer, metrics row and random stream's state after one epoc
 ``bp_fingerprints.json`` from the code before the BP step's operation-count work (issue 14), so that work is
 shown to leave every number as it was, bit for bit.
 
-A change that is *meant* to change the numbers of a BP step (e.g. new read-path arithmetic) regenerates the
-file (``python -m tests.bp_fingerprint``) and says so in its commit message.
+The pinned hashes hold for the machine and torch they were made with (``environment``); the test that always
+runs compares against the old functions themselves, in the same process (``tests/bp_reference.py``). A change
+that is *meant* to change the numbers of a BP step (e.g. new read-path arithmetic) regenerates the file
+(``python -m tests.bp_fingerprint``) and says so in its commit message.
 """
 
 from __future__ import annotations
@@ -137,6 +139,14 @@ def epoch_fingerprint(case: str, epochs: int = 2) -> dict[str, str]:
     return out
 
 
+def environment() -> dict[str, str]:
+    """What the bits of a CPU run depend on besides the code: torch's version and the vector instructions its
+    kernels use (another machine may round a transcendental function or a product differently)."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 if __name__ == "__main__":
-    PINNED.write_text(json.dumps({case: epoch_fingerprint(case) for case in CASES}, indent=1, sort_keys=True) + "\n")
+    pinned = {case: epoch_fingerprint(case) for case in CASES}
+    pinned["environment"] = environment()
+    PINNED.write_text(json.dumps(pinned, indent=1, sort_keys=True) + "\n")
     print(PINNED.read_text())

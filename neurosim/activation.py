@@ -688,6 +688,7 @@ class ActivationUnit(torch.nn.Module):
                                                                   "d_noise")}
         self._noise_gens: dict[tuple[str, str], torch.Generator] = {}
         self._pack_cache: dict[int, tuple] = {}
+        self._view_cache: dict[int, tuple] = {}   # see _per_neuron
         self.register_buffer("gain", self._sample("gain", config.gain_dtod, 1.0, lognormal=True))
         self.register_buffer("offset", self._sample("offset", config.offset_dtod, 0.0))
         if self.has_derivative_circuit:
@@ -880,6 +881,18 @@ class ActivationUnit(torch.nn.Module):
                                  cfg.derivative_gain_dtod, cfg.derivative_offset_dtod, cfg.derivative_noise,
                                  "d_noise", None, fresh=True)
 
+    def derivative_times(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """``derivative(x) * grad``, the error behind the neuron circuit, as a fresh tensor -- or ``grad``
+        itself where the derivative circuit outputs exactly 1 everywhere (an exact identity without mismatch
+        or noise: 1·g is g, bit for bit), which spares a layer without neurons two operations a step."""
+        cfg = self.config
+        if (cfg.function == "identity" and cfg.mode == "exact" and self.has_derivative_circuit
+                and not (cfg.derivative_gain_dtod or cfg.derivative_offset_dtod or cfg.derivative_noise)
+                and grad.shape == x.shape and grad.dtype == x.dtype):
+            self._check_shape(x)
+            return grad
+        return self.derivative(x).mul_(grad)
+
     def pwl_table(self, which: str = "function") -> PWLTable:
         """The segments (breakpoints, slope, intercept) of the PWL function, or of the derivative BP uses."""
         if self.config.mode != "pwl":
@@ -922,6 +935,17 @@ class ActivationUnit(torch.nn.Module):
             cached = self._pack_cache[id(table)] = (key, _pack_rows(table.to(device=x.device, dtype=dtype)))
         return cached[1]
 
+    def _per_neuron(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A per-neuron buffer (gain, offset) in y's dtype and device, shaped to broadcast along dim 1 of y:
+        made once and kept while the buffer is the same tensor, unmodified (its version), because a conversion
+        and a view at every evaluation were a sixth of a neuron circuit's operations in a BP step."""
+        key = (t._version, y.dtype, y.device, y.dim())
+        cached = self._view_cache.get(id(t))
+        if cached is None or cached[0] is not t or cached[1] != key:
+            shape = (1, self.num_neurons) + (1,) * (y.dim() - 2)
+            cached = self._view_cache[id(t)] = (t, key, t.to(device=y.device, dtype=y.dtype).view(shape))
+        return cached[2]
+
     def _check_shape(self, x: torch.Tensor) -> None:
         if x.dim() < 2 or x.shape[1] != self.num_neurons:
             raise ValueError(f"expected neurons along dim 1: shape (B, {self.num_neurons}, ...), got "
@@ -939,17 +963,16 @@ class ActivationUnit(torch.nn.Module):
         """Apply per-neuron gain and offset, per-evaluation noise and output clipping (skipped where zero, so a
         circuit without variation returns its ideal output bit for bit). ``fresh``: y is this evaluation's own
         temporary, so outside autograd every step works in its buffer (one pass each, no new tensor)."""
-        shape = (1, self.num_neurons) + (1,) * (y.dim() - 2)
         inplace = fresh and not (torch.is_grad_enabled() and y.requires_grad)
         if gain_sigma:
-            g = gain.to(device=y.device, dtype=y.dtype).view(shape)
+            g = self._per_neuron(gain, y)
             if offset_sigma:
-                off = offset.to(device=y.device, dtype=y.dtype).view(shape)
+                off = self._per_neuron(offset, y)
                 y = torch.addcmul(off, y, g, out=y) if inplace else torch.addcmul(off, y, g)
             else:
                 y = y.mul_(g) if inplace else y * g
         elif offset_sigma:
-            off = offset.to(device=y.device, dtype=y.dtype).view(shape)
+            off = self._per_neuron(offset, y)
             y = y.add_(off) if inplace else y + off
         if noise:
             z = torch.randn(y.shape, generator=self._generator(stream, y.device), device=y.device, dtype=y.dtype)

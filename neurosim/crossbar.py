@@ -20,9 +20,16 @@ import torch
 
 from neurosim.backend import fast_bfloat16, make_generator
 from neurosim.config import ConfigError, setting
-from neurosim.device import DeviceArray, DeviceSpec, pair_arrays, pair_conductances, program_pairs
+from neurosim.device import (
+    DeviceArray,
+    DeviceSpec,
+    _program_pairs,
+    flat_view,
+    pair_arrays,
+    pair_conductances,
+)
 from neurosim.random_streams import PhiloxStream, noisy_adc_sum
-from neurosim.sampling import stochastic_round_sparse
+from neurosim.sampling import stochastic_round_sparse, stochastic_round_sparse_many
 
 
 @dataclass(frozen=True)
@@ -245,17 +252,32 @@ class Crossbar:
         """The weights the conductances really hold now (noise-free): what the chip computes with."""
         return (self.conductance_difference() / self.k)[: self.in_features, : self.out_features]
 
+    _key_memo: tuple | None = None   # (what _state_key was computed from, the key)
+    _slot_buffer: torch.Tensor | None = None   # _written's per-row pulse maxima
+
     def _state_key(self) -> tuple:
         """What the read cache depends on. A drifting array's clock counts as the time of the cache's last
         drift recomputation while no cell's drift factor can have moved by more than ``drift_tolerance``
         since: between training steps the clock moves by microseconds to milliseconds, and recomputing every
         cell's drift after every step's write (a drifting array could not be patched) cost a quarter of a
-        BP step."""
+        BP step.
+
+        The key is a function of the noise switch, the anchor and each array's version and clock (the cards and
+        the drift exponents are fixed): it is remembered for those, since every read and every write asks
+        for it (fifteen times a BP step) and computing it took longer than a small tensor operation."""
+        plus, minus = self.plus, self.minus
+        raw = (self.noise, self._drift_anchor, plus.version, plus.time_s,
+               None if minus is None else minus.version, None if minus is None else minus.time_s)
+        memo = self._key_memo
+        if memo is not None and memo[0] == raw:
+            return memo[1]
         keys = tuple(a.read_key() for a in self._arrays())
         anchor = self._drift_anchor
         if anchor is not None and self._drift_change(anchor) <= self.config.drift_tolerance:
             keys = tuple((k[0], anchor if k[1] is not None else None) for k in keys)
-        return (self.noise, *keys)
+        key = (self.noise, *keys)
+        self._key_memo = (raw, key)
+        return key
 
     def _drift_change(self, since: float) -> float:
         """Bound on the relative move of any cell's drift factor (age/t0)^−ν since the clock read ``since``:
@@ -311,13 +333,15 @@ class Crossbar:
     def _refresh_cells(self, cells: torch.Tensor, new: torch.Tensor | None = None) -> None:
         """After a write of a few cells: recompute the cached read tensors there only
         (the same arithmetic as a full rebuild, so the same bits). ``new``: the pair's new conductances of
-        those cells, as ``program_pair`` returns them."""
-        g = new.split(cells.numel()) if new is not None else [a.g.view(-1).index_select(0, cells)
-                                                               for a in self._arrays()]
+        those cells, as ``program_pair`` returns them (or already split in two)."""
+        if new is None:
+            g = [a.g.view(-1).index_select(0, cells) for a in self._arrays()]
+        else:
+            g = new if isinstance(new, tuple) else new.split(cells.numel())
         values = self._read_values(list(g))
         for cached, fresh in zip(self._cache, values, strict=True):
             if cached is not None:
-                cached.view(-1).index_copy_(0, cells, fresh)
+                flat_view(self, cached).index_copy_(0, cells, fresh)
         if self._cache_low is not None:
             self._cache_low.view(-1).index_copy_(0, cells, values[1].to(self._cache_low.dtype))
         self._cache_key, self._solvers = self._state_key(), None
@@ -725,18 +749,26 @@ class Crossbar:
         beyond the weight range (|scale·Δw| > 2·w_max, e.g. a diverging run's) is capped at the pulses that
         cross it: the controller knows no weight can move further, and more pulses would only bill time at a
         saturated device. (Capped on the few counts, not on the whole request: no pass over the matrix.)"""
-        dw = dw.to(self.dtype)
-        factor = scale / self.dw_up
+        dw, factor, limits = self._rounding_request(dw, scale)
+        if self.config.rounding == "stochastic":   # clamps only where a count can reach the limits
+            return stochastic_round_sparse(dw, generator or self.noise_generator, factor, limits)
+        return self._round_nearest(dw, factor, limits)
+
+    def _rounding_request(self, dw: torch.Tensor, scale: float) -> tuple[torch.Tensor, float, tuple[int, int]]:
+        """What ``pulse_counts`` rounds: the request in the array's dtype (depressions rescaled where the two
+        curves take different pulse counts), the factor to pulses, and the limits of a count."""
+        if dw.dtype != self.dtype:
+            dw = dw.to(self.dtype)
         if self.dw_up != self.dw_down:  # a single device whose two curves have different pulse counts
             dw = torch.where(dw * scale > 0, dw, dw * (self.dw_up / self.dw_down))
-        if self.config.rounding == "stochastic":
-            idx, counts = stochastic_round_sparse(dw, generator or self.noise_generator, factor)
-        else:
-            n = dw.mul(factor).round_().view(-1)
-            idx = n.nonzero().squeeze(1)
-            counts = n.index_select(0, idx)
         span = 2.0 * self.config.w_max
-        return idx, counts.clamp_(-math.ceil(span / self.dw_down), math.ceil(span / self.dw_up))
+        return dw, scale / self.dw_up, (-math.ceil(span / self.dw_down), math.ceil(span / self.dw_up))
+
+    @staticmethod
+    def _round_nearest(dw: torch.Tensor, factor: float, limits: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = dw.mul(factor).round_().view(-1)
+        idx = n.nonzero().squeeze(1)
+        return idx, n.index_select(0, idx).clamp_(*limits)
 
     def pulses_for_delta(self, dw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Signed pulse counts (in, out) that the controller issues for a requested weight change (dense)."""
@@ -771,11 +803,12 @@ class Crossbar:
 
     def _written(self, idx: torch.Tensor, counts: torch.Tensor, cells: torch.Tensor, new: torch.Tensor | None,
                  patch: bool) -> torch.Tensor:
-        """After the devices took the pulses: the read cache, the controller's belief, and (as a tensor, so that
-        a whole network's numbers come back in one synchronisation) the pulse count and the pulse slots."""
+        """After the devices took the pulses: the read cache, the controller's belief, and (as 0-dim tensors, so
+        that a whole network's numbers come back in one synchronisation) the pulse count of one array and the
+        pulse slots."""
         if patch:
             self._refresh_cells(cells, new)
-        believed = self.believed.view(-1)
+        believed = flat_view(self, self.believed)
         if self.dw_up == self.dw_down:
             step = counts * self.dw_up
         else:
@@ -784,12 +817,17 @@ class Crossbar:
                              .clamp_(-self.config.w_max, self.config.w_max))
         # Slots: per tile, the sum over its rows of the largest pulse count in the row; tiles in parallel.
         mag = counts.abs()
-        per_row = torch.zeros(self.padded_shape[0] * self.n_col_tiles, device=mag.device, dtype=mag.dtype)
+        per_row = self._slot_buffer   # kept between steps (a fresh one was an allocation and a fill a step)
+        if per_row is None or per_row.dtype != mag.dtype or per_row.device != mag.device:
+            per_row = self._slot_buffer = torch.zeros(self.padded_shape[0] * self.n_col_tiles, device=mag.device,
+                                                      dtype=mag.dtype)
+        else:
+            per_row.zero_()
         rows = idx // self.out_features
         where = rows if self.n_col_tiles == 1 else rows * self.n_col_tiles + idx % self.out_features // self.tile_cols
         per_row.scatter_reduce_(0, where, mag, "amax")
         slots = per_row.reshape(self.n_row_tiles, self.tile_rows, self.n_col_tiles).sum(1).amax()
-        return torch.stack([mag.sum() * len(self._arrays()), slots])
+        return mag.sum(), slots
 
     def program_delta(self, dw: torch.Tensor, scale: float = 1.0) -> dict[str, int]:
         """Update by a requested weight change scale·dw: pulses through the device model (not an exact write).
@@ -845,10 +883,12 @@ class Crossbar:
         return {"tiles": self.tiles, "tile_rows": self.tile_rows, "tile_cols": self.tile_cols}
 
 
-def _stats(numbers: list[torch.Tensor]) -> list[dict[str, int]]:
-    """(pulses, slots) tensors of several writes → plain numbers, in one synchronisation."""
-    values = torch.stack(numbers).tolist()
-    return [{"pulses": int(p), "pulse_slots": int(q)} for p, q in values]
+def _stats(crossbars: list[Crossbar], numbers: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, int]]:
+    """(pulses of one array, slots) of several writes → plain numbers, in one synchronisation; the pulses
+    count every array of a crossbar (the counts are whole numbers: the product is exact either way)."""
+    values = torch.stack([t for pair in numbers for t in pair]).tolist()
+    return [{"pulses": int(values[2 * i]) * (1 if cb.minus is None else 2), "pulse_slots": int(values[2 * i + 1])}
+            for i, cb in enumerate(crossbars)]
 
 
 def _fire(writes: list[tuple[Crossbar, torch.Tensor, torch.Tensor]]) -> list[dict[str, int]]:
@@ -856,11 +896,12 @@ def _fire(writes: list[tuple[Crossbar, torch.Tensor, torch.Tensor]]) -> list[dic
     all crossbars in one pass of the device model (``program_pairs``, which splits different cards), single
     devices on their own; then each crossbar's bookkeeping, and all the numbers in one synchronisation."""
     parts = [(cb, idx, counts, *cb._cells(idx)) for cb, idx, counts in writes]
-    paired = program_pairs([(cb.plus, cb.minus, cells, n) for cb, _, n, cells, _ in parts if cb.minus is not None])
+    paired = _program_pairs([(cb.plus, cb.minus, cells, n) for cb, _, n, cells, _ in parts if cb.minus is not None],
+                            halves=True)
     news = iter(paired)
-    return _stats([cb._written(idx, n, cells, next(news) if cb.minus is not None else
-                               cb.plus.program_cells(cells, n), patch)
-                   for cb, idx, n, cells, patch in parts])
+    return _stats([part[0] for part in parts],
+                  [cb._written(idx, n, cells, next(news) if cb.minus is not None else cb.plus.program_cells(cells, n),
+                               patch) for cb, idx, n, cells, patch in parts])
 
 
 def program_deltas(crossbars: list[Crossbar], dws: list[torch.Tensor], scale: float = 1.0
@@ -875,4 +916,11 @@ def program_deltas(crossbars: list[Crossbar], dws: list[torch.Tensor], scale: fl
     layers are programmed one by one."""
     for cb, dw in zip(crossbars, dws, strict=True):
         cb._check_shape(dw)
-    return _fire([(cb, *cb.pulse_counts(dw, scale=scale)) for cb, dw in zip(crossbars, dws, strict=True)])
+    # pulse_counts of every layer, the stochastic ones' magnitude statistics read in one synchronisation.
+    requests = [cb._rounding_request(dw, scale) for cb, dw in zip(crossbars, dws, strict=True)]
+    drawn = [i for i, cb in enumerate(crossbars) if cb.config.rounding == "stochastic"]
+    rounded = dict(zip(drawn, stochastic_round_sparse_many(
+        [requests[i][0] for i in drawn], [crossbars[i].noise_generator for i in drawn],
+        [requests[i][1] for i in drawn], [requests[i][2] for i in drawn]), strict=True))
+    return _fire([(cb, *(rounded[i] if i in rounded else cb._round_nearest(*requests[i])))
+                  for i, cb in enumerate(crossbars)])

@@ -468,13 +468,17 @@ class DeviceArray:
     def _now(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """Conductances of flat cells ``idx`` (None: all) now, drift included: the same arithmetic as
         ``conductance()``, so the same bits. A pulse starts from here."""
-        g = self.g.reshape(-1) if idx is None else self.g.view(-1).index_select(0, idx)
+        g = self.g.reshape(-1) if idx is None else flat_view(self, self.g).index_select(0, idx)
         if not self.drifting:
             return g
-        t = self.t_programmed.reshape(-1) if idx is None else self.t_programmed.view(-1).index_select(0, idx)
+        t = self.t_programmed.reshape(-1) if idx is None else flat_view(self, self.t_programmed).index_select(0, idx)
         neg_nu = self._neg_nu()
         if neg_nu.dim():
-            neg_nu = neg_nu.reshape(-1) if idx is None else neg_nu.reshape(-1).index_select(0, idx)
+            if idx is None:
+                neg_nu = neg_nu.reshape(-1)
+            else:
+                flat = flat_view(self, neg_nu) if neg_nu.is_contiguous() else neg_nu.reshape(-1)
+                neg_nu = flat.index_select(0, idx)
         return self._drifted(g, t, neg_nu)
 
     def max_drift_nu(self) -> float:
@@ -663,9 +667,9 @@ class DeviceArray:
 
     def _store(self, idx: torch.Tensor, g: torch.Tensor) -> None:
         """Write new conductances of cells ``idx`` (flat), their programming time and the version."""
-        self.g.view(-1).index_copy_(0, idx, g)
+        flat_view(self, self.g).index_copy_(0, idx, g)
         if self.spec.drift_nu > 0:  # the age of a cell matters only where it drifts
-            self.t_programmed.view(-1).index_fill_(0, idx, self.time_s)
+            flat_view(self, self.t_programmed).index_fill_(0, idx, self.time_s)
         self.version += 1
 
     def pulses_for(self, g_target: torch.Tensor, g_now: torch.Tensor | None = None) -> torch.Tensor:
@@ -725,6 +729,21 @@ class DeviceArray:
         return {k: getattr(self, k).expand(self.shape) for k in names}
 
 
+def flat_view(owner: object, t: torch.Tensor) -> torch.Tensor:
+    """``t.view(-1)``, kept on ``owner`` while ``t`` is alive and the same tensor: the sparse write of a training
+    step takes a dozen flat views of the same few tensors (conductances, programming times, beliefs), each
+    an operation of its own. A few entries at most (old ones are dropped once the owner's tensors change)."""
+    cache = owner.__dict__.get("_flat_views")
+    if cache is None:
+        cache = owner.__dict__["_flat_views"] = {}
+    hit = cache.get(id(t))
+    if hit is None or hit[0] is not t or hit[1].data_ptr() != t.data_ptr():   # (a copy of the owner: remade)
+        if len(cache) >= 8:
+            cache.clear()
+        hit = cache[id(t)] = (t, t.view(-1))
+    return hit[1]
+
+
 def pair_conductances(first: DeviceArray, second: DeviceArray, rows: int | slice | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``conductance(rows)`` of both devices of a pair, the same bits. The two are written together (pulses,
@@ -773,7 +792,14 @@ def program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, tor
     The pairs must share the card (the first pair's cycle-to-cycle stream draws for all); a pair that
     cannot join (not paired, or every cell pulsed) is programmed on its own. Returns, per pair, the new
     conductances of its cells (first's, then second's) or None where it fell back."""
-    out: list[torch.Tensor | None] = [None] * len(writes)
+    return _program_pairs(writes, halves=False)
+
+
+def _program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, torch.Tensor]], halves: bool
+                   ) -> list:
+    """``program_pairs``; ``halves``: each pair's new conductances as (first's, second's), split once for all
+    pairs (a crossbar's read-cache patch wants them so)."""
+    out: list = [None] * len(writes)
     joined, others = [], []
     for i, (first, second, idx, counts) in enumerate(writes):
         n = idx.numel()
@@ -797,14 +823,33 @@ def program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, tor
         else:
             base = idx * 2
             rows = torch.cat([base + down, base.add_(m + 1).sub_(down)])
-        joined.append((i, first, second, idx, shared.index_select(0, rows),
-                       torch.cat([first._now(idx), second._now(idx)]),
-                       torch.cat([counts, counts.neg()])))
+        joined.append((i, first, second, idx, shared.index_select(0, rows), first._now(idx), second._now(idx),
+                       counts))
     if others:
-        for i, part in zip(others, program_pairs([writes[i] for i in others]), strict=True):
+        for i, part in zip(others, _program_pairs([writes[i] for i in others], halves), strict=True):
             out[i] = part
     if not joined:
         return out
+    lead = joined[0][1]
+    # The pass's operands, pair after pair (first's cells, then second's): one concatenation each, the same
+    # values in the same places as concatenating per pair first.
+    constants = joined[0][4] if len(joined) == 1 else torch.cat([j[4] for j in joined])
+    g = torch.cat([t for j in joined for t in (j[5], j[6])])
+    ns = torch.cat([t for j in joined for t in (j[7], j[7].neg())])
+    new = lead._pulse(constants, g, ns, None, True)
+    if halves:
+        pieces = iter(new.split([j[3].numel() for j in joined for _ in range(2)]))
+        for i, first, second, idx, *_ in joined:
+            out[i] = (next(pieces), next(pieces))
+            first._store(idx, out[i][0])
+            second._store(idx, out[i][1])
+        return out
+    for (i, first, second, idx, *_), part in zip(joined, new.split([2 * j[3].numel() for j in joined]),
+                                                  strict=True):
+        for array, half in zip((first, second), part.split(idx.numel()), strict=True):
+            array._store(idx, half)
+        out[i] = part
+    return out
     lead = joined[0][1]
     if len(joined) == 1:
         constants, g, ns = joined[0][4:]

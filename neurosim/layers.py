@@ -56,7 +56,7 @@ def derivative_backward(unit: ActivationUnit, z: torch.Tensor, grad_out: torch.T
                         input_grad: bool = True) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
     """The error behind a neuron circuit: the derivative circuit's output times the incoming error, and the
     gradients of the unit's trainable coefficients (from the circuit's own function), keyed by id."""
-    grad_z = unit.derivative(z).mul_(grad_out) if input_grad else None  # the circuit's output is a temporary
+    grad_z = unit.derivative_times(z, grad_out) if input_grad else None
     params = [p for p in unit.trainable_parameters() if p.requires_grad]
     if not params:
         return grad_z, {}
@@ -120,8 +120,17 @@ class AnalogLayer(nn.Module):
     def _with_bias(self, rows: torch.Tensor) -> torch.Tensor:
         if not self.has_bias:
             return rows
-        return torch.cat([rows, torch.full((rows.shape[0], 1), self.crossbar.config.input_max, device=rows.device,
-                                           dtype=rows.dtype)], dim=1)
+        return torch.cat([rows, self._bias_column(rows)], dim=1)
+
+    def _bias_column(self, rows: torch.Tensor) -> torch.Tensor:
+        """The bias row's input, full scale, as a (N, 1) column for rows like ``rows``: kept between calls (a
+        read-only operand of a concatenation), since every read of every step needs the same one."""
+        key = (rows.shape[0], rows.dtype, rows.device, self.crossbar.config.input_max)
+        cached = getattr(self, "_bias_cache", None)
+        if cached is None or cached[0] != key:
+            column = torch.full((rows.shape[0], 1), key[3], device=rows.device, dtype=rows.dtype)
+            cached = self._bias_cache = (key, column)
+        return cached[1]
 
     # -- forward ---------------------------------------------------------------------------------------------
     def preactivation(self, x: torch.Tensor, mode: str = "inference", weights: torch.Tensor | None = None):
@@ -184,7 +193,7 @@ class AnalogLayer(nn.Module):
             rows = self.output_rows(grad_z)
             grad_x = self.error_rows(rows) if input_grad else None
             if weight_grad:
-                g = xin.T @ rows
+                g = torch.mm(xin.t(), rows)   # what xin.T @ rows computes, without matmul's dispatch
                 self.weight.grad = g if self.weight.grad is None else self.weight.grad + g
             if grad_x is None:
                 return None
@@ -213,7 +222,7 @@ class AnalogLinear(AnalogLayer):
         self.in_features, self.out_features = in_features, out_features
 
     def rows_of(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1)
+        return x if x.dim() == 2 else x.reshape(x.shape[0], -1)   # (a reshape to its own shape is a call)
 
     def shape_output(self, z: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
         return z
@@ -222,7 +231,7 @@ class AnalogLinear(AnalogLayer):
         return grad
 
     def input_from_rows(self, grad_rows: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
-        return grad_rows.reshape(x_shape)
+        return grad_rows if grad_rows.shape == x_shape else grad_rows.reshape(x_shape)
 
 
 class AnalogConv2d(AnalogLayer):

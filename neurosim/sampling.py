@@ -21,8 +21,8 @@ import math
 import torch
 
 
-def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None = None, factor: float = 1.0
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None = None, factor: float = 1.0,
+                            limits: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """floor(m + u) with u ~ U[0, 1) independent per element, for m = |factor·x| (x any shape and sign),
     returned sparsely with the sign of factor·x: (flat indices of the non-zero results, in no particular
     order, and their signed values). Same distribution as the dense rounding; a few dozen operations whatever
@@ -30,12 +30,34 @@ def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None =
     (a training update passes the gradient and −learning rate / pulse size): one pass over x finds its
     mean and largest magnitude, and only the gathered elements are scaled. A matrix is searched for its few
     large elements row by row (a row maximum, then only the rows that have one), which is much cheaper than
-    a full comparison and index search."""
+    a full comparison and index search. ``limits`` (low, high): the results are clamped to them, a pass that
+    is skipped when the largest |x| shows that no result can reach them."""
+    return stochastic_round_sparse_many([x], [generator], [factor], [limits])[0]
+
+
+def stochastic_round_sparse_many(xs: list[torch.Tensor], generators: list[torch.Generator | None],
+                                 factors: list[float], limits: list[tuple[float, float] | None]
+                                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``stochastic_round_sparse`` of several requests (a network's layers at one step), each with its own
+    stream, in order: the same numbers as separate calls, with the magnitudes' sums and maxima of all of them
+    read in one synchronisation."""
+    flats = [x.reshape(-1) for x in xs]
+    mags = [f.abs() for f in flats]
+    wanted = [i for i, (x, f) in enumerate(zip(xs, factors, strict=True)) if x.numel() and f]
+    values = torch.stack([t for i in wanted for t in (mags[i].sum(), mags[i].amax())]).tolist() if wanted else []
+    stats = [(0.0, 0.0)] * len(xs)
+    for k, i in enumerate(wanted):
+        stats[i] = (values[2 * k], values[2 * k + 1])
+    return [_round_sparse(x, flat, a, total, largest, g, factor, lim) for x, flat, a, (total, largest), g, factor, lim
+            in zip(xs, flats, mags, stats, generators, factors, limits, strict=True)]
+
+
+def _round_sparse(x: torch.Tensor, flat: torch.Tensor, a: torch.Tensor, total: float, largest: float,
+                  generator: torch.Generator | None, factor: float, limits: tuple[float, float] | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stochastic_round_sparse`` given x flat, its magnitudes ``a`` and their sum and maximum."""
     n = x.numel()
-    flat = x.reshape(-1)
     size = abs(factor)
-    a = flat.abs()
-    total, largest = torch.stack([a.sum(), a.amax()]).tolist() if n and size else (0.0, 0.0)
     if largest == 0.0:
         return torch.zeros(0, dtype=torch.long, device=x.device), x.new_zeros(0)
     tau = min(0.5, max(16.0 * total / n * size, 1.0 / n))
@@ -48,7 +70,7 @@ def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None =
     if largest > limit:
         big = _above(a.view(x.shape), limit)
         big_counts = a.index_select(0, big).mul_(size).add_(uniform(big.numel())).floor_()
-        keep = (big_counts > 0).nonzero().squeeze(1)
+        keep = big_counts.nonzero().squeeze(1)   # floor(m + u) >= 0, and finite x here (largest is)
         big = big.index_select(0, keep)
         big_counts = big_counts.index_select(0, keep).copysign_(flat.index_select(0, big))
 
@@ -60,8 +82,11 @@ def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None =
     while last < n - 1:
         gaps = torch.log1p(uniform(chunk).neg_()).div_(log_q).floor_().long().add_(1)
         positions = gaps.cumsum_(0).add_(last)
-        last = int(positions[-1])
-        pieces.append(positions[: int(torch.searchsorted(positions, n))])
+        inside = int(torch.searchsorted(positions, n))
+        pieces.append(positions[:inside])
+        # Positions rise strictly: one at or past n ends the search, and only a chunk wholly inside needs its
+        # last position read (one synchronisation a chunk instead of two).
+        last = n if inside < chunk else int(positions[-1])
     candidates = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     a_c = a.index_select(0, candidates)
     fire = uniform(candidates.numel()).mul_(limit) < a_c  # u·τ < m: probability m/τ
@@ -71,7 +96,11 @@ def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None =
     small = candidates.index_select(0, chosen)
     signs = flat.index_select(0, small).sign_()
     idx, counts = (small, signs) if big is None else (torch.cat([big, small]), torch.cat([big_counts, signs]))
-    return idx, (counts.neg_() if factor < 0 else counts)
+    counts = counts.neg_() if factor < 0 else counts
+    # The largest result is floor(m + u) <= m + 1 (m rounded up by a part in 10^6 at most in float32).
+    if limits is not None and largest * size * (1.0 + 1e-6) + 1.0 >= min(-limits[0], limits[1]):
+        counts = counts.clamp_(limits[0], limits[1])
+    return idx, counts
 
 
 def _above(m: torch.Tensor, tau: float) -> torch.Tensor:

@@ -195,8 +195,8 @@ class Trainer(abc.ABC):
         m = self.config.momentum
         if m > 0:
             grads = [self._momentum(layer.name, grad, m) for layer, grad in zip(layers, grads, strict=True)]
-        stats = program_deltas([layer.crossbar for layer in layers], [g.detach() for g in grads],
-                               scale=-self.config.learning_rate)
+        dws = [g.detach() if g.requires_grad else g for g in grads]
+        stats = program_deltas([layer.crossbar for layer in layers], dws, scale=-self.config.learning_rate)
         self._programmed[0] += sum(s["pulses"] for s in stats)
         self._programmed[1] += sum(layer.crossbar.in_features * layer.crossbar.out_features for layer in layers)
         for layer, s in zip(layers, stats, strict=True):

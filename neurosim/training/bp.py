@@ -53,7 +53,7 @@ def bp_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, cost:
         else:
             inp, h = keep
             (grad,) = torch.autograd.grad(h, inp, grad)
-    return float(loss.detach())
+    return loss.item()   # (a plain number without a detached copy first)
 
 
 def true_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, cost: str,

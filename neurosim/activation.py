@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from neurosim.config import ConfigError, check, setting
+from neurosim.random_streams import PhiloxStream
 
 FUNCTIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "selu", "softplus", "gelu", "silu",
              "identity")
@@ -686,7 +687,7 @@ class ActivationUnit(torch.nn.Module):
             base = int(torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device).item())
         self._seeds = {name: _sub_seed(base, name) for name in ("gain", "offset", "noise", "d_gain", "d_offset",
                                                                   "d_noise")}
-        self._noise_gens: dict[tuple[str, str], torch.Generator] = {}
+        self._noise_gens: dict[tuple[str, str], PhiloxStream] = {}
         self._pack_cache: dict[int, tuple] = {}
         self._view_cache: dict[int, tuple] = {}   # see _per_neuron
         self.register_buffer("gain", self._sample("gain", config.gain_dtod, 1.0, lognormal=True))
@@ -951,10 +952,12 @@ class ActivationUnit(torch.nn.Module):
             raise ValueError(f"expected neurons along dim 1: shape (B, {self.num_neurons}, ...), got "
                              f"{tuple(x.shape)}")
 
-    def _generator(self, stream: str, device: torch.device) -> torch.Generator:
+    def _generator(self, stream: str, device: torch.device) -> PhiloxStream:
+        """The per-evaluation noise stream ('noise', 'd_noise') on ``device``, made on first use: counter-based
+        (docs/random.md), so a batch's B·neurons draws fill on every core, the same at any thread count."""
         key = (stream, str(device))
         if key not in self._noise_gens:
-            self._noise_gens[key] = torch.Generator(device=device).manual_seed(self._seeds[stream])
+            self._noise_gens[key] = PhiloxStream(self._seeds[stream], device)
         return self._noise_gens[key]
 
     def _circuit(self, y: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor, gain_sigma: float,
@@ -975,7 +978,7 @@ class ActivationUnit(torch.nn.Module):
             off = self._per_neuron(offset, y)
             y = y.add_(off) if inplace else y + off
         if noise:
-            z = torch.randn(y.shape, generator=self._generator(stream, y.device), device=y.device, dtype=y.dtype)
+            z = self._generator(stream, y.device).normal(y.shape, dtype=y.dtype)
             y = y + noise * z if torch.is_grad_enabled() and y.requires_grad else torch.add(y, z, alpha=noise, out=z)
         if clip is not None:
             y = y.clamp_(clip[0], clip[1]) if (inplace or noise) and not y.requires_grad else \

@@ -306,7 +306,8 @@ def _circuit(self, y: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor, ga
         off = offset.to(device=y.device, dtype=y.dtype).view(shape)
         y = y.add_(off) if inplace else y + off
     if noise:
-        z = torch.randn(y.shape, generator=self._generator(stream, y.device), device=y.device, dtype=y.dtype)
+        # (the draw follows the neuron noise's move to a Philox stream, made after 2b688fd)
+        z = self._generator(stream, y.device).normal(y.shape, dtype=y.dtype)
         y = y + noise * z if torch.is_grad_enabled() and y.requires_grad else torch.add(y, z, alpha=noise, out=z)
     if clip is not None:
         y = y.clamp_(clip[0], clip[1]) if (inplace or noise) and not y.requires_grad else \

@@ -172,6 +172,8 @@ class Crossbar:
         # Read noise: the most numbers a step draws (one per tile column and sample of every read), from a
         # counter-based stream that fills them on every core and fuses them into the ADC (docs/random.md).
         self.read_stream = PhiloxStream(seed, self.device, name, "read_noise")
+        # Stochastic rounding of updates: candidates and Bernoulli draws, every layer at every step.
+        self.rounding_stream = PhiloxStream(seed, self.device, name, "rounding")
         span = spec.g_max - spec.g_min
         self.g_mid = 0.5 * (spec.g_max + spec.g_min)
         # Conductance per unit weight: a pair spans ±span, a single device ±span/2 around the reference.
@@ -751,7 +753,7 @@ class Crossbar:
         saturated device. (Capped on the few counts, not on the whole request: no pass over the matrix.)"""
         dw, factor, limits = self._rounding_request(dw, scale)
         if self.config.rounding == "stochastic":   # clamps only where a count can reach the limits
-            return stochastic_round_sparse(dw, generator or self.noise_generator, factor, limits)
+            return stochastic_round_sparse(dw, generator or self.rounding_stream, factor, limits)
         return self._round_nearest(dw, factor, limits)
 
     def _rounding_request(self, dw: torch.Tensor, scale: float) -> tuple[torch.Tensor, float, tuple[int, int]]:
@@ -920,7 +922,7 @@ def program_deltas(crossbars: list[Crossbar], dws: list[torch.Tensor], scale: fl
     requests = [cb._rounding_request(dw, scale) for cb, dw in zip(crossbars, dws, strict=True)]
     drawn = [i for i, cb in enumerate(crossbars) if cb.config.rounding == "stochastic"]
     rounded = dict(zip(drawn, stochastic_round_sparse_many(
-        [requests[i][0] for i in drawn], [crossbars[i].noise_generator for i in drawn],
+        [requests[i][0] for i in drawn], [crossbars[i].rounding_stream for i in drawn],
         [requests[i][1] for i in drawn], [requests[i][2] for i in drawn]), strict=True))
     return _fire([(cb, *(rounded[i] if i in rounded else cb._round_nearest(*requests[i])))
                   for i, cb in enumerate(crossbars)])

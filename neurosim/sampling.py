@@ -20,9 +20,12 @@ import math
 
 import torch
 
+from neurosim.random_streams import PhiloxStream
 
-def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None = None, factor: float = 1.0,
-                            limits: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+
+def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | PhiloxStream | None = None,
+                            factor: float = 1.0, limits: tuple[float, float] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """floor(m + u) with u ~ U[0, 1) independent per element, for m = |factor·x| (x any shape and sign),
     returned sparsely with the sign of factor·x: (flat indices of the non-zero results, in no particular
     order, and their signed values). Same distribution as the dense rounding; a few dozen operations whatever
@@ -35,7 +38,7 @@ def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None =
     return stochastic_round_sparse_many([x], [generator], [factor], [limits])[0]
 
 
-def stochastic_round_sparse_many(xs: list[torch.Tensor], generators: list[torch.Generator | None],
+def stochastic_round_sparse_many(xs: list[torch.Tensor], generators: list[torch.Generator | PhiloxStream | None],
                                  factors: list[float], limits: list[tuple[float, float] | None]
                                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``stochastic_round_sparse`` of several requests (a network's layers at one step), each with its own
@@ -53,7 +56,7 @@ def stochastic_round_sparse_many(xs: list[torch.Tensor], generators: list[torch.
 
 
 def _round_sparse(x: torch.Tensor, flat: torch.Tensor, a: torch.Tensor, total: float, largest: float,
-                  generator: torch.Generator | None, factor: float, limits: tuple[float, float] | None
+                  generator: torch.Generator | PhiloxStream | None, factor: float, limits: tuple[float, float] | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``stochastic_round_sparse`` given x flat, its magnitudes ``a`` and their sum and maximum."""
     n = x.numel()
@@ -64,6 +67,8 @@ def _round_sparse(x: torch.Tensor, flat: torch.Tensor, a: torch.Tensor, total: f
     limit = tau / size  # |x| above it: m > τ
 
     def uniform(k: int) -> torch.Tensor:
+        if isinstance(generator, PhiloxStream):
+            return generator.uniform(k, dtype=x.dtype)
         return torch.rand(k, generator=generator, device=x.device, dtype=x.dtype)
 
     big = big_counts = None

@@ -18,6 +18,7 @@ from neurosim.activation import ActivationUnit
 from neurosim.crossbar import Crossbar
 from neurosim.device import DeviceArray
 from neurosim.layers import AnalogLayer, AnalogLinear
+from neurosim.random_streams import PhiloxStream
 from neurosim.training.base import Trainer
 
 
@@ -42,6 +43,8 @@ def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None =
     limit = tau / size  # |x| above it: m > τ
 
     def uniform(k: int) -> torch.Tensor:
+        if isinstance(generator, PhiloxStream):   # (the rounding's move to a Philox stream, after 2b688fd)
+            return generator.uniform(k, dtype=x.dtype)
         return torch.rand(k, generator=generator, device=x.device, dtype=x.dtype)
 
     big = big_counts = None
@@ -136,7 +139,8 @@ def pulse_counts(self, dw: torch.Tensor, generator: torch.Generator | None = Non
     if self.dw_up != self.dw_down:  # a single device whose two curves have different pulse counts
         dw = torch.where(dw * scale > 0, dw, dw * (self.dw_up / self.dw_down))
     if self.config.rounding == "stochastic":
-        idx, counts = stochastic_round_sparse(dw, generator or self.noise_generator, factor)
+        # (the stream follows the rounding's move to a Philox stream, made after 2b688fd)
+        idx, counts = stochastic_round_sparse(dw, generator or self.rounding_stream, factor)
     else:
         n = dw.mul(factor).round_().view(-1)
         idx = n.nonzero().squeeze(1)

@@ -14,8 +14,9 @@ disturbance from another process hits both alike.
         32, every noise on (read noise 2 % in every crossbar, neuron noise 1 % in the hidden layers),
         temporary perturbations.
   dgc_exact_vs_floor_f32_draws
-        the same with the floor's Gaussian numbers drawn in float32, torch's cheapest (about 5x cheaper than
-        its float64 draws on this machine): what a cheaper generator in the read and neuron circuits could buy.
+        the same with the floor's Gaussian numbers drawn by torch's generator in float32 (its cheapest), for
+        comparison with the figures from before the read and neuron noise moved to Philox streams. The
+        floor itself draws from a Philox stream (docs/random.md), as the measurements now do.
   dgc_exact_step_s_..., dgc_floor_step_s_...
         the two times, scaled to one whole DGC step (every weight of every layer).
   dgc_floor_draws_..., dgc_floor_macs_...
@@ -47,6 +48,7 @@ from neurosim.config import build, with_overrides
 from neurosim.crossbar import CrossbarConfig
 from neurosim.device import load_card
 from neurosim.layers import AnalogLayer
+from neurosim.random_streams import PhiloxStream
 from neurosim.training.config import DGCConfig
 from neurosim.training.dgc import commit, measurement_precision, perturbation_plan
 from neurosim.training.dgc_batch import CHUNK_ELEMENTS, _elements_per_measurement, has_noise, measure_costs
@@ -130,15 +132,18 @@ def floor_operands(draws: int, macs) -> tuple[int, dict]:
     return chunk, operands
 
 
-def run_floor(draws: int, macs, measurements: int, generator: torch.Generator, chunk: int, operands: dict,
-              draw_dtype: torch.dtype = torch.float64) -> None:
+def run_floor(draws: int, macs, measurements: int, generator: torch.Generator | PhiloxStream, chunk: int,
+              operands: dict, draw_dtype: torch.dtype = torch.float64) -> None:
     """Execute the floor's arithmetic for ``measurements`` measurements, in batches of bounded memory: the
-    Gaussian numbers (float64, as the measurements draw them; float32: torch's cheapest draws) and the
-    products (float64)."""
+    Gaussian numbers (float64, as the measurements draw them; from the Philox stream the read and neuron noise
+    come from, or from a torch generator: ``generator``) and the products (float64)."""
     for start in range(0, measurements, chunk):
         P = min(chunk, measurements - start)
         if draws:
-            torch.randn(P * draws, generator=generator, dtype=draw_dtype)
+            if isinstance(generator, PhiloxStream):
+                generator.normal(P * draws, dtype=draw_dtype)
+            else:
+                torch.randn(P * draws, generator=generator, dtype=draw_dtype)
         for kind, rows, inner, out in macs:
             a, b = operands[(kind, rows, inner, out)]
             if kind == "dense":
@@ -160,7 +165,8 @@ def floor_figures(hidden: tuple[int, ...], batch: int, noise: str, mode: str, cy
     x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     net = make_net(hidden, noise)
     cfg = build(DGCConfig, {"perturbation": mode})
-    gen = torch.Generator().manual_seed(1)
+    gen = PhiloxStream(1, "cpu", "floor")   # the generator of the chip's read and neuron noise
+    torch_gen = torch.Generator().manual_seed(1)
     t_exact, t_floor, t_floor32, total_draws, total_macs = 0.0, 0.0, 0.0, 0, 0
     for layer in net.analog_layers:
         plan = perturbation_plan(layer, cfg)
@@ -181,7 +187,7 @@ def floor_figures(hidden: tuple[int, ...], batch: int, noise: str, mode: str, cy
             run_floor(draws, macs, n, gen, chunk, operands)
 
         def floor32(draws=draws, macs=macs, n=n, chunk=chunk, operands=operands):
-            run_floor(draws, macs, n, gen, chunk, operands, torch.float32)
+            run_floor(draws, macs, n, torch_gen, chunk, operands, torch.float32)
 
         contenders = [exact, floor] + ([floor32] if draws and f32 else [])
         times = [[] for _ in contenders]

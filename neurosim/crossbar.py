@@ -443,8 +443,13 @@ class Crossbar:
             var = var.to(part.dtype)
         if not nonnegative:
             var = var.clamp_(min=0)
+        return self.add_read_noise_std(part, var.sqrt_())
+
+    def add_read_noise_std(self, part: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """``add_read_noise`` given √var (broadcastable to ``part``: reads that share their variances, such as
+        DGC's replicated lower reads, take one square root for all). In place on ``part``."""
         noise = self.read_stream.normal(part.shape, dtype=part.dtype)
-        return part.addcmul_(var.sqrt_(), noise, value=self._noise_scale())
+        return part.addcmul_(std, noise, value=self._noise_scale())
 
     def _noise_scale(self) -> float:
         """σ of the card in the partial sums' normalized units."""

@@ -294,7 +294,8 @@ class PhiloxStream:
 
     # -- draws -------------------------------------------------------------------------------------------------
     def _draw(self, kind: str, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """n draws of `kind` ('words': int64, else float32) into a new 1-d tensor or into contiguous ``out``."""
+        """n draws of `kind` ("words": int64, else float32) into a new 1-d tensor, or into contiguous ``out``
+        (float32, or float64 from the kernel: the float32 draws stored converted, exactly)."""
         first = self._take(n)
         if self.kernel == "numba":
             k0, k1 = self._key & _MASK, self._key >> 32
@@ -339,14 +340,18 @@ class PhiloxStream:
         shape = _shape(shape)
         if any(s < 0 for s in shape):
             raise ValueError(f"negative size in shape {shape}")
-        out = self._draw(kind, math.prod(shape)).view(shape)
+        n = math.prod(shape)
+        if dtype in (torch.float32, torch.float64) and self.kernel == "numba":
+            # float64: the kernel stores the float32 draws converted (exactly), without a pass of its own
+            return self._draw(kind, n, out=torch.empty(n, dtype=dtype)).view(shape)
+        out = self._draw(kind, n).view(shape)
         return out.to(device=self._device, dtype=dtype)
 
     def _fill_into(self, kind: str, t: torch.Tensor) -> torch.Tensor:
         _check_dtype(t.dtype)
         if t.device != self._device:
             raise ValueError(f"tensor on {t.device}, stream on {self._device}: draw on the stream's device")
-        if t.dtype == torch.float32 and t.is_contiguous() and self.kernel == "numba":
+        if t.dtype in (torch.float32, torch.float64) and t.is_contiguous() and self.kernel == "numba":
             self._draw(kind, t.numel(), out=t.view(-1))
         else:
             with torch.no_grad():

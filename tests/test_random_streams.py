@@ -142,6 +142,13 @@ def test_dtypes_and_in_place_fills():
     with pytest.raises(TypeError, match="int32"):
         stream().uniform_(torch.empty(4, dtype=torch.int32))
     assert stream().normal((0, 3)).shape == (0, 3)
+    # float64 straight from the kernel (no conversion pass), serial and parallel sizes: the float32 draws
+    # converted, and the torch implementation's float64 draws
+    for n in (5, 3 * 2**14 + 3):
+        f64 = stream(5).normal(n, torch.float64)
+        assert f64.dtype == torch.float64
+        assert torch.equal(f64, stream(5).normal(n).double())
+        assert torch.equal(f64, stream(5, kernel="torch").normal(n, torch.float64))
 
 
 def test_sqrt_rn_is_correctly_rounded():

@@ -94,7 +94,8 @@ class _LowerReads:
         xn = cb.dac(first.matrix_input(pre))
         self.part0 = cb._clean_partials(xn)                          # (nr, rows, cols), shared
         gsq = cb._read_tensors()[1]
-        self.var0 = cb._tile_products(xn * xn, gsq) if gsq is not None else None
+        # √(Σ x̂²G²) of the shared read, once: every measurement's fresh read has these variances
+        self.std0 = cb._tile_products(xn * xn, gsq).sqrt_() if gsq is not None else None
 
     @staticmethod
     def _replicate(t: torch.Tensor, P: int) -> torch.Tensor:
@@ -109,8 +110,9 @@ class _LowerReads:
             first = network.stages[self.first]
             cb = first.crossbar
             part = self._replicate(self.part0, P)
-            if self.var0 is not None:
-                part = cb.add_read_noise(part, self._replicate(self.var0, P), nonnegative=True)
+            if self.std0 is not None:   # measurement p's rows are p·B .. p·B + B − 1 (repeat's order)
+                nr, B, C = self.std0.shape
+                cb.add_read_noise_std(part.view(nr, P, B, C), self.std0.unsqueeze(1))
             z = first.shape_output(cb.convert_normalized(part), (P * x.shape[0], *self.pre_shape))
             h = network(first.activate(z), start=self.first + 1, stop=self.idx)
         self.in_shape = tuple(h.shape[1:])
@@ -332,8 +334,19 @@ def _shared_input_batch(cb, xs, start_sums, i, j, r, ii, dw, dq, k, flat_iw, fla
         part = _select_rows(parts, t, j, col_index)
         var = _select_rows(var_states, t, j, col_index)
     else:
+        # The variances differ from the start state only in column j of tile r: one square root of the start
+        # state serves all P measurements and the perturbed column takes its own, instead of a (P, nr, rows,
+        # cols) copy of the variances and its square root. The same draws as convert(part, var); the noise
+        # is added in two terms (the perturbed column's correction second): the same up to rounding.
         part = parts[0].expand(P, *parts.shape[1:]).clone()
-        var = var_states[0].expand(P, *var_states.shape[1:]).clone()
+        part[ar, r, :, j] += xi * dw[:, None]
+        std0 = var0.sqrt()                                                          # (nr, rows, cols)
+        column = (var0[r, :, j] + xi * xi * dq[:, None]).clamp_(min=0).sqrt_()    # (P, rows)
+        noise = cb.read_stream.normal(part.shape, dtype=part.dtype)
+        scale = cb._noise_scale()
+        part.addcmul_(std0, noise, value=scale)
+        part[ar, r, :, j] += scale * (column - std0[r, :, j]) * noise[ar, r, :, j]
+        return quantize(part, *quantize_args, inplace=True).sum(1), end
     part[ar, r, :, j] += xi * dw[:, None]
     var[ar, r, :, j] += xi * xi * dq[:, None]
     return convert(part, var), end

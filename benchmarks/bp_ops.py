@@ -39,30 +39,30 @@ PHASES = ("forward", "cost", "backward", "update")
 
 
 @contextlib.contextmanager
-def phase_marks():
-    """Wrap each phase's function in a profiler range of its name (restored afterwards)."""
+def _phases_wrapped(around, phases=(("forward_bp", AnalogLayer, "forward"), ("backward_bp", AnalogLayer, "backward"),
+                                    ("cost_per_sample", bp_module, "cost"), ("update_layers", Trainer, "update"))):
+    """Wrap each phase's function: ``around(name)`` is a context manager entered around every call of the
+    phase ``name``; the functions are restored afterwards."""
     saved = []
-
-    def wrap(owner, attr, name):
+    for attr, owner, name in phases:
         fn = getattr(owner, attr)
         saved.append((owner, attr, fn))
 
-        @functools.wraps(fn)
-        def marked(*args, **kwargs):
-            with record_function(f"phase::{name}"):
+        def wrapped(*args, fn=fn, name=name, **kwargs):
+            with around(name):
                 return fn(*args, **kwargs)
 
-        setattr(owner, attr, marked)
-
-    wrap(AnalogLayer, "forward_bp", "forward")
-    wrap(AnalogLayer, "backward_bp", "backward")
-    wrap(bp_module, "cost_per_sample", "cost")
-    wrap(Trainer, "update_layers", "update")
+        setattr(owner, attr, functools.wraps(fn)(wrapped))
     try:
         yield
     finally:
         for owner, attr, fn in saved:
             setattr(owner, attr, fn)
+
+
+def phase_marks():
+    """Each phase's calls in a profiler range of its name."""
+    return _phases_wrapped(lambda name: record_function(f"phase::{name}"))
 
 
 def run_steps(trainer, steps: int, times: list[float] | None = None) -> None:
@@ -82,33 +82,20 @@ def run_steps(trainer, steps: int, times: list[float] | None = None) -> None:
     trainer.engine.start(process())
 
 
-@contextlib.contextmanager
 def phase_clocks(spent: dict[str, float]):
-    """Add each phase's seconds into ``spent`` (the same wrapping as ``phase_marks``, with a clock)."""
-    saved = []
+    """Add each phase's seconds into ``spent`` (the cost is not timed on its own: it is part of the step)."""
 
-    def wrap(owner, attr, name):
-        fn = getattr(owner, attr)
-        saved.append((owner, attr, fn))
+    @contextlib.contextmanager
+    def clock(name):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
 
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
-
-        setattr(owner, attr, timed)
-
-    wrap(AnalogLayer, "forward_bp", "forward")
-    wrap(AnalogLayer, "backward_bp", "backward")
-    wrap(Trainer, "update_layers", "update")
-    try:
-        yield
-    finally:
-        for owner, attr, fn in saved:
-            setattr(owner, attr, fn)
+    phases = (("forward_bp", AnalogLayer, "forward"), ("backward_bp", AnalogLayer, "backward"),
+              ("update_layers", Trainer, "update"))
+    return _phases_wrapped(clock, phases)
 
 
 def time_steps(trainer, steps: int) -> None:

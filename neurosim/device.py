@@ -850,15 +850,3 @@ def _program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, to
             array._store(idx, half)
         out[i] = part
     return out
-    lead = joined[0][1]
-    if len(joined) == 1:
-        constants, g, ns = joined[0][4:]
-    else:
-        constants, g, ns = (torch.cat([j[k] for j in joined]) for k in (4, 5, 6))
-    new = lead._pulse(constants, g, ns, None, True)
-    for (i, first, second, idx, *_), part in zip(joined, new.split([2 * j[3].numel() for j in joined]),
-                                                  strict=True):
-        for array, half in zip((first, second), part.split(idx.numel()), strict=True):
-            array._store(idx, half)
-        out[i] = part
-    return out

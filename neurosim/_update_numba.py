@@ -126,3 +126,45 @@ def round_sparse(x: np.ndarray, size: float, flip: bool, limits: tuple[float, fl
     f = _round_parallel if parallel else _round_serial
     return f(x, t(size), bool(flip), t(low), t(high), limits is not None, np.uint64(counter), np.uint32(k0),
              np.uint32(k1))
+
+
+# --- a crossbar's bookkeeping after a sparse write (Crossbar._written) ------------------------------------------
+
+@njit(cache=True)
+def _bookkeeping(believed, idx, counts, dw_up, dw_down, w_max, out_features, tile_cols, n_col_tiles, tile_rows,
+                 n_row_tiles):
+    """The controller's belief at the pulsed cells moves by each count's step, clamped to ±w_max (in place, the
+    torch path's float operations in its order: count × step, then the sum, then the clamp); returns (pulses,
+    pulse slots): the sum of |count|, and the largest over tiles of the sum over a tile's rows of the row's
+    largest |count| in that tile. Counts are whole numbers, so the sums are exact in float64."""
+    lo = -w_max
+    per_row = np.zeros(n_row_tiles * tile_rows * n_col_tiles, np.float64)
+    total = 0.0
+    for k in range(idx.size):
+        i = idx[k]
+        c = counts[k]
+        b = believed[i] + (c * dw_up if c > 0 else c * dw_down)
+        believed[i] = w_max if b > w_max else (lo if b < lo else b)
+        m = np.abs(c)
+        total += m
+        w = (i // out_features) * n_col_tiles + (i % out_features) // tile_cols
+        if m > per_row[w]:
+            per_row[w] = m
+    slots = 0.0
+    for rt in range(n_row_tiles):
+        for ct in range(n_col_tiles):
+            s = 0.0
+            for r in range(rt * tile_rows, (rt + 1) * tile_rows):
+                s += per_row[r * n_col_tiles + ct]
+            if s > slots:
+                slots = s
+    return total, slots
+
+
+def bookkeeping(believed: np.ndarray, idx: np.ndarray, counts: np.ndarray, dw_up: float, dw_down: float,
+                w_max: float, out_features: int, tile_cols: int, n_col_tiles: int, tile_rows: int, n_row_tiles: int
+                ) -> tuple[float, float]:
+    """``_bookkeeping`` with the scalars in the arrays' dtype (as torch uses a Python scalar with a tensor)."""
+    t = believed.dtype.type
+    return _bookkeeping(believed, idx, counts, t(dw_up), t(dw_down), t(w_max), out_features, tile_cols,
+                        n_col_tiles, tile_rows, n_row_tiles)

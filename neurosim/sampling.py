@@ -77,8 +77,11 @@ def _per_cell(x: torch.Tensor, generator: torch.Generator | PhiloxStream | None)
 
 def _round_per_cell(x: torch.Tensor, stream: PhiloxStream, factor: float, limits: tuple[float, float] | None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``stochastic_round_dense`` by the fused kernel where it applies (numba, float32/float64), else by torch."""
-    if stream.kernel != "numba" or x.dtype not in (torch.float32, torch.float64):
+    """``stochastic_round_dense`` by the fused kernel where numba is available, else by torch."""
+    if x.dtype not in (torch.float32, torch.float64):
+        idx, counts = _round_per_cell(x.float(), stream, factor, limits)
+        return idx, counts.to(x.dtype)
+    if stream.kernel != "numba":
         return stochastic_round_dense(x, stream, factor, limits)
     n = x.numel()
     first = stream._take(n)
@@ -98,7 +101,11 @@ def stochastic_round_dense(x: torch.Tensor, stream: PhiloxStream, factor: float 
     """The rounding of a PhiloxStream request as torch operations (any device; the kernel's oracle): flat cell
     i takes uniform i of one call of x.numel() numbers (``stream.uniform``, converted to x's dtype), m =
     |x|·|factor| and n = floor(m + u) in x's dtype; cells with n >= 1 (so never a NaN request) are returned,
-    ascending, with the sign of factor·x and clamped to ``limits``."""
+    ascending, with the sign of factor·x and clamped to ``limits``. A half-precision x rounds in float32 (a
+    uniform near 1 would round up to 1 in bfloat16 and fire a zero cell), its counts converted back."""
+    if x.dtype not in (torch.float32, torch.float64):
+        idx, counts = stochastic_round_dense(x.float(), stream, factor, limits)
+        return idx, counts.to(x.dtype)
     flat = x.detach().reshape(-1)
     u = stream.uniform(flat.numel(), dtype=x.dtype)
     n = flat.abs().mul_(abs(factor)).add_(u).floor_()

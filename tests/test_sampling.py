@@ -224,3 +224,15 @@ def test_many_requests_mix_the_two_paths_in_order():
              stochastic_round_sparse(xs[2], PhiloxStream(1, "cpu", "c"), 0.5, (-2, 2))]
     for (a, b), (c, d) in zip(many, alone, strict=True):
         assert torch.equal(a, c) and torch.equal(b, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_requests_round_in_float32(dtype):
+    # Zero cells never fire (a bfloat16 uniform of 0.999 would round to 1), the rest as the float32 request.
+    x = _request(50_000, torch.float32, 9).to(dtype)
+    a = stochastic_round_sparse(x, PhiloxStream(2, "cpu", "h"), -5.0, (-8, 8))
+    b = stochastic_round_sparse(x.float(), PhiloxStream(2, "cpu", "h"), -5.0, (-8, 8))
+    c = stochastic_round_dense(x, PhiloxStream(2, "cpu", "h", kernel="torch"), -5.0, (-8, 8))
+    assert a[1].dtype == dtype and torch.equal(a[0], b[0]) and torch.equal(a[1].float(), b[1])
+    assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+    assert not bool((x.index_select(0, a[0]) == 0).any())

@@ -28,7 +28,7 @@ from neurosim.device import (
     pair_arrays,
     pair_conductances,
 )
-from neurosim.random_streams import PhiloxStream, noisy_adc_sum
+from neurosim.random_streams import PhiloxStream, _numba_kernels, noisy_adc_sum
 from neurosim.sampling import stochastic_round_sparse, stochastic_round_sparse_many
 
 
@@ -810,11 +810,28 @@ class Crossbar:
 
     def _written(self, idx: torch.Tensor, counts: torch.Tensor, cells: torch.Tensor, new: torch.Tensor | None,
                  patch: bool) -> torch.Tensor:
-        """After the devices took the pulses: the read cache, the controller's belief, and (as 0-dim tensors, so
-        that a whole network's numbers come back in one synchronisation) the pulse count of one array and the
-        pulse slots."""
+        """After the devices took the pulses: the read cache, the controller's belief, and the pulse count of one
+        array and the pulse slots (plain numbers from the CPU kernel; 0-dim tensors from the torch path, so that
+        a whole network's numbers come back in one synchronisation)."""
         if patch:
             self._refresh_cells(cells, new)
+        if self._bookkeeping_kernel(idx, counts):
+            from neurosim import _update_numba  # after _numba_kernels() chose numba's threading layer
+            return _update_numba.bookkeeping(
+                self.believed.view(-1).numpy(), idx.numpy(), counts.numpy(), self.dw_up, self.dw_down,
+                self.config.w_max, self.out_features, self.tile_cols, self.n_col_tiles, self.tile_rows,
+                self.n_row_tiles)
+        return self._bookkeeping_torch(idx, counts)
+
+    def _bookkeeping_kernel(self, idx: torch.Tensor, counts: torch.Tensor) -> bool:
+        """Whether ``_written``'s belief and slots run as one numba pass (CPU, numba, matching dtypes): a dozen
+        torch operations a layer and step otherwise. The torch path is the oracle (tested bit for bit)."""
+        return (self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
+                and counts.dtype == self.dtype and idx.dtype == torch.long and idx.is_contiguous()
+                and counts.is_contiguous() and self.believed.is_contiguous() and _numba_kernels() is not None)
+
+    def _bookkeeping_torch(self, idx: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_written``'s belief update, pulse count and slots as torch operations (any device)."""
         believed = flat_view(self, self.believed)
         if self.dw_up == self.dw_down:
             step = counts * self.dw_up
@@ -893,7 +910,10 @@ class Crossbar:
 def _stats(crossbars: list[Crossbar], numbers: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, int]]:
     """(pulses of one array, slots) of several writes → plain numbers, in one synchronisation; the pulses
     count every array of a crossbar (the counts are whole numbers: the product is exact either way)."""
-    values = torch.stack([t for pair in numbers for t in pair]).tolist()
+    flat = [t for pair in numbers for t in pair]
+    tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+    read = iter(torch.stack(tensors).tolist() if tensors else ())
+    values = [next(read) if isinstance(t, torch.Tensor) else t for t in flat]
     return [{"pulses": int(values[2 * i]) * (1 if cb.minus is None else 2), "pulse_slots": int(values[2 * i + 1])}
             for i, cb in enumerate(crossbars)]
 

@@ -12,6 +12,13 @@ A cell with m ≤ τ therefore fires with probability τ·m/τ = m, independentl
 distribution as one uniform number per cell, for far fewer numbers. τ adapts to the step (16 times the mean
 of m: few cells lie above it, and N·τ stays a small multiple of the expected pulses), which only changes
 how many numbers are drawn.
+
+On the CPU with a ``PhiloxStream`` none of that is needed: a uniform number per cell costs 0.17 ns there, less
+than the few dozen torch operations of the search. So every cell draws its own, uniform i of the call for flat
+cell i (exactly ceil(N/4) blocks a call), in one fused pass of a numba kernel (neurosim._update_numba) that
+writes the non-zero results sparsely; ``stochastic_round_dense`` is the same rounding as torch operations, the
+kernel's test oracle (and the path when the kernel is not available). Other generators and other devices
+(CUDA) keep the candidate search above: the same distribution, other numbers.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import math
 
 import torch
 
+from neurosim import random_streams
 from neurosim.random_streams import PhiloxStream
 
 
@@ -28,7 +36,8 @@ def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | Philox
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """floor(m + u) with u ~ U[0, 1) independent per element, for m = |factor·x| (x any shape and sign),
     returned sparsely with the sign of factor·x: (flat indices of the non-zero results, in no particular
-    order, and their signed values). Same distribution as the dense rounding; a few dozen operations whatever
+    order -- ascending from a CPU PhiloxStream, which rounds by ``stochastic_round_dense``'s rule in one kernel
+    pass --, and their signed values). Same distribution as the dense rounding; a few dozen operations whatever
     the size, since this runs for every layer at every step. ``factor`` spares the caller a scaled copy of x
     (a training update passes the gradient and −learning rate / pulse size): one pass over x finds its
     mean and largest magnitude, and only the gathered elements are scaled. A matrix is searched for its few
@@ -44,15 +53,71 @@ def stochastic_round_sparse_many(xs: list[torch.Tensor], generators: list[torch.
     """``stochastic_round_sparse`` of several requests (a network's layers at one step), each with its own
     stream, in order: the same numbers as separate calls, with the magnitudes' sums and maxima of all of them
     read in one synchronisation."""
-    flats = [x.reshape(-1) for x in xs]
-    mags = [f.abs() for f in flats]
-    wanted = [i for i, (x, f) in enumerate(zip(xs, factors, strict=True)) if x.numel() and f]
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(xs)
+    for i, (x, g, factor, lim) in enumerate(zip(xs, generators, factors, limits, strict=True)):
+        if _per_cell(x, g):
+            out[i] = _round_per_cell(x, g, factor, lim)
+    rest = [i for i, o in enumerate(out) if o is None]
+    flats = {i: xs[i].reshape(-1) for i in rest}
+    mags = {i: flats[i].abs() for i in rest}
+    wanted = [i for i in rest if xs[i].numel() and factors[i]]
     values = torch.stack([t for i in wanted for t in (mags[i].sum(), mags[i].amax())]).tolist() if wanted else []
-    stats = [(0.0, 0.0)] * len(xs)
+    stats = dict.fromkeys(rest, (0.0, 0.0))
     for k, i in enumerate(wanted):
         stats[i] = (values[2 * k], values[2 * k + 1])
-    return [_round_sparse(x, flat, a, total, largest, g, factor, lim) for x, flat, a, (total, largest), g, factor, lim
-            in zip(xs, flats, mags, stats, generators, factors, limits, strict=True)]
+    for i in rest:
+        out[i] = _round_sparse(xs[i], flats[i], mags[i], *stats[i], generators[i], factors[i], limits[i])
+    return out
+
+
+def _per_cell(x: torch.Tensor, generator: torch.Generator | PhiloxStream | None) -> bool:
+    """Whether a request rounds with one uniform per cell: from a PhiloxStream on the CPU."""
+    return isinstance(generator, PhiloxStream) and generator.device.type == "cpu" and x.device.type == "cpu"
+
+
+def _round_per_cell(x: torch.Tensor, stream: PhiloxStream, factor: float, limits: tuple[float, float] | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stochastic_round_dense`` by the fused kernel where numba is available, else by torch."""
+    if x.dtype not in (torch.float32, torch.float64):
+        idx, counts = _round_per_cell(x.float(), stream, factor, limits)
+        return idx, counts.to(x.dtype)
+    if stream.kernel != "numba":
+        return stochastic_round_dense(x, stream, factor, limits)
+    n = x.numel()
+    first = stream._take(n)
+    if n == 0 or factor == 0:
+        return torch.zeros(0, dtype=torch.long), x.new_zeros(0)
+    from neurosim import _update_numba  # after random_streams chose numba's threading layer
+    arr = x.detach().reshape(-1).contiguous().numpy()
+    result = []
+    random_streams._run(lambda *args, parallel: result.append(_update_numba.round_sparse(*args, parallel)), n,
+                        arr, abs(factor), factor < 0, limits, first, stream.key & 0xFFFFFFFF, stream.key >> 32)
+    idx, counts = result[0]
+    return torch.from_numpy(idx), torch.from_numpy(counts)
+
+
+def stochastic_round_dense(x: torch.Tensor, stream: PhiloxStream, factor: float = 1.0,
+                           limits: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rounding of a PhiloxStream request as torch operations (any device; the kernel's oracle): flat cell
+    i takes uniform i of one call of x.numel() numbers (``stream.uniform``, converted to x's dtype), m =
+    |x|·|factor| and n = floor(m + u) in x's dtype; cells with n >= 1 (so never a NaN request) are returned,
+    ascending, with the sign of factor·x and clamped to ``limits``. A half-precision x rounds in float32 (a
+    uniform near 1 would round up to 1 in bfloat16 and fire a zero cell), its counts converted back."""
+    if x.dtype not in (torch.float32, torch.float64):
+        idx, counts = stochastic_round_dense(x.float(), stream, factor, limits)
+        return idx, counts.to(x.dtype)
+    flat = x.detach().reshape(-1)
+    u = stream.uniform(flat.numel(), dtype=x.dtype)
+    n = flat.abs().mul_(abs(factor)).add_(u).floor_()
+    idx = (n >= 1).nonzero().squeeze(1)
+    counts = n.index_select(0, idx)
+    negative = flat.index_select(0, idx) < 0
+    if factor < 0:
+        negative = ~negative
+    counts = torch.where(negative, -counts, counts)
+    if limits is not None:
+        counts = counts.clamp_(limits[0], limits[1])
+    return idx, counts
 
 
 def _round_sparse(x: torch.Tensor, flat: torch.Tensor, a: torch.Tensor, total: float, largest: float,

@@ -35,6 +35,13 @@ def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None =
     n = x.numel()
     flat = x.reshape(-1)
     size = abs(factor)
+    if isinstance(generator, PhiloxStream) and generator.device.type == "cpu":
+        # (the draw mechanism of the fused rounding kernel, after 2b688fd: uniform i of one call for flat cell i,
+        # floor(|x|·size + u) in x's dtype, the non-zero results ascending with the sign of factor·x)
+        counts = flat.abs().mul(size).add(generator.uniform(n, dtype=x.dtype)).floor()
+        idx = (counts >= 1).nonzero().squeeze(1)
+        signed = counts.index_select(0, idx).copysign(flat.index_select(0, idx))
+        return idx, (signed.neg() if factor < 0 else signed)
     a = flat.abs()
     total, largest = torch.stack([a.sum(), a.amax()]).tolist() if n and size else (0.0, 0.0)
     if largest == 0.0:

@@ -120,7 +120,8 @@ def test_nodal_wire_resistance_tends_to_ideal(spec_factory):
 
 def test_program_delta_deterministic_pulses(spec_factory):
     spec = spec_factory(states=101)  # linear, 100 pulses per device
-    bar = Crossbar(spec, 10, 10, seed=0, dtype=torch.float64)
+    # (deterministic rounding: under the stochastic default this passed only for lucky draws, p = 0.36)
+    bar = Crossbar(spec, 10, 10, CrossbarConfig(rounding="deterministic"), seed=0, dtype=torch.float64)
     dw_pulse = 2 * bar.config.w_max / 100
     assert bar.dw_pulse == pytest.approx(dw_pulse)
     dw = torch.zeros(10, 10, dtype=torch.float64)

@@ -40,6 +40,11 @@ CASES = {
     "adc_noise_free_single_column": ({"g_min_dtod": 0.1}, SIGMOID, (3, 2),
                                      CrossbarConfig(tile_rows=2, tile_cols=2, adc_bits=7, adc_range=2.0),
                                      {"perturbation_dw": 0.05, "difference": "central", "chunk": 7}, ()),
+    # converters and read noise with restore errors: row states per tile, in ADC steps, chunks across tiles
+    "adc_pulse_every_noise_row_states": ({"nl_ltp": 2.0, "nl_ltd": -3.0, "read_noise": 0.05}, NOISY, (3, 2),
+                                         CrossbarConfig(tile_rows=2, tile_cols=2, adc_bits=7, adc_range=2.0,
+                                                        dac_bits=6),
+                                         {"perturbation": "pulse", "difference": "central", "chunk": 9}, ()),
 }
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from neurosim.crossbar import quantize
+from neurosim.crossbar import quantize, quantize_codes
 from neurosim.layers import AnalogLayer, AnalogLinear, AnalogNetwork, StepDropout
 from neurosim.training.config import DGCConfig
 from neurosim.training.cost import cost_per_sample
@@ -145,8 +145,9 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
         q_state = gsq.clone() if gsq is not None else None
         lower = _LowerReads(network, layer, x, fresh)
 
-        def above(z: torch.Tensor) -> torch.Tensor:
-            return costs_above(network, layer, z[..., :outs] * scale, y, cost, lower.in_shape)
+        def above(z: torch.Tensor, unit: float = 1.0) -> torch.Tensor:
+            """Costs from the converted outputs z, in units of ``unit`` (an ADC step where z holds codes)."""
+            return costs_above(network, layer, z[..., :outs] * (scale * unit), y, cost, lower.in_shape)
 
         def convert(part: torch.Tensor, var: torch.Tensor | None) -> torch.Tensor:
             """Noise, ADC of every tile column and the digital sum over tiles: (P, rows, cols)."""
@@ -174,6 +175,9 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
         flat = [t.to(dtype).permute(1, 2, 0).reshape(-1) if t is not None else None           # cycle order
                 for t in (plan.pert_w, plan.pert_q, plan.inc_w, plan.inc_q)]
         flat_pw, flat_pq, flat_iw, flat_iq = flat
+        # Σ of the restore errors up to each cycle, once (a cell's own earlier cycles in a chunk are a difference)
+        csum_iw, csum_iq = (torch.cat([t.new_zeros(1), t.cumsum(0)]) if t is not None and residues else None
+                            for t in (flat_iw, flat_iq))
         col_index = torch.arange(cols, device=dev)
         last = total if limit is None else min(total, limit)
         for start in range(0, last, chunk):
@@ -190,9 +194,9 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
                 # in this chunk (the earlier chunks' are in the state already; with fresh inputs the prefix
                 # over the chunk's cycles carries them).
                 first_of_cell = torch.clamp(cell * E, min=start)
-                dw = dw + _within_cell(flat_iw, k, first_of_cell)
+                dw = dw + (csum_iw[k] - csum_iw[first_of_cell])
                 if dq is not None:
-                    dq = dq + _within_cell(flat_iq, k, first_of_cell)
+                    dq = dq + (csum_iq[k] - csum_iq[first_of_cell])
             if rank_one is not None:
                 column = start_sums[0][:, :, j].permute(2, 0, 1).clone()                # (P, nr, rows)
                 column[ar, r] += shared[r, :, ii] * dw[:, None]
@@ -200,15 +204,14 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
                 costs[start:start + P] = rank_one(column * scale, i, j, k % E)
                 continue
             if shared is not None:
-                z = _shared_input_batch(cb, shared, start_sums, i, j, r, ii, dw, dq, k, flat_iw, flat_iq, residues,
-                                        col_index, convert, quantize_args=(c.adc_bits, c.adc_range))
+                z, unit, end = _shared_input_batch(cb, shared, start_sums, i, j, r, ii, dw, dq, k, flat_iw, flat_iq,
+                                                   residues, col_index, quantize_args=(c.adc_bits, c.adc_range))
                 if residues:
-                    start_sums = z[1]
-                z = z[0]
+                    start_sums = end
             else:
-                z = _fresh_input_batch(cb, lower(P), w_state, q_state, i, j, r, ii, dw, dq, k, flat_iw, flat_iq,
-                                       residues, state_sums, convert, ar)
-            costs[start:start + P] = above(z)
+                z, unit = _fresh_input_batch(cb, lower(P), w_state, q_state, i, j, r, ii, dw, dq, k, flat_iw,
+                                             flat_iq, residues, state_sums, convert, ar), 1.0
+            costs[start:start + P] = above(z, unit)
             del z
     return costs.reshape(rows, outs, E), c0
 
@@ -272,12 +275,6 @@ class _RankOneAbove:
         return cost_per_sample(out.to(column.dtype), self.y.repeat(P), self.cost).reshape(P, batch).mean(1)
 
 
-def _within_cell(inc: torch.Tensor, k: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """Σ inc over the cycles of each measured cell that come before it in this chunk (first..k−1)."""
-    csum = torch.cat([inc.new_zeros(1), inc.cumsum(0)])
-    return csum[k] - csum[first]
-
-
 def _row_states(cb, xs: torch.Tensor, start: torch.Tensor, i: torch.Tensor, j: torch.Tensor, k: torch.Tensor,
                 inc: torch.Tensor, square: bool) -> tuple[torch.Tensor, int]:
     """Partial sums (or variances) of the layer's state before each row the chunk spans and after its last:
@@ -298,17 +295,23 @@ def _row_states(cb, xs: torch.Tensor, start: torch.Tensor, i: torch.Tensor, j: t
     return torch.cat([start[None], start[None] + steps.cumsum(0)]), i0
 
 
-def _select_rows(states: torch.Tensor, t: torch.Tensor, j: torch.Tensor, col_index: torch.Tensor) -> torch.Tensor:
-    """Per measurement (row t of the chunk, column j): the state after the row in columns < j, before it in the
-    others. ``states`` (span + 1, ..., cols)."""
-    left = (col_index < j[:, None]).reshape((len(j),) + (1,) * (states.dim() - 2) + (-1,))
-    return torch.where(left, states[t + 1], states[t])
+def _segments(t: torch.Tensor) -> list[tuple[int, int, int]]:
+    """The chunk's measurements grouped by the row of the chunk they perturb (cycle order: rows ascend, so each
+    row's measurements are consecutive): (row t, first, end)."""
+    values, counts = torch.unique_consecutive(t, return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    return list(zip(values.tolist(), [0, *ends[:-1]], ends, strict=True))
 
 
-def _shared_input_batch(cb, xs, start_sums, i, j, r, ii, dw, dq, k, flat_iw, flat_iq, residues, col_index, convert,
+def _shared_input_batch(cb, xs, start_sums, i, j, r, ii, dw, dq, k, flat_iw, flat_iq, residues, col_index,
                         quantize_args):
     """The converted outputs (P, rows, cols) of P measurements whose inputs are the same (``xs``: (nr, rows, R)),
-    and the partial sums at the chunk's end (pulse modes)."""
+    in units of ``unit`` (returned with them), and the partial sums at the chunk's end (pulse modes).
+
+    Measurement p (row t of the chunk, column j) holds the row state after row t in the columns left of j of its
+    own tile and the one before row t everywhere else (the two are the same outside that tile). Each row's
+    measurements are consecutive, so every state is broadcast into its row's slice of the output (one pass)
+    instead of being gathered per measurement and selected column by column."""
     part0, var0 = start_sums
     P = len(k)
     ar = torch.arange(P, device=xs.device)
@@ -322,34 +325,54 @@ def _shared_input_batch(cb, xs, start_sums, i, j, r, ii, dw, dq, k, flat_iw, fla
         parts, var_states = part0[None], (var0[None] if var0 is not None else None)
         t = torch.zeros_like(i)
         end = start_sums
+    segments = _segments(t)
     if var_states is None:
         # Only column j converts anew: the other columns convert as in the row state they hold.
         z_states = quantize(parts.clone(), *quantize_args, inplace=True).sum(1)       # (span + 1, rows, cols)
-        z = _select_rows(z_states, t, j, col_index) if residues else z_states[0].expand(P, *z_states.shape[1:]).clone()
+        if residues:
+            z = z_states.new_empty((P, *z_states.shape[1:]))
+            for s, a, b in segments:
+                left = (col_index < j[a:b, None])[:, None, :]
+                torch.where(left, z_states[s + 1], z_states[s], out=z[a:b])
+        else:
+            z = z_states[0].expand(P, *z_states.shape[1:]).clone()
         column = parts[t, :, :, j]                                                   # (P, nr, rows)
         column[ar, r] += xi * dw[:, None]
         z[ar, :, j] = quantize(column, *quantize_args, inplace=True).sum(1)
-        return z, end
-    if residues:
-        part = _select_rows(parts, t, j, col_index)
-        var = _select_rows(var_states, t, j, col_index)
-    else:
-        # The variances differ from the start state only in column j of tile r: one square root of the start
-        # state serves all P measurements and the perturbed column takes its own, instead of a (P, nr, rows,
-        # cols) copy of the variances and its square root. The same draws as convert(part, var); the noise
-        # is added in two terms (the perturbed column's correction second): the same up to rounding.
-        part = parts[0].expand(P, *parts.shape[1:]).clone()
-        part[ar, r, :, j] += xi * dw[:, None]
-        std0 = var0.sqrt()                                                          # (nr, rows, cols)
-        column = (var0[r, :, j] + xi * xi * dq[:, None]).clamp_(min=0).sqrt_()    # (P, rows)
-        noise = cb.read_stream.normal(part.shape, dtype=part.dtype)
-        scale = cb._noise_scale()
-        part.addcmul_(std0, noise, value=scale)
-        part[ar, r, :, j] += scale * (column - std0[r, :, j]) * noise[ar, r, :, j]
-        return quantize(part, *quantize_args, inplace=True).sum(1), end
-    part[ar, r, :, j] += xi * dw[:, None]
-    var[ar, r, :, j] += xi * xi * dq[:, None]
-    return convert(part, var), end
+        return z, 1.0, end
+    # With read noise every tile column converts anew. The ADC works in its own steps: the few states are
+    # scaled once, so the converters only clip and round (no division and multiplication per measurement).
+    # The noise is σ·√var·n with √var taken once per state; the perturbed column's own variance (Σ G² with
+    # the perturbation) enters as a correction of its term. The same draws as the former add_read_noise on a
+    # (P, ...) copy of the states: the same up to rounding.
+    bits = quantize_args[0]   # the ADC range is the crossbar's (adc_step)
+    step = cb.adc_step(bits)
+    inv = 1.0 / step
+    noise_scale = cb._noise_scale() * inv
+    codes = parts * inv                                                              # (states, nr, rows, cols)
+    std = var_states.clamp(min=0).sqrt_()
+    noise = cb.read_stream.normal((P, *parts.shape[1:]), dtype=parts.dtype)
+    out = torch.empty_like(noise)
+    nr = parts.shape[1]
+    for s, a, b in segments:
+        if not residues:
+            torch.addcmul(codes[s], std[s], noise[a:b], value=noise_scale, out=out[a:b])
+            continue
+        rs = int(r[a])                                                               # the row's tile
+        for lo, hi in ((0, rs), (rs + 1, nr)):
+            if hi > lo:
+                torch.addcmul(codes[s, lo:hi], std[s, lo:hi], noise[a:b, lo:hi], value=noise_scale,
+                              out=out[a:b, lo:hi])
+        left = (col_index < j[a:b, None])[:, None, :]
+        mean = torch.where(left, codes[s + 1, rs], codes[s, rs])
+        sd = torch.where(left, std[s + 1, rs], std[s, rs])
+        torch.addcmul(mean, sd, noise[a:b, rs], value=noise_scale, out=out[a:b, rs])
+    column_std = (var_states[t, r, :, j] + xi * xi * dq[:, None]).clamp_(min=0).sqrt_()     # (P, rows)
+    out[ar, r, :, j] += (xi * (dw * inv)[:, None]).addcmul_(column_std - std[t, r, :, j], noise[ar, r, :, j],
+                                                           value=noise_scale)
+    if bits is not None:
+        quantize_codes(out, 2 ** (bits - 1) - 1)
+    return out.sum(1), step, end
 
 
 def _fresh_input_batch(cb, xt, w_state, q_state, i, j, r, ii, dw, dq, k, flat_iw, flat_iq, residues, state_sums,

@@ -870,6 +870,29 @@ class ActivationUnit(torch.nn.Module):
         return self._circuit(y, self.gain, self.offset, cfg.gain_dtod, cfg.offset_dtod, cfg.noise,
                              "noise", cfg.output_range, fresh=y is not x)
 
+    def noiseless(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` before its per-evaluation noise and output clip: gain·f(x) + offset (no autograd). Exact
+        DGC evaluates it once for the outputs many measurements share; ``finish`` adds each one's noise."""
+        self._check_shape(x)
+        cfg = self.config
+        with torch.no_grad():
+            y = self.ideal(x)
+            return self._circuit(y, self.gain, self.offset, cfg.gain_dtod, cfg.offset_dtod, 0.0, "noise", None,
+                                 fresh=y is not x)
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """The rest of ``forward`` on ``noiseless`` outputs y (the caller's temporary, changed in place): this
+        evaluation's noise, drawn from the unit's stream as ``forward`` draws it, then the output clip.
+        ``finish(noiseless(x))`` equals ``forward(x)`` bit for bit."""
+        self._check_shape(y)
+        cfg = self.config
+        with torch.no_grad():
+            if cfg.noise:
+                y = y.add_(self._generator("noise", y.device).normal(y.shape, dtype=y.dtype), alpha=cfg.noise)
+            if cfg.output_range is not None:
+                y = y.clamp_(cfg.output_range[0], cfg.output_range[1])
+            return y
+
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         """The derivative circuit's output f'(x) with its own mismatch and noise (no autograd)."""
         if not self.has_derivative_circuit:

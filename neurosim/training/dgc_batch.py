@@ -49,6 +49,16 @@ def costs_above(network: AnalogNetwork, layer: AnalogLayer, z: torch.Tensor, y: 
     return cost_per_sample(out.to(z.dtype), y.repeat(P), cost).reshape(P, batch).mean(1)
 
 
+def costs_from_outputs(network: AnalogNetwork, layer: AnalogLayer, h: torch.Tensor, y: torch.Tensor,
+                       cost: str) -> torch.Tensor:
+    """Costs of P chip states from the layer's neuron outputs h (P·batch, out): every layer above, the cost of
+    each state's batch."""
+    batch = y.shape[0]
+    P = h.shape[0] // batch
+    out = network(h, start=list(network.stages).index(layer) + 1)
+    return cost_per_sample(out.to(h.dtype), y.repeat(P), cost).reshape(P, batch).mean(1)
+
+
 def _elements_per_measurement(network: AnalogNetwork, layer: AnalogLayer, batch: int, fresh: bool) -> int:
     """A generous bound of the elements one measurement holds in its largest temporaries: per layer it
     evaluates, its inputs where they differ per measurement, its partial sums per row tile (and their
@@ -169,6 +179,10 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
         rank_one = None
         if shared is not None and not residues:
             rank_one = _RankOneAbove.make(network, layer, start_sums[0], scale, y, cost)
+        # A fully connected layer's neuron circuits, where shared inputs and no read noise leave every column but
+        # the perturbed one as in its row state: the states' neuron outputs are computed once (see
+        # _shared_input_batch). Other layers (convolutions: neurons are channels of many positions) read in full.
+        neurons = layer.activation if isinstance(layer, AnalogLinear) and layer.reads_per_sample == 1 else None
         total = rows * outs * E
         chunk = cfg.chunk or max(1, CHUNK_ELEMENTS // _elements_per_measurement(network, layer, y.shape[0], fresh))
         costs = torch.full((total,), float("nan"), device=dev, dtype=dtype)
@@ -205,9 +219,13 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
                 continue
             if shared is not None:
                 z, unit, end = _shared_input_batch(cb, shared, start_sums, i, j, r, ii, dw, dq, k, flat_iw, flat_iq,
-                                                   residues, col_index, quantize_args=(c.adc_bits, c.adc_range))
+                                                   residues, col_index, quantize_args=(c.adc_bits, c.adc_range),
+                                                   neurons=neurons, e=k % E, scale=scale)
                 if residues:
                     start_sums = end
+                if unit is None:   # z holds the layer's neuron outputs
+                    costs[start:start + P] = costs_from_outputs(network, layer, z, y, cost)
+                    continue
             else:
                 z, unit = _fresh_input_batch(cb, lower(P), w_state, q_state, i, j, r, ii, dw, dq, k, flat_iw,
                                              flat_iq, residues, state_sums, convert, ar), 1.0
@@ -304,9 +322,11 @@ def _segments(t: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 def _shared_input_batch(cb, xs, start_sums, i, j, r, ii, dw, dq, k, flat_iw, flat_iq, residues, col_index,
-                        quantize_args):
+                        quantize_args, neurons=None, e=None, scale=1.0):
     """The converted outputs (P, rows, cols) of P measurements whose inputs are the same (``xs``: (nr, rows, R)),
-    in units of ``unit`` (returned with them), and the partial sums at the chunk's end (pulse modes).
+    in units of ``unit`` (returned with them), and the partial sums at the chunk's end (pulse modes). Without
+    read noise and with ``neurons`` (the layer's neuron circuits; ``e``: each measurement's cycle of its cell,
+    ``scale``: the outputs' unit) it returns the neuron outputs (P·rows, out) instead, and None as the unit.
 
     Measurement p (row t of the chunk, column j) holds the row state after row t in the columns left of j of its
     own tile and the one before row t everywhere else (the two are the same outside that tile). Each row's
@@ -329,6 +349,9 @@ def _shared_input_batch(cb, xs, start_sums, i, j, r, ii, dw, dq, k, flat_iw, fla
     if var_states is None:
         # Only column j converts anew: the other columns convert as in the row state they hold.
         z_states = quantize(parts.clone(), *quantize_args, inplace=True).sum(1)       # (span + 1, rows, cols)
+        if neurons is not None:
+            return _shared_neurons(neurons, parts, z_states, t, i, j, r, xi, dw, e, segments, residues, col_index,
+                                   quantize_args, scale), None, end
         if residues:
             z = z_states.new_empty((P, *z_states.shape[1:]))
             for s, a, b in segments:
@@ -373,6 +396,38 @@ def _shared_input_batch(cb, xs, start_sums, i, j, r, ii, dw, dq, k, flat_iw, fla
     if bits is not None:
         quantize_codes(out, 2 ** (bits - 1) - 1)
     return out.sum(1), step, end
+
+
+def _shared_neurons(neurons, parts, z_states, t, i, j, r, xi, dw, e, segments, residues, col_index, quantize_args,
+                    scale) -> torch.Tensor:
+    """Neuron outputs (P·rows, out) of P measurements that differ from their row states in column j only (no read
+    noise): gain·f(z) + offset of every state once, of each measurement's column j in a packed evaluation, and
+    each measurement's own neuron noise (the unit's ``finish``: the draws ``forward`` makes). The same numbers as
+    ``forward`` on each measurement's outputs: f, gain and offset act on each element alone."""
+    P = len(t)
+    ar = torch.arange(P, device=t.device)
+    outs = neurons.num_neurons
+    n_states, rows = z_states.shape[:2]
+    y_states = neurons.noiseless((z_states[..., :outs] * scale).reshape(-1, outs)).reshape(n_states, rows, outs)
+    column = parts[t, :, :, j]                                                       # (P, nr, rows)
+    column[ar, r] += xi * dw[:, None]
+    column = quantize(column, *quantize_args, inplace=True).sum(1) * scale           # (P, rows)
+    # Column j of each measurement through its own neuron: packed so that each (row, cycle) group of the chunk,
+    # which perturbs every column at most once, is one (rows, out) evaluation.
+    E = int(e.max()) + 1
+    group = (i - i[0]) * E + e
+    packed = y_states.new_zeros((int(group.max()) + 1, rows, outs))
+    packed[group, :, j] = column
+    y_column = neurons.noiseless(packed.reshape(-1, outs)).reshape(packed.shape)[group, :, j]   # (P, rows)
+    if residues:
+        h = y_states.new_empty((P, rows, outs))
+        for s, a, b in segments:
+            left = (col_index[:outs] < j[a:b, None])[:, None, :]
+            torch.where(left, y_states[s + 1], y_states[s], out=h[a:b])
+    else:
+        h = y_states[0].expand(P, rows, outs).clone()
+    h[ar, :, j] = y_column
+    return neurons.finish(h.reshape(P * rows, outs))
 
 
 def _fresh_input_batch(cb, xt, w_state, q_state, i, j, r, ii, dw, dq, k, flat_iw, flat_iq, residues, state_sums,

@@ -375,7 +375,8 @@ def _shared_input_batch(cb, xs, start_sums, i, j, r, ii, dw, dq, k, flat_iw, fla
     codes = parts * inv                                                              # (states, nr, rows, cols)
     std = var_states.clamp(min=0).sqrt_()
     noise = cb.read_stream.normal((P, *parts.shape[1:]), dtype=parts.dtype)
-    out = torch.empty_like(noise)
+    column_noise = noise[ar, r, :, j]                                                # (P, rows), before it is used
+    out = noise                                   # each slice becomes its partial sums in place (one pass)
     nr = parts.shape[1]
     for s, a, b in segments:
         if not residues:
@@ -391,7 +392,7 @@ def _shared_input_batch(cb, xs, start_sums, i, j, r, ii, dw, dq, k, flat_iw, fla
         sd = torch.where(left, std[s + 1, rs], std[s, rs])
         torch.addcmul(mean, sd, noise[a:b, rs], value=noise_scale, out=out[a:b, rs])
     column_std = (var_states[t, r, :, j] + xi * xi * dq[:, None]).clamp_(min=0).sqrt_()     # (P, rows)
-    out[ar, r, :, j] += (xi * (dw * inv)[:, None]).addcmul_(column_std - std[t, r, :, j], noise[ar, r, :, j],
+    out[ar, r, :, j] += (xi * (dw * inv)[:, None]).addcmul_(column_std - std[t, r, :, j], column_noise,
                                                            value=noise_scale)
     if bits is not None:
         quantize_codes(out, 2 ** (bits - 1) - 1)

@@ -123,7 +123,7 @@ class _LowerReads:
             if self.std0 is not None:   # measurement p's rows are p·B .. p·B + B − 1 (repeat's order)
                 nr, B, C = self.std0.shape
                 cb.add_read_noise_std(part.view(nr, P, B, C), self.std0.unsqueeze(1))
-            z = first.shape_output(cb.convert_normalized(part), (P * x.shape[0], *self.pre_shape))
+            z = first.shape_output(_convert_own(cb, part), (P * x.shape[0], *self.pre_shape))
             h = network(first.activate(z), start=self.first + 1, stop=self.idx)
         self.in_shape = tuple(h.shape[1:])
         cb = layer.crossbar
@@ -287,7 +287,7 @@ class _RankOneAbove:
             var = self.var2[:, None].expand(nr, P, rows, cols).clone()
             var[tile, ar] += (d * d - d_base * d_base)[:, :, None] * self.q2[j][:, None, :]
             part = cb2.add_read_noise(part, var.reshape(nr, P * rows, cols))
-        z = above.shape_output(cb2.convert_normalized(part), (P * rows, cb2.in_features - int(above.has_bias)))
+        z = above.shape_output(_convert_own(cb2, part), (P * rows, cb2.in_features - int(above.has_bias)))
         out = self.network(above.activate(z), start=self.idx + 1)
         batch = self.y.shape[0]
         return cost_per_sample(out.to(column.dtype), self.y.repeat(P), self.cost).reshape(P, batch).mean(1)
@@ -311,6 +311,14 @@ def _row_states(cb, xs: torch.Tensor, start: torch.Tensor, i: torch.Tensor, j: t
     steps = torch.zeros((span, *start.shape), device=start.device, dtype=start.dtype)
     steps[torch.arange(span, device=start.device), rr // R] = inputs[:, :, None] * per_row[:, None, :]
     return torch.cat([start[None], start[None] + steps.cumsum(0)]), i0
+
+
+def _convert_own(cb, part: torch.Tensor) -> torch.Tensor:
+    """``cb.convert_normalized`` of partial sums that are this engine's own temporary: scaled to ADC steps in
+    place instead of into a copy (the same numbers)."""
+    bits = cb.config.adc_bits
+    step = cb.adc_step(bits)
+    return cb.convert(part.mul_(1.0 / step) if step != 1.0 else part, step, bits)
 
 
 def _segments(t: torch.Tensor) -> list[tuple[int, int, int]]:

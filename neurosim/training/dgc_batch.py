@@ -72,8 +72,9 @@ def _elements_per_measurement(network: AnalogNetwork, layer: AnalogLayer, batch:
         tiles = rows * cb.n_row_tiles * cb.padded_shape[1]
         if n < k and not fresh:
             continue
-        if n == k and not fresh and not has_noise(lay):
-            per = max(per, 3 * rows * cb.padded_shape[1])          # the outputs; one column converted anew
+        if n == k and not fresh and not (cb.noise and cb.config.read_noise and cb.spec.read_noise > 0):
+            # without read noise only the outputs (and their neuron outputs) are per measurement
+            per = max(per, 3 * rows * cb.padded_shape[1])
             continue
         inputs = rows * cb.padded_shape[0] if n > 0 else 0
         per = max(per, 2 * inputs + 2 * tiles + rows * cb.padded_shape[1])

@@ -164,7 +164,7 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
             """Noise, ADC of every tile column and the digital sum over tiles: (P, rows, cols)."""
             if var is not None:
                 part = cb.add_read_noise(part, var)
-            return quantize(part, c.adc_bits, c.adc_range, inplace=True).sum(1)
+            return _tile_sum(quantize(part, c.adc_bits, c.adc_range, inplace=True))
 
         def state_sums(xt: torch.Tensor, w: torch.Tensor, q: torch.Tensor | None):
             part = torch.matmul(xt, w.reshape(nr, R, cols))
@@ -322,6 +322,18 @@ def _convert_own(cb, part: torch.Tensor) -> torch.Tensor:
     return cb.convert(part.mul_(1.0 / step) if step != 1.0 else part, step, bits)
 
 
+def _tile_sum(part: torch.Tensor) -> torch.Tensor:
+    """The digital sum over the row tiles (dim 1) of (P, tiles, rows, cols) converter outputs, tile by tile into
+    one buffer: 2.5x faster than ``sum(1)`` here (which fills its output and strides across the tiles). Exact
+    for converter codes (whole numbers); an ideal converter's sums agree with ``sum(1)`` to rounding."""
+    if part.shape[1] == 1:
+        return part[:, 0]
+    z = torch.add(part[:, 0], part[:, 1])
+    for q in range(2, part.shape[1]):
+        z.add_(part[:, q])
+    return z
+
+
 def _segments(t: torch.Tensor) -> list[tuple[int, int, int]]:
     """The chunk's measurements grouped by the row of the chunk they perturb (cycle order: rows ascend, so each
     row's measurements are consecutive): (row t, first, end)."""
@@ -405,7 +417,7 @@ def _shared_input_batch(cb, xs, start_sums, i, j, r, ii, dw, dq, k, flat_iw, fla
                                                            value=noise_scale)
     if bits is not None:
         quantize_codes(out, 2 ** (bits - 1) - 1)
-    return out.sum(1), step, end
+    return _tile_sum(out), step, end
 
 
 def _shared_neurons(neurons, parts, z_states, t, i, j, r, xi, dw, e, segments, residues, col_index, quantize_args,

@@ -83,13 +83,16 @@ def test_the_engine_equals_the_batch_it_replaced_on_the_same_random_stream(case)
 
 
 def test_a_neuron_circuit_finished_apart_equals_its_forward_bit_for_bit():
-    """``finish(noiseless(x))`` is ``forward(x)``: the same draws from the same stream, the same arithmetic."""
+    """``finish(noiseless(x))`` is ``forward(x)``, also for copies of the same outputs: the same draws from the
+    same stream, the same arithmetic."""
     torch.manual_seed(3)
     x = torch.randn(5, 4, dtype=torch.float64)
-    units = [ActivationUnit(CIRCUIT, 4, generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    units = [ActivationUnit(CIRCUIT, 4, generator=torch.Generator().manual_seed(1)) for _ in range(3)]
     for _ in range(2):   # the streams advance alike
-        ref = units[0](x)
-        assert torch.equal(units[1].finish(units[1].noiseless(x)), ref)
+        ref = units[0](x.repeat(3, 1))
+        assert torch.equal(units[1].finish(units[1].noiseless(x.repeat(3, 1))), ref)
+        # three evaluations of the same outputs, written into their draws
+        assert torch.equal(units[2].finish(units[2].noiseless(x), copies=3), ref)
     assert bool((ref == 0.52).any()) and bool((ref < 0.52).any())   # the clip binds somewhere, not everywhere
 
 

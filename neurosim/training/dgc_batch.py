@@ -441,15 +441,20 @@ def _shared_neurons(neurons, parts, z_states, t, i, j, r, xi, dw, e, segments, r
     packed = y_states.new_zeros((int(group.max()) + 1, rows, outs))
     packed[group, :, j] = column
     y_column = neurons.noiseless(packed.reshape(-1, outs)).reshape(packed.shape)[group, :, j]   # (P, rows)
+    # Each measurement's noise is drawn into its own buffer with state 0's outputs added (one pass); a row's
+    # measurements then move to their state (states after 0) and take the state after the row in the columns
+    # left of j (in place), and column j its own outputs. The same as forward on each measurement's outputs
+    # up to the rounding of these differences.
+    h = neurons.finish(y_states[0], copies=P, clip=False)                             # (P·rows, out)
+    hv = h.view(P, rows, outs)
     if residues:
-        h = y_states.new_empty((P, rows, outs))
         for s, a, b in segments:
-            left = (col_index[:outs] < j[a:b, None])[:, None, :]
-            torch.where(left, y_states[s + 1], y_states[s], out=h[a:b])
-    else:
-        h = y_states[0].expand(P, rows, outs).clone()
-    h[ar, :, j] = y_column
-    return neurons.finish(h.reshape(P * rows, outs))
+            if s:
+                hv[a:b] += y_states[s] - y_states[0]
+            left = (col_index[:outs] < j[a:b, None]).to(h.dtype)[:, None, :]
+            hv[a:b].addcmul_(left, y_states[s + 1] - y_states[s])
+    hv[ar, :, j] += y_column - y_states[t, :, j]
+    return neurons.clip_output(h)
 
 
 def _fresh_input_batch(cb, xt, w_state, q_state, i, j, r, ii, dw, dq, k, flat_iw, flat_iq, residues, state_sums,

@@ -15,7 +15,10 @@ What the batch shares and what each measurement redoes, and why that is exact:
   by row, so at cycle (i, j) the columns left of j already hold row i's restore errors and the columns right
   of it do not: the partial sums are the row state after row i in columns < j and the one before row i in
   columns > j (an exclusive prefix sum over the cycles, one per row instead of one per cycle). Without read
-  noise in the layer only column j passes its ADCs again; the other columns convert as in their row state.
+  noise in the layer only column j passes its ADCs again; the other columns convert as in their row state,
+  and (fully connected layers) their neuron circuits are evaluated once per row state: each measurement adds
+  only its own neuron noise. With read noise the row states are scaled to ADC steps and square-rooted once,
+  and each measurement's partial sums are written into its noise draws.
 - Every layer above is evaluated in full, with fresh noise, for every measurement.
 """
 

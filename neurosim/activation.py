@@ -870,6 +870,44 @@ class ActivationUnit(torch.nn.Module):
         return self._circuit(y, self.gain, self.offset, cfg.gain_dtod, cfg.offset_dtod, cfg.noise,
                              "noise", cfg.output_range, fresh=y is not x)
 
+    def noiseless(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` before its per-evaluation noise and output clip: gain·f(x) + offset (no autograd). Exact
+        DGC evaluates it once for the outputs many measurements share; ``finish`` adds each one's noise."""
+        self._check_shape(x)
+        cfg = self.config
+        with torch.no_grad():
+            y = self.ideal(x)
+            return self._circuit(y, self.gain, self.offset, cfg.gain_dtod, cfg.offset_dtod, 0.0, "noise", None,
+                                 fresh=y is not x)
+
+    def finish(self, y: torch.Tensor, copies: int | None = None, clip: bool = True) -> torch.Tensor:
+        """The rest of ``forward`` on ``noiseless`` outputs y (the caller's temporary, changed in place): this
+        evaluation's noise, drawn from the unit's stream as ``forward`` draws it, then the output clip.
+        ``finish(noiseless(x))`` equals ``forward(x)`` bit for bit. ``copies``: y (B, neurons) is the output
+        of ``copies`` evaluations alike but for their noise; the result (copies·B, neurons) is written into
+        the draws (one pass instead of a copy and an addition). ``clip=False`` leaves the clip to the caller
+        (``clip_output``), who may still change some outputs."""
+        self._check_shape(y)
+        cfg = self.config
+        with torch.no_grad():
+            if copies is not None:
+                shape = (copies * y.shape[0], *y.shape[1:])
+                if not cfg.noise:
+                    y = y.repeat((copies,) + (1,) * (y.dim() - 1))
+                else:
+                    z = self._generator("noise", y.device).normal(shape, dtype=y.dtype)
+                    zv = z.view(copies, *y.shape)
+                    torch.add(y, zv, alpha=cfg.noise, out=zv)
+                    y = z
+            elif cfg.noise:
+                y = y.add_(self._generator("noise", y.device).normal(y.shape, dtype=y.dtype), alpha=cfg.noise)
+            return self.clip_output(y) if clip else y
+
+    def clip_output(self, y: torch.Tensor) -> torch.Tensor:
+        """The forward circuit's output clip (``output_range``), in place on the caller's temporary."""
+        r = self.config.output_range
+        return y.clamp_(r[0], r[1]) if r is not None else y
+
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         """The derivative circuit's output f'(x) with its own mismatch and noise (no autograd)."""
         if not self.has_derivative_circuit:

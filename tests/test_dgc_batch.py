@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neurosim.activation import ActivationConfig
+from neurosim.activation import ActivationConfig, ActivationUnit
 from neurosim.config import build
 from neurosim.crossbar import CrossbarConfig
 from neurosim.training.config import DGCConfig
@@ -18,6 +18,8 @@ from tests.test_dgc import assert_same_distribution, net_of, tiny_data
 
 SIGMOID = ActivationConfig(function="sigmoid")
 NOISY = ActivationConfig(function="sigmoid", noise=0.02)
+# neuron noise, mismatch and an output clip that binds (sigmoid of the small outputs sits near 0.5)
+CIRCUIT = ActivationConfig(function="sigmoid", noise=0.05, gain_dtod=0.1, offset_dtod=0.05, output_range=(0.0, 0.52))
 TILES = CrossbarConfig(tile_rows=2, tile_cols=2)
 
 # name: (card overrides, neuron circuits, hidden widths, crossbar, DGC settings, layers without read noise)
@@ -40,6 +42,16 @@ CASES = {
     "adc_noise_free_single_column": ({"g_min_dtod": 0.1}, SIGMOID, (3, 2),
                                      CrossbarConfig(tile_rows=2, tile_cols=2, adc_bits=7, adc_range=2.0),
                                      {"perturbation_dw": 0.05, "difference": "central", "chunk": 7}, ()),
+    # neuron circuits without read noise: the row states' neuron outputs once, each measurement's own noise
+    "neuron_noise_shared_inputs": ({}, CIRCUIT, (3, 2), TILES, {"perturbation_dw": 0.05, "chunk": 7}, ()),
+    "pulse_neuron_noise_row_states": ({"nl_ltp": 2.0, "nl_ltd": -3.0}, CIRCUIT, (3,),
+                                      CrossbarConfig(tile_rows=2, adc_bits=7, adc_range=2.0),
+                                      {"perturbation": "pulse", "difference": "central", "chunk": 5}, ()),
+    # converters and read noise with restore errors: row states per tile, in ADC steps, chunks across tiles
+    "adc_pulse_every_noise_row_states": ({"nl_ltp": 2.0, "nl_ltd": -3.0, "read_noise": 0.05}, NOISY, (3, 2),
+                                         CrossbarConfig(tile_rows=2, tile_cols=2, adc_bits=7, adc_range=2.0,
+                                                        dac_bits=6),
+                                         {"perturbation": "pulse", "difference": "central", "chunk": 9}, ()),
 }
 
 
@@ -68,6 +80,20 @@ def test_the_engine_equals_the_batch_it_replaced_on_the_same_random_stream(case)
         assert c_new == c_old
         assert float(old.abs().max()) > 0   # a gradient to compare (coarse converters can zero it)
         torch.testing.assert_close(new, old, rtol=1e-9, atol=1e-9 * float(old.abs().max()))
+
+
+def test_a_neuron_circuit_finished_apart_equals_its_forward_bit_for_bit():
+    """``finish(noiseless(x))`` is ``forward(x)``, also for copies of the same outputs: the same draws from the
+    same stream, the same arithmetic."""
+    torch.manual_seed(3)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    units = [ActivationUnit(CIRCUIT, 4, generator=torch.Generator().manual_seed(1)) for _ in range(3)]
+    for _ in range(2):   # the streams advance alike
+        ref = units[0](x.repeat(3, 1))
+        assert torch.equal(units[1].finish(units[1].noiseless(x.repeat(3, 1))), ref)
+        # three evaluations of the same outputs, written into their draws
+        assert torch.equal(units[2].finish(units[2].noiseless(x), copies=3), ref)
+    assert bool((ref == 0.52).any()) and bool((ref < 0.52).any())   # the clip binds somewhere, not everywhere
 
 
 def test_single_column_measurements_equal_the_sequential_chip():

@@ -15,7 +15,10 @@ What the batch shares and what each measurement redoes, and why that is exact:
   by row, so at cycle (i, j) the columns left of j already hold row i's restore errors and the columns right
   of it do not: the partial sums are the row state after row i in columns < j and the one before row i in
   columns > j (an exclusive prefix sum over the cycles, one per row instead of one per cycle). Without read
-  noise in the layer only column j passes its ADCs again; the other columns convert as in their row state.
+  noise in the layer only column j passes its ADCs again; the other columns convert as in their row state,
+  and (fully connected layers) their neuron circuits are evaluated once per row state: each measurement adds
+  only its own neuron noise. With read noise the row states are scaled to ADC steps and square-rooted once,
+  and each measurement's partial sums are written into its noise draws.
 - Every layer above is evaluated in full, with fresh noise, for every measurement.
 """
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from neurosim.crossbar import quantize
+from neurosim.crossbar import quantize, quantize_codes
 from neurosim.layers import AnalogLayer, AnalogLinear, AnalogNetwork, StepDropout
 from neurosim.training.config import DGCConfig
 from neurosim.training.cost import cost_per_sample
@@ -49,6 +52,16 @@ def costs_above(network: AnalogNetwork, layer: AnalogLayer, z: torch.Tensor, y: 
     return cost_per_sample(out.to(z.dtype), y.repeat(P), cost).reshape(P, batch).mean(1)
 
 
+def costs_from_outputs(network: AnalogNetwork, layer: AnalogLayer, h: torch.Tensor, y: torch.Tensor,
+                       cost: str) -> torch.Tensor:
+    """Costs of P chip states from the layer's neuron outputs h (P·batch, out): every layer above, the cost of
+    each state's batch."""
+    batch = y.shape[0]
+    P = h.shape[0] // batch
+    out = network(h, start=list(network.stages).index(layer) + 1)
+    return cost_per_sample(out.to(h.dtype), y.repeat(P), cost).reshape(P, batch).mean(1)
+
+
 def _elements_per_measurement(network: AnalogNetwork, layer: AnalogLayer, batch: int, fresh: bool) -> int:
     """A generous bound of the elements one measurement holds in its largest temporaries: per layer it
     evaluates, its inputs where they differ per measurement, its partial sums per row tile (and their
@@ -62,8 +75,9 @@ def _elements_per_measurement(network: AnalogNetwork, layer: AnalogLayer, batch:
         tiles = rows * cb.n_row_tiles * cb.padded_shape[1]
         if n < k and not fresh:
             continue
-        if n == k and not fresh and not has_noise(lay):
-            per = max(per, 3 * rows * cb.padded_shape[1])          # the outputs; one column converted anew
+        if n == k and not fresh and not (cb.noise and cb.config.read_noise and cb.spec.read_noise > 0):
+            # without read noise only the outputs (and their neuron outputs) are per measurement
+            per = max(per, 3 * rows * cb.padded_shape[1])
             continue
         inputs = rows * cb.padded_shape[0] if n > 0 else 0
         per = max(per, 2 * inputs + 2 * tiles + rows * cb.padded_shape[1])
@@ -113,7 +127,7 @@ class _LowerReads:
             if self.std0 is not None:   # measurement p's rows are p·B .. p·B + B − 1 (repeat's order)
                 nr, B, C = self.std0.shape
                 cb.add_read_noise_std(part.view(nr, P, B, C), self.std0.unsqueeze(1))
-            z = first.shape_output(cb.convert_normalized(part), (P * x.shape[0], *self.pre_shape))
+            z = first.shape_output(_convert_own(cb, part), (P * x.shape[0], *self.pre_shape))
             h = network(first.activate(z), start=self.first + 1, stop=self.idx)
         self.in_shape = tuple(h.shape[1:])
         cb = layer.crossbar
@@ -145,14 +159,15 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
         q_state = gsq.clone() if gsq is not None else None
         lower = _LowerReads(network, layer, x, fresh)
 
-        def above(z: torch.Tensor) -> torch.Tensor:
-            return costs_above(network, layer, z[..., :outs] * scale, y, cost, lower.in_shape)
+        def above(z: torch.Tensor, unit: float = 1.0) -> torch.Tensor:
+            """Costs from the converted outputs z, in units of ``unit`` (an ADC step where z holds codes)."""
+            return costs_above(network, layer, z[..., :outs] * (scale * unit), y, cost, lower.in_shape)
 
         def convert(part: torch.Tensor, var: torch.Tensor | None) -> torch.Tensor:
             """Noise, ADC of every tile column and the digital sum over tiles: (P, rows, cols)."""
             if var is not None:
                 part = cb.add_read_noise(part, var)
-            return quantize(part, c.adc_bits, c.adc_range, inplace=True).sum(1)
+            return _tile_sum(quantize(part, c.adc_bits, c.adc_range, inplace=True))
 
         def state_sums(xt: torch.Tensor, w: torch.Tensor, q: torch.Tensor | None):
             part = torch.matmul(xt, w.reshape(nr, R, cols))
@@ -168,12 +183,19 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
         rank_one = None
         if shared is not None and not residues:
             rank_one = _RankOneAbove.make(network, layer, start_sums[0], scale, y, cost)
+        # A fully connected layer's neuron circuits, where shared inputs and no read noise leave every column but
+        # the perturbed one as in its row state: the states' neuron outputs are computed once (see
+        # _shared_input_batch). Other layers (convolutions: neurons are channels of many positions) read in full.
+        neurons = layer.activation if isinstance(layer, AnalogLinear) and layer.reads_per_sample == 1 else None
         total = rows * outs * E
         chunk = cfg.chunk or max(1, CHUNK_ELEMENTS // _elements_per_measurement(network, layer, y.shape[0], fresh))
         costs = torch.full((total,), float("nan"), device=dev, dtype=dtype)
         flat = [t.to(dtype).permute(1, 2, 0).reshape(-1) if t is not None else None           # cycle order
                 for t in (plan.pert_w, plan.pert_q, plan.inc_w, plan.inc_q)]
         flat_pw, flat_pq, flat_iw, flat_iq = flat
+        # Σ of the restore errors up to each cycle, once (a cell's own earlier cycles in a chunk are a difference)
+        csum_iw, csum_iq = (torch.cat([t.new_zeros(1), t.cumsum(0)]) if t is not None and residues else None
+                            for t in (flat_iw, flat_iq))
         col_index = torch.arange(cols, device=dev)
         last = total if limit is None else min(total, limit)
         for start in range(0, last, chunk):
@@ -190,9 +212,9 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
                 # in this chunk (the earlier chunks' are in the state already; with fresh inputs the prefix
                 # over the chunk's cycles carries them).
                 first_of_cell = torch.clamp(cell * E, min=start)
-                dw = dw + _within_cell(flat_iw, k, first_of_cell)
+                dw = dw + (csum_iw[k] - csum_iw[first_of_cell])
                 if dq is not None:
-                    dq = dq + _within_cell(flat_iq, k, first_of_cell)
+                    dq = dq + (csum_iq[k] - csum_iq[first_of_cell])
             if rank_one is not None:
                 column = start_sums[0][:, :, j].permute(2, 0, 1).clone()                # (P, nr, rows)
                 column[ar, r] += shared[r, :, ii] * dw[:, None]
@@ -200,15 +222,18 @@ def measure_costs(network: AnalogNetwork, layer: AnalogLayer, x: torch.Tensor, y
                 costs[start:start + P] = rank_one(column * scale, i, j, k % E)
                 continue
             if shared is not None:
-                z = _shared_input_batch(cb, shared, start_sums, i, j, r, ii, dw, dq, k, flat_iw, flat_iq, residues,
-                                        col_index, convert, quantize_args=(c.adc_bits, c.adc_range))
+                z, unit, end = _shared_input_batch(cb, shared, start_sums, i, j, r, ii, dw, dq, k, flat_iw, flat_iq,
+                                                   residues, col_index, quantize_args=(c.adc_bits, c.adc_range),
+                                                   neurons=neurons, e=k % E, scale=scale)
                 if residues:
-                    start_sums = z[1]
-                z = z[0]
+                    start_sums = end
+                if unit is None:   # z holds the layer's neuron outputs
+                    costs[start:start + P] = costs_from_outputs(network, layer, z, y, cost)
+                    continue
             else:
-                z = _fresh_input_batch(cb, lower(P), w_state, q_state, i, j, r, ii, dw, dq, k, flat_iw, flat_iq,
-                                       residues, state_sums, convert, ar)
-            costs[start:start + P] = above(z)
+                z, unit = _fresh_input_batch(cb, lower(P), w_state, q_state, i, j, r, ii, dw, dq, k, flat_iw,
+                                             flat_iq, residues, state_sums, convert, ar), 1.0
+            costs[start:start + P] = above(z, unit)
             del z
     return costs.reshape(rows, outs, E), c0
 
@@ -266,16 +291,10 @@ class _RankOneAbove:
             var = self.var2[:, None].expand(nr, P, rows, cols).clone()
             var[tile, ar] += (d * d - d_base * d_base)[:, :, None] * self.q2[j][:, None, :]
             part = cb2.add_read_noise(part, var.reshape(nr, P * rows, cols))
-        z = above.shape_output(cb2.convert_normalized(part), (P * rows, cb2.in_features - int(above.has_bias)))
+        z = above.shape_output(_convert_own(cb2, part), (P * rows, cb2.in_features - int(above.has_bias)))
         out = self.network(above.activate(z), start=self.idx + 1)
         batch = self.y.shape[0]
         return cost_per_sample(out.to(column.dtype), self.y.repeat(P), self.cost).reshape(P, batch).mean(1)
-
-
-def _within_cell(inc: torch.Tensor, k: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """Σ inc over the cycles of each measured cell that come before it in this chunk (first..k−1)."""
-    csum = torch.cat([inc.new_zeros(1), inc.cumsum(0)])
-    return csum[k] - csum[first]
 
 
 def _row_states(cb, xs: torch.Tensor, start: torch.Tensor, i: torch.Tensor, j: torch.Tensor, k: torch.Tensor,
@@ -298,17 +317,45 @@ def _row_states(cb, xs: torch.Tensor, start: torch.Tensor, i: torch.Tensor, j: t
     return torch.cat([start[None], start[None] + steps.cumsum(0)]), i0
 
 
-def _select_rows(states: torch.Tensor, t: torch.Tensor, j: torch.Tensor, col_index: torch.Tensor) -> torch.Tensor:
-    """Per measurement (row t of the chunk, column j): the state after the row in columns < j, before it in the
-    others. ``states`` (span + 1, ..., cols)."""
-    left = (col_index < j[:, None]).reshape((len(j),) + (1,) * (states.dim() - 2) + (-1,))
-    return torch.where(left, states[t + 1], states[t])
+def _convert_own(cb, part: torch.Tensor) -> torch.Tensor:
+    """``cb.convert_normalized`` of partial sums that are this engine's own temporary: scaled to ADC steps in
+    place instead of into a copy (the same numbers)."""
+    bits = cb.config.adc_bits
+    step = cb.adc_step(bits)
+    return cb.convert(part.mul_(1.0 / step) if step != 1.0 else part, step, bits)
 
 
-def _shared_input_batch(cb, xs, start_sums, i, j, r, ii, dw, dq, k, flat_iw, flat_iq, residues, col_index, convert,
-                        quantize_args):
+def _tile_sum(part: torch.Tensor) -> torch.Tensor:
+    """The digital sum over the row tiles (dim 1) of (P, tiles, rows, cols) converter outputs, tile by tile into
+    one buffer: 2.5x faster than ``sum(1)`` here (which fills its output and strides across the tiles). Exact
+    for converter codes (whole numbers); an ideal converter's sums agree with ``sum(1)`` to rounding."""
+    if part.shape[1] == 1:
+        return part[:, 0]
+    z = torch.add(part[:, 0], part[:, 1])
+    for q in range(2, part.shape[1]):
+        z.add_(part[:, q])
+    return z
+
+
+def _segments(t: torch.Tensor) -> list[tuple[int, int, int]]:
+    """The chunk's measurements grouped by the row of the chunk they perturb (cycle order: rows ascend, so each
+    row's measurements are consecutive): (row t, first, end)."""
+    values, counts = torch.unique_consecutive(t, return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    return list(zip(values.tolist(), [0, *ends[:-1]], ends, strict=True))
+
+
+def _shared_input_batch(cb, xs, start_sums, i, j, r, ii, dw, dq, k, flat_iw, flat_iq, residues, col_index,
+                        quantize_args, neurons=None, e=None, scale=1.0):
     """The converted outputs (P, rows, cols) of P measurements whose inputs are the same (``xs``: (nr, rows, R)),
-    and the partial sums at the chunk's end (pulse modes)."""
+    in units of ``unit`` (returned with them), and the partial sums at the chunk's end (pulse modes). Without
+    read noise and with ``neurons`` (the layer's neuron circuits; ``e``: each measurement's cycle of its cell,
+    ``scale``: the outputs' unit) it returns the neuron outputs (P·rows, out) instead, and None as the unit.
+
+    Measurement p (row t of the chunk, column j) holds the row state after row t in the columns left of j of its
+    own tile and the one before row t everywhere else (the two are the same outside that tile). Each row's
+    measurements are consecutive, so every state is broadcast into its row's slice of the output (one pass)
+    instead of being gathered per measurement and selected column by column."""
     part0, var0 = start_sums
     P = len(k)
     ar = torch.arange(P, device=xs.device)
@@ -322,34 +369,95 @@ def _shared_input_batch(cb, xs, start_sums, i, j, r, ii, dw, dq, k, flat_iw, fla
         parts, var_states = part0[None], (var0[None] if var0 is not None else None)
         t = torch.zeros_like(i)
         end = start_sums
+    segments = _segments(t)
     if var_states is None:
         # Only column j converts anew: the other columns convert as in the row state they hold.
         z_states = quantize(parts.clone(), *quantize_args, inplace=True).sum(1)       # (span + 1, rows, cols)
-        z = _select_rows(z_states, t, j, col_index) if residues else z_states[0].expand(P, *z_states.shape[1:]).clone()
+        if neurons is not None:
+            return _shared_neurons(neurons, parts, z_states, t, i, j, r, xi, dw, e, segments, residues, col_index,
+                                   quantize_args, scale), None, end
+        if residues:
+            z = z_states.new_empty((P, *z_states.shape[1:]))
+            for s, a, b in segments:
+                left = (col_index < j[a:b, None])[:, None, :]
+                torch.where(left, z_states[s + 1], z_states[s], out=z[a:b])
+        else:
+            z = z_states[0].expand(P, *z_states.shape[1:]).clone()
         column = parts[t, :, :, j]                                                   # (P, nr, rows)
         column[ar, r] += xi * dw[:, None]
         z[ar, :, j] = quantize(column, *quantize_args, inplace=True).sum(1)
-        return z, end
+        return z, 1.0, end
+    # With read noise every tile column converts anew. The ADC works in its own steps: the few states are
+    # scaled once, so the converters only clip and round (no division and multiplication per measurement).
+    # The noise is σ·√var·n with √var taken once per state; the perturbed column's own variance (Σ G² with
+    # the perturbation) enters as a correction of its term. The same draws as the former add_read_noise on a
+    # (P, ...) copy of the states: the same up to rounding.
+    bits = quantize_args[0]   # the ADC range is the crossbar's (adc_step)
+    step = cb.adc_step(bits)
+    inv = 1.0 / step
+    noise_scale = cb._noise_scale() * inv
+    codes = parts * inv                                                              # (states, nr, rows, cols)
+    std = var_states.clamp(min=0).sqrt_()
+    noise = cb.read_stream.normal((P, *parts.shape[1:]), dtype=parts.dtype)
+    column_noise = noise[ar, r, :, j]                                                # (P, rows), before it is used
+    out = noise                                   # each slice becomes its partial sums in place (one pass)
+    nr = parts.shape[1]
+    for s, a, b in segments:
+        if not residues:
+            torch.addcmul(codes[s], std[s], noise[a:b], value=noise_scale, out=out[a:b])
+            continue
+        rs = int(r[a])                                                               # the row's tile
+        for lo, hi in ((0, rs), (rs + 1, nr)):
+            if hi > lo:
+                torch.addcmul(codes[s, lo:hi], std[s, lo:hi], noise[a:b, lo:hi], value=noise_scale,
+                              out=out[a:b, lo:hi])
+        left = (col_index < j[a:b, None])[:, None, :]
+        mean = torch.where(left, codes[s + 1, rs], codes[s, rs])
+        sd = torch.where(left, std[s + 1, rs], std[s, rs])
+        torch.addcmul(mean, sd, noise[a:b, rs], value=noise_scale, out=out[a:b, rs])
+    column_std = (var_states[t, r, :, j] + xi * xi * dq[:, None]).clamp_(min=0).sqrt_()     # (P, rows)
+    out[ar, r, :, j] += (xi * (dw * inv)[:, None]).addcmul_(column_std - std[t, r, :, j], column_noise,
+                                                           value=noise_scale)
+    if bits is not None:
+        quantize_codes(out, 2 ** (bits - 1) - 1)
+    return _tile_sum(out), step, end
+
+
+def _shared_neurons(neurons, parts, z_states, t, i, j, r, xi, dw, e, segments, residues, col_index, quantize_args,
+                    scale) -> torch.Tensor:
+    """Neuron outputs (P·rows, out) of P measurements that differ from their row states in column j only (no read
+    noise): gain·f(z) + offset of every state once, of each measurement's column j in a packed evaluation, and
+    each measurement's own neuron noise (the unit's ``finish``: the draws ``forward`` makes). The same numbers as
+    ``forward`` on each measurement's outputs: f, gain and offset act on each element alone."""
+    P = len(t)
+    ar = torch.arange(P, device=t.device)
+    outs = neurons.num_neurons
+    n_states, rows = z_states.shape[:2]
+    y_states = neurons.noiseless((z_states[..., :outs] * scale).reshape(-1, outs)).reshape(n_states, rows, outs)
+    column = parts[t, :, :, j]                                                       # (P, nr, rows)
+    column[ar, r] += xi * dw[:, None]
+    column = quantize(column, *quantize_args, inplace=True).sum(1) * scale           # (P, rows)
+    # Column j of each measurement through its own neuron: packed so that each (row, cycle) group of the chunk,
+    # which perturbs every column at most once, is one (rows, out) evaluation.
+    E = int(e.max()) + 1
+    group = (i - i[0]) * E + e
+    packed = y_states.new_zeros((int(group.max()) + 1, rows, outs))
+    packed[group, :, j] = column
+    y_column = neurons.noiseless(packed.reshape(-1, outs)).reshape(packed.shape)[group, :, j]   # (P, rows)
+    # Each measurement's noise is drawn into its own buffer with state 0's outputs added (one pass); a row's
+    # measurements then move to their state (states after 0) and take the state after the row in the columns
+    # left of j (in place), and column j its own outputs. The same as forward on each measurement's outputs
+    # up to the rounding of these differences.
+    h = neurons.finish(y_states[0], copies=P, clip=False)                             # (P·rows, out)
+    hv = h.view(P, rows, outs)
     if residues:
-        part = _select_rows(parts, t, j, col_index)
-        var = _select_rows(var_states, t, j, col_index)
-    else:
-        # The variances differ from the start state only in column j of tile r: one square root of the start
-        # state serves all P measurements and the perturbed column takes its own, instead of a (P, nr, rows,
-        # cols) copy of the variances and its square root. The same draws as convert(part, var); the noise
-        # is added in two terms (the perturbed column's correction second): the same up to rounding.
-        part = parts[0].expand(P, *parts.shape[1:]).clone()
-        part[ar, r, :, j] += xi * dw[:, None]
-        std0 = var0.sqrt()                                                          # (nr, rows, cols)
-        column = (var0[r, :, j] + xi * xi * dq[:, None]).clamp_(min=0).sqrt_()    # (P, rows)
-        noise = cb.read_stream.normal(part.shape, dtype=part.dtype)
-        scale = cb._noise_scale()
-        part.addcmul_(std0, noise, value=scale)
-        part[ar, r, :, j] += scale * (column - std0[r, :, j]) * noise[ar, r, :, j]
-        return quantize(part, *quantize_args, inplace=True).sum(1), end
-    part[ar, r, :, j] += xi * dw[:, None]
-    var[ar, r, :, j] += xi * xi * dq[:, None]
-    return convert(part, var), end
+        for s, a, b in segments:
+            if s:
+                hv[a:b] += y_states[s] - y_states[0]
+            left = (col_index[:outs] < j[a:b, None]).to(h.dtype)[:, None, :]
+            hv[a:b].addcmul_(left, y_states[s + 1] - y_states[s])
+    hv[ar, :, j] += y_column - y_states[t, :, j]
+    return neurons.clip_output(h)
 
 
 def _fresh_input_batch(cb, xt, w_state, q_state, i, j, r, ii, dw, dq, k, flat_iw, flat_iq, residues, state_sums,

@@ -452,9 +452,9 @@ def main(argv: list[str] | None = None) -> int:
             parse_size(size)
         data = load(DataConfig(name="synthetic", size=28, samples=5000, test_fraction=0.2), seed=0)
         for size in sizes:
-            size_figures(data, size, repeats=1 if args.quick else 3)
+            size_figures(data, size, repeats=1 if args.quick else 5)   # epochs of 0.1-0.8 s: 5 for a stable median
         if args.neurons:
-            neuron_figures(data, repeats=1 if args.quick else 3)
+            neuron_figures(data, repeats=1 if args.quick else 5)
         return finish()
     samples = 2500 if args.quick else 12500        # test_fraction 0.2: 2,000 or 10,000 training samples
     data = load(DataConfig(name="synthetic", size=28, samples=samples, test_fraction=0.2), seed=0)

@@ -432,3 +432,35 @@ def test_a_diverged_step_is_a_clear_error_before_any_pulse(scheme):
         trainer.fit()
     assert all(v == 0 for v in trainer.layer_pulses.values())
     assert all(torch.equal(a, layer.crossbar.weights()) for a, layer in zip(before, net.analog_layers, strict=True))
+
+
+@pytest.mark.parametrize("scheme", ["bp", "hybrid"])
+def test_without_numba_training_runs_on_torch_streams_drawing_the_same_numbers(monkeypatch, scheme):
+    """Where numba is missing (and on CUDA) every Philox stream draws through torch operations, the read's
+    noise and converters run unfused, the rounding takes its dense torch form: the same draws in the same
+    counts (each stream's counter ends where the kernel path's does), and training works. The trajectories
+    may part by an ADC code where the two square roots of a noise σ differ by an ulp, so the runs are
+    compared by their streams and by their accuracy, not bit for bit."""
+    import neurosim.random_streams as streams
+    from neurosim import chip_state
+
+    spec = make_spec(read_noise=0.03, c2c=0.02, g_min_dtod=0.05, g_max_dtod=0.05)
+    act = ActivationConfig(function="sigmoid", gain_dtod=0.05, noise=0.01)
+    crossbar = CrossbarConfig(dac_bits=8, adc_bits=8, rounding="stochastic")
+    data = tiny_data(n=64, features=12, classes=3)
+    runs = {}
+    for kind in ("numba", "torch"):
+        if kind == "torch":
+            monkeypatch.setattr(streams, "_kernel_module", False)
+        net = mlp(spec, hidden=(8,), features=12, act=act, crossbar=crossbar)
+        trainer = make_trainer(net, data, build(TrainerConfig, {"scheme": scheme, "batch_size": 16,
+                                                                "learning_rate": 0.5}), seed=0)
+        assert all(layer.crossbar.read_stream.kernel == kind for layer in net.analog_layers)
+        trainer.run_epochs(2)
+        counters = {name: g.counter for name, g in chip_state.generators(trainer).items()
+                    if isinstance(g, streams.PhiloxStream)}
+        runs[kind] = (counters, trainer.history[-1])
+    assert runs["numba"][0] == runs["torch"][0] and len(runs["torch"][0]) >= 5
+    for row in (runs["numba"][1], runs["torch"][1]):
+        assert math.isfinite(row["train_loss"]) and row["pulses"] > 0
+    assert abs(runs["numba"][1]["test_accuracy"] - runs["torch"][1]["test_accuracy"]) <= 0.25

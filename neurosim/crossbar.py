@@ -348,15 +348,16 @@ class Crossbar:
             self._cache_low.view(-1).index_copy_(0, cells, values[1].to(self._cache_low.dtype))
         self._cache_key, self._solvers = self._state_key(), None
 
-    def dac(self, x: torch.Tensor) -> torch.Tensor:
+    def dac(self, x: torch.Tensor, own: bool = False) -> torch.Tensor:
         """Inputs after the DAC, normalized: x̂ = x/input_max clipped to [−1, 1] ([0, 1] when unipolar) and
-        rounded to ``dac_bits``: (B, in). The clipping is the driver's saturation, with or without rounding."""
+        rounded to ``dac_bits``: (B, in). The clipping is the driver's saturation, with or without rounding.
+        ``own``: x is the caller's temporary, which the DAC may overwrite (one buffer fewer a read)."""
         c = self.config
         xn = x.to(self.read_dtype)
         if c.input_max != 1.0:
             xn = xn / c.input_max
         unipolar = c.input_range == "unipolar"
-        temporary = xn is not x and not (torch.is_grad_enabled() and xn.requires_grad)
+        temporary = (xn is not x or own) and not (torch.is_grad_enabled() and xn.requires_grad)
         if c.dac_bits is None:
             lower = 0.0 if unipolar else -1.0
             return xn.clamp_(lower, 1.0) if temporary else xn.clamp(lower, 1.0)
@@ -510,14 +511,15 @@ class Crossbar:
         step = self.adc_step(bits)
         return self.convert(part * (1.0 / step) if step != 1.0 else part, step, bits)   # ideal: not modified
 
-    def read(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, x: torch.Tensor, w: torch.Tensor | None = None, own: bool = False) -> torch.Tensor:
         """Forward read y ≈ x·W of a batch (B, in) → (B, out), through DAC, tiles, read noise and ADCs.
 
         The partial sums are computed in ADC steps (the DAC outputs divided by the step: B·in numbers instead
-        of tiles·B·out), so the converters only clip and round."""
+        of tiles·B·out), so the converters only clip and round. ``own``: x is the caller's temporary (see
+        ``dac``)."""
         c = self.config
         step = self.adc_step(c.adc_bits)
-        xn = self.dac(x)
+        xn = self.dac(x, own)
         if step != 1.0:
             xn = xn * (1.0 / step) if torch.is_grad_enabled() and xn.requires_grad else xn.mul_(1.0 / step)
         return self._noisy_convert(self._clean_partials(xn, w), self._variances(xn, w), step, c.adc_bits)

@@ -142,8 +142,8 @@ class AnalogLayer(nn.Module):
         elif mode == "linearized":
             z = self.crossbar.read(xin, w=weights)
         else:
-            with torch.no_grad():
-                z = self.crossbar.read(xin)
+            with torch.no_grad():   # with a bias column xin is a fresh copy of x, nobody else's: the DAC may take it
+                z = self.crossbar.read(xin, own=self.has_bias)
         return self.shape_output(z, tuple(x.shape))
 
     def activate(self, z: torch.Tensor, mode: str = "inference") -> torch.Tensor:

@@ -728,3 +728,20 @@ def test_noisy_reads_are_the_same_at_any_thread_count(spec_factory):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("dac_bits", [None, 6])
+def test_a_read_of_the_callers_temporary_equals_a_read_of_a_kept_input(spec_factory, dac_bits):
+    """read(x, own=True) may overwrite x (the DAC works in its buffer) and gives the same output, bit for bit,
+    as a read that leaves x alone; without own, x is left as it was."""
+    spec = spec_factory(read_noise=0.02)
+    outs, inputs = [], []
+    for own in (False, True):
+        bar = Crossbar(spec, 40, 7, CrossbarConfig(dac_bits=dac_bits, adc_bits=8, tile_rows=16), seed=4)
+        bar.set_weights(rand((40, 7), 1).float())
+        x = rand((9, 40), 2).float() * 3          # beyond input_max: the DAC clips
+        kept = x.clone()
+        outs.append(bar.read(x, own=own))
+        inputs.append(torch.equal(x, kept))
+    assert torch.equal(outs[0], outs[1])
+    assert inputs == [True, False]

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from neurosim.config import ConfigError, check, setting
-from neurosim.random_streams import PhiloxStream
+from neurosim.random_streams import PhiloxStream, _numba_kernels
 
 FUNCTIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "selu", "softplus", "gelu", "silu",
              "identity")
@@ -828,9 +828,26 @@ class ActivationUnit(torch.nn.Module):
             out.append(self.prelu_slope)
         return out
 
+    def _kernels(self, x: torch.Tensor):
+        """The fused CPU pass of the PWL lookup (neurosim._activation_numba) where it applies: float32 on the
+        CPU outside autograd, numba present; else None (torch operations)."""
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
+                                                                   for p in self.trainable_parameters()))
+        if (self.config.mode != "pwl" or x.device.type != "cpu" or x.dtype != torch.float32 or grad
+                or self._dtype != torch.float32 or not x.is_contiguous() or _numba_kernels() is None):
+            return None
+        from neurosim import _activation_numba  # after _numba_kernels() chose numba's threading layer
+        return _activation_numba
+
     def ideal(self, x: torch.Tensor) -> torch.Tensor:
         """The realization (exact, Taylor or PWL) without circuit non-idealities; differentiable."""
         cfg = self.config
+        kernels = self._kernels(x) if cfg.mode == "pwl" else None
+        if kernels is not None:
+            lk, out = self._lookup, torch.empty_like(x)
+            kernels.pwl(x.view(-1).numpy(), self.lut_f.numpy(), 0, np.float32(lk["shift"]), np.float32(lk["scale"]),
+                        np.float32(lk["top"]), out.view(-1).numpy())
+            return out
         if cfg.mode == "exact":
             alpha = self.prelu_slope if self.prelu_slope is not None else cfg.alpha
             return exact(cfg.function, x, alpha)
@@ -856,6 +873,15 @@ class ActivationUnit(torch.nn.Module):
                 d = _horner(_poly_derivative(self.coefficients.detach().to(x.dtype)),
                             xc - cfg.center if cfg.center else xc)
                 return _clip_mask(d, x, a, b)
+            kernels = self._kernels(x)
+            if kernels is not None:
+                lk, out = self._lookup, torch.empty_like(x)
+                args = (np.float32(lk["shift"]), np.float32(lk["scale"]), np.float32(lk["top"]))
+                if cfg.derivative == "slope":
+                    kernels.pwl_slope(x.view(-1).numpy(), self.lut_f.numpy(), *args, out.view(-1).numpy())
+                else:
+                    kernels.pwl(x.view(-1).numpy(), self.lut_d.numpy(), 0, *args, out.view(-1).numpy())
+                return out
             u = _cell_coordinate(x, self._lookup)
             if cfg.derivative == "slope":  # the same arithmetic as the autograd path, so both agree bit for bit
                 return (_rows(self._packed(self.lut_f, x), u)[..., 1] * self._lookup["scale"]).to(x.dtype)

@@ -580,3 +580,22 @@ def test_cuda_matches_cpu(mode):
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gpu.derivative(x.cuda()).cpu(), cpu.derivative(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("derivative", ["fit", "slope"])
+def test_pwl_kernel_equals_the_torch_lookup(derivative):
+    """The fused CPU lookup (neurosim._activation_numba) against the torch path it stands in for (kept for other
+    devices, dtypes and autograd): the same outputs and derivatives bit for bit over a dense sweep of inputs,
+    the table's ends, ±inf and NaN (a float32 multiply-add rounded once in float64 equals torch's fused one
+    except in a double-rounding tie, none of which occurs here)."""
+    unit = ActivationUnit(ActivationConfig(function="tanh", mode="pwl", epsilon=0.01, derivative=derivative), 7)
+    x = torch.cat([torch.linspace(-6, 6, 70_000), torch.tensor([-4.0, 4.0, float("inf"), -float("inf"),
+                                                                float("nan"), -0.0, 0.0])])
+    x = x[: x.numel() // 7 * 7].reshape(-1, 7)
+    assert unit._kernels(x) is not None
+    with torch.no_grad():
+        fast = unit.ideal(x), unit.ideal_derivative(x)
+        unit._kernels = lambda x: None
+        slow = unit.ideal(x), unit.ideal_derivative(x)
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())

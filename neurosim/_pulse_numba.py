@@ -34,12 +34,13 @@ def _fma(typingctx, a, b, c):
 
 
 @njit(cache=True)
-def _pulse_pair(table, m, per_cell, idx, counts, g1, g2, t1, t2, now, stamp, lin_p, lin_d, convex, noise, scale,
-                ctr, k0, k1, first, zero, one, out):
+def _pulse_pair(table, m, per_cell, idx, counts, g1, g2, t1, t2, now1, now2, stamp, drift1, drift2, nu1, nu2, t0,
+                div_t0, lin_p, lin_d, convex, noise, scale, ctr, k0, k1, first, zero, one, out):
     """Cells ``idx`` of both arrays of a pair (``counts`` pulses on the first, −counts on the second) into
     ``out`` (2n: first's, then second's new conductances) and into g1/g2 (and t1/t2 when ``stamp``).
     ``table``: the pair's shared table (the first's ``m`` rows, then the second's); ``first``: the index of this
-    pair's first draw in the stream call that starts at block ``ctr``."""
+    pair's first draw in the stream call that starts at block ``ctr``. A drifting array's pulse starts from
+    G·exp(−ν·ln(max(now − t_prog, t0)/t0)) (``DeviceArray._now``'s operations; ``nu``: −ν, per cell or one)."""
     n = idx.size
     z = np.empty(2 * n, np.float32)
     if noise:
@@ -57,6 +58,13 @@ def _pulse_pair(table, m, per_cell, idx, counts, g1, g2, t1, t2, now, stamp, lin
         neg_a = table[row, 3]
         em = table[row, 4]
         g = g2[i] if second else g1[i]
+        if drift2 if second else drift1:
+            nu = nu2 if second else nu1
+            age = (now2 - t2[i]) if second else (now1 - t1[i])
+            age = t0 if age < t0 else age
+            if div_t0:
+                age = age / t0
+            g = np.exp(np.log(age) * nu[i if nu.size > 1 else 0]) * g
         pos = _fma(c1, g, c0)
         pos = zero if pos < zero else (one if pos > one else pos)
         step = ns * per
@@ -81,21 +89,25 @@ def _pulse_pair(table, m, per_cell, idx, counts, g1, g2, t1, t2, now, stamp, lin
         if second:
             g2[i] = gn
             if stamp:
-                t2[i] = now
+                t2[i] = now2
         else:
             g1[i] = gn
             if stamp:
-                t1[i] = now
+                t1[i] = now1
 
 
 def pulse_pair(table: np.ndarray, m: int, idx: np.ndarray, counts: np.ndarray, g1: np.ndarray, g2: np.ndarray,
-               t1: np.ndarray, t2: np.ndarray, now: float, stamp: bool, flags: tuple[bool, bool, bool],
+               t1: np.ndarray, t2: np.ndarray, now: tuple[float, float], stamp: bool,
+               nu: tuple[np.ndarray | None, np.ndarray | None], t0: float, flags: tuple[bool, bool, bool],
                scale: float | None, counter: int, k0: int, k1: int, first: int) -> np.ndarray:
     """``_pulse_pair`` with the scalars in the arrays' dtype (as torch uses a Python scalar with a tensor);
+    ``now``: each array's clock; ``nu``: each array's −ν (flat, or one value), None where it does not drift;
     ``scale`` None: no cycle-to-cycle noise. Returns the 2n new conductances."""
     t = g1.dtype.type
     out = np.empty(2 * idx.size, g1.dtype)
-    _pulse_pair(table, m, table.shape[0] != 4, idx, counts, g1, g2, t1, t2, t(now), stamp, flags[0], flags[1],
-                flags[2], scale is not None, t(scale or 0.0), np.uint64(counter), np.uint32(k0), np.uint32(k1),
-                first, t(0.0), t(1.0), out)
+    none = np.zeros(1, g1.dtype)
+    _pulse_pair(table, m, table.shape[0] != 4, idx, counts, g1, g2, t1, t2, t(now[0]), t(now[1]), stamp,
+                nu[0] is not None, nu[1] is not None, none if nu[0] is None else nu[0],
+                none if nu[1] is None else nu[1], t(t0), t0 != 1.0, flags[0], flags[1], flags[2], scale is not None,
+                t(scale or 0.0), np.uint64(counter), np.uint32(k0), np.uint32(k1), first, t(0.0), t(1.0), out)
     return out

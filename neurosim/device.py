@@ -867,8 +867,9 @@ def _program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, to
 
 def _fused(joined: list) -> bool:
     """Whether a joined pass runs as the CPU kernel (neurosim._pulse_numba): the analytic card model (a table
-    card stays in torch), no drift to apply to the starting conductances, float32/float64 contiguous CPU
-    tensors, and the pairs' Philox stream drawing through numba (so that both paths draw the same numbers)."""
+    card stays in torch), float32/float64 contiguous CPU tensors, and the pairs' Philox stream drawing through
+    numba (so that both paths draw the same numbers). The drift of the starting conductances is computed in the
+    kernel too (``DeviceArray._now``'s operations)."""
     lead = joined[0][1]
     stream = lead.pulse_stream
     if (stream is None or lead._shapes is not None or lead.device.type != "cpu"
@@ -876,12 +877,20 @@ def _fused(joined: list) -> bool:
         return False
     for _, first, second, idx, counts in joined:
         for a in (first, second):
-            if a.drifting or not (a.g.is_contiguous() and a.t_programmed.is_contiguous()):
+            if not (a.g.is_contiguous() and a.t_programmed.is_contiguous()):
                 return False
         if (idx.dtype != torch.long or counts.dtype != lead.dtype or not idx.is_contiguous()
                 or not counts.is_contiguous() or not first._pair[1].is_contiguous()):
             return False
     return True
+
+
+def _flat_nu(array: DeviceArray):
+    """−ν of a drifting array as a flat numpy array (one value when it is one for all cells); None otherwise."""
+    if not array.drifting:
+        return None
+    nu = array._neg_nu()
+    return (flat_view(array, nu) if nu.dim() and nu.is_contiguous() else nu.reshape(-1)).numpy()
 
 
 def _pulse_pairs_kernel(joined: list, halves: bool, out: list) -> None:
@@ -904,7 +913,8 @@ def _pulse_pairs_kernel(joined: list, halves: bool, out: list) -> None:
         new = torch.from_numpy(_pulse_numba.pulse_pair(
             shared.numpy(), first._table[0].shape[0], idx.numpy(), counts.numpy(), first.g.view(-1).numpy(),
             second.g.view(-1).numpy(), first.t_programmed.view(-1).numpy(), second.t_programmed.view(-1).numpy(),
-            first.time_s, stamp, first._table[1], scale, ctr, k0, k1, at))
+            (first.time_s, second.time_s), stamp, (_flat_nu(first), _flat_nu(second)), spec.drift_t0,
+            first._table[1], scale, ctr, k0, k1, at))
         at += new.numel()
         first.version += 1
         second.version += 1

@@ -19,6 +19,8 @@ CARDS = {
     "linear_ltp": {"nl_ltp": 0.0, "nl_ltd": 3.0},
     "linear_ltd": {"nl_ltp": -2.0, "nl_ltd": 0.0},
     "linear": {"nl_ltp": 0.0, "nl_ltd": 0.0, "g_max_dtod": 0.1},
+    "drifting": {"nl_ltp": 2.4, "nl_ltd": -1.0, "nl_dtod": 1.0, "drift_nu_dtod": 0.3, "drift_t0": 0.01,
+                 "stuck_at_gmin": 0.03},
 }
 
 

@@ -58,6 +58,7 @@ def network_generators(network: AnalogNetwork) -> dict[str, torch.Generator | Ph
             add(f"{stage.name}.noise", stage.crossbar.noise_generator)
             add(f"{stage.name}.read_noise", stage.crossbar.read_stream)
             add(f"{stage.name}.rounding", stage.crossbar.rounding_stream)
+            add(f"{stage.name}.pulses", stage.crossbar.pulse_stream)
             for side, array in _arrays(stage).items():
                 add(f"{stage.name}.{side}.noise", array.noise_generator)
             for (stream, device), g in sorted(stage.activation._noise_gens.items()):

@@ -174,6 +174,11 @@ class Crossbar:
         self.read_stream = PhiloxStream(seed, self.device, name, "read_noise")
         # Stochastic rounding of updates: candidates and Bernoulli draws, every layer at every step.
         self.rounding_stream = PhiloxStream(seed, self.device, name, "rounding")
+        # Cycle-to-cycle noise of training writes to the pair (program_deltas / fire): one stream for both
+        # arrays, so that the fused CPU pass and the torch pass draw the same numbers (docs/random.md).
+        self.pulse_stream = PhiloxStream(seed, self.device, name, "pulses")
+        if self.minus is not None:
+            self.plus.pulse_stream = self.minus.pulse_stream = self.pulse_stream
         span = spec.g_max - spec.g_min
         self.g_mid = 0.5 * (spec.g_max + spec.g_min)
         # Conductance per unit weight: a pair spans ±span, a single device ±span/2 around the reference.

@@ -378,6 +378,10 @@ class DeviceArray:
         self.device = torch.device(device)
         self.dtype = dtype
         self.noise_generator = noise_generator or generator
+        # The cycle-to-cycle stream of training writes through ``program_pairs`` (a crossbar gives both arrays
+        # of a pair its Philox stream, so that the fused CPU pass draws the same numbers as the torch pass);
+        # None: those writes draw from ``noise_generator`` like every other write.
+        self.pulse_stream = None
         kw = {"device": self.device, "dtype": dtype}
         g = generator
 
@@ -613,9 +617,11 @@ class DeviceArray:
         return table.index_select(0, rows), self._now(idx)
 
     def _pulse(self, constants: torch.Tensor, g: torch.Tensor, ns: torch.Tensor, down: torch.Tensor | None,
-               noise: bool) -> torch.Tensor:
+               noise: bool, stream: Any = None) -> torch.Tensor:
         """The pulse response on gathered rows of the table (see ``_pulse_table`` for the columns); ``down``
-        (ns < 0) is needed only when one polarity is linear and the other not (None: computed here)."""
+        (ns < 0) is needed only when one polarity is linear and the other not (None: computed here). ``stream``:
+        a PhiloxStream for the cycle-to-cycle draws (draw k for cell k of 1-d ``ns``), else the noise generator.
+        The oracle of the fused CPU pass (neurosim._pulse_numba)."""
         lin_p, lin_d, convex = self._table[1]
         c0, c1, per_pulse, neg_a, em, y0, dy, low, high = constants.unbind(1)
         pos = torch.addcmul(c0, c1, g).clamp_(0.0, 1.0)   # where the cell is on the curve of its polarity
@@ -639,7 +645,10 @@ class DeviceArray:
                 moved = torch.where(down if lin_d else ~down, (pos + step).clamp_(0.0, 1.0), moved)
         g_new = torch.addcmul(y0, dy, moved)
         if noise and self.spec.c2c > 0:
-            draw = torch.randn(ns.shape, generator=self.noise_generator, device=self.device, dtype=self.dtype)
+            if stream is not None:
+                draw = stream.normal(ns.shape, dtype=self.dtype)
+            else:
+                draw = torch.randn(ns.shape, generator=self.noise_generator, device=self.device, dtype=self.dtype)
             g_new.addcmul_(draw, ns.abs().sqrt_(), value=self.spec.c2c * (self.spec.g_max - self.spec.g_min))
         return torch.minimum(torch.maximum(g_new, low), high)
 
@@ -815,7 +824,19 @@ def _program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, to
                                                                        lead.device):
             others.append(i)  # another card: its own pass
             continue
-        shared = paired[1]
+        joined.append((i, first, second, idx, counts))
+    if others:
+        for i, part in zip(others, _program_pairs([writes[i] for i in others], halves), strict=True):
+            out[i] = part
+    if not joined:
+        return out
+    if _fused(joined):
+        _pulse_pairs_kernel(joined, halves, out)
+        return out
+    lead = joined[0][1]
+    gathered = []
+    for _, first, second, idx, counts in joined:
+        shared = first._pair[1]
         m = first._table[0].shape[0]
         down = (counts < 0).long()
         if m == 2:                                   # every cell alike: rows are (first, second) × polarity
@@ -823,30 +844,79 @@ def _program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, to
         else:
             base = idx * 2
             rows = torch.cat([base + down, base.add_(m + 1).sub_(down)])
-        joined.append((i, first, second, idx, shared.index_select(0, rows), first._now(idx), second._now(idx),
-                       counts))
-    if others:
-        for i, part in zip(others, _program_pairs([writes[i] for i in others], halves), strict=True):
-            out[i] = part
-    if not joined:
-        return out
-    lead = joined[0][1]
+        gathered.append((shared.index_select(0, rows), first._now(idx), second._now(idx)))
     # The pass's operands, pair after pair (first's cells, then second's): one concatenation each, the same
     # values in the same places as concatenating per pair first.
-    constants = joined[0][4] if len(joined) == 1 else torch.cat([j[4] for j in joined])
-    g = torch.cat([t for j in joined for t in (j[5], j[6])])
-    ns = torch.cat([t for j in joined for t in (j[7], j[7].neg())])
-    new = lead._pulse(constants, g, ns, None, True)
+    constants = gathered[0][0] if len(gathered) == 1 else torch.cat([j[0] for j in gathered])
+    g = torch.cat([t for j in gathered for t in (j[1], j[2])])
+    ns = torch.cat([t for j in joined for t in (j[4], j[4].neg())])
+    new = lead._pulse(constants, g, ns, None, True, lead.pulse_stream)
     if halves:
         pieces = iter(new.split([j[3].numel() for j in joined for _ in range(2)]))
-        for i, first, second, idx, *_ in joined:
+        for i, first, second, idx, _ in joined:
             out[i] = (next(pieces), next(pieces))
             first._store(idx, out[i][0])
             second._store(idx, out[i][1])
         return out
-    for (i, first, second, idx, *_), part in zip(joined, new.split([2 * j[3].numel() for j in joined]),
-                                                  strict=True):
+    for (i, first, second, idx, _), part in zip(joined, new.split([2 * j[3].numel() for j in joined]), strict=True):
         for array, half in zip((first, second), part.split(idx.numel()), strict=True):
             array._store(idx, half)
         out[i] = part
     return out
+
+
+def _fused(joined: list) -> bool:
+    """Whether a joined pass runs as the CPU kernel (neurosim._pulse_numba): the analytic card model (a table
+    card stays in torch), float32/float64 contiguous CPU tensors, and the pairs' Philox stream drawing through
+    numba (so that both paths draw the same numbers). The drift of the starting conductances is computed in the
+    kernel too (``DeviceArray._now``'s operations)."""
+    lead = joined[0][1]
+    stream = lead.pulse_stream
+    if (stream is None or lead._shapes is not None or lead.device.type != "cpu"
+            or lead.dtype not in (torch.float32, torch.float64) or stream.kernel != "numba"):
+        return False
+    for _, first, second, idx, counts in joined:
+        for a in (first, second):
+            if not (a.g.is_contiguous() and a.t_programmed.is_contiguous()):
+                return False
+        if (idx.dtype != torch.long or counts.dtype != lead.dtype or not idx.is_contiguous()
+                or not counts.is_contiguous() or not first._pair[1].is_contiguous()):
+            return False
+    return True
+
+
+def _flat_nu(array: DeviceArray):
+    """−ν of a drifting array as a flat numpy array (one value when it is one for all cells); None otherwise."""
+    if not array.drifting:
+        return None
+    nu = array._neg_nu()
+    return (flat_view(array, nu) if nu.dim() and nu.is_contiguous() else nu.reshape(-1)).numpy()
+
+
+def _pulse_pairs_kernel(joined: list, halves: bool, out: list) -> None:
+    """``_program_pairs``' joined pass as one numba call per pair: the same draws (one stream call for the
+    pass, the pairs' cells in the torch path's order), the same stores and version bumps."""
+    from neurosim import _pulse_numba  # after random_streams chose numba's threading layer
+
+    lead = joined[0][1]
+    stream = lead.pulse_stream
+    spec = lead.spec
+    noise = spec.c2c > 0
+    total = sum(2 * j[3].numel() for j in joined)
+    ctr = stream._take(total) if noise else 0
+    k0, k1 = stream.key & 0xFFFFFFFF, stream.key >> 32
+    scale = spec.c2c * (spec.g_max - spec.g_min) if noise else None
+    stamp = spec.drift_nu > 0
+    at = 0
+    for i, first, second, idx, counts in joined:
+        shared = first._pair[1]
+        new = torch.from_numpy(_pulse_numba.pulse_pair(
+            shared.numpy(), first._table[0].shape[0], idx.numpy(), counts.numpy(), first.g.view(-1).numpy(),
+            second.g.view(-1).numpy(), first.t_programmed.view(-1).numpy(), second.t_programmed.view(-1).numpy(),
+            (first.time_s, second.time_s), stamp, (_flat_nu(first), _flat_nu(second)), spec.drift_t0,
+            first._table[1], scale, ctr, k0, k1, at))
+        at += new.numel()
+        first.version += 1
+        second.version += 1
+        n = idx.numel()
+        out[i] = (new[:n], new[n:]) if halves else new

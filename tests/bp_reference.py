@@ -289,7 +289,8 @@ def program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, tor
         constants, g, ns = joined[0][4:]
     else:
         constants, g, ns = (torch.cat([j[k] for j in joined]) for k in (4, 5, 6))
-    new = lead._pulse(constants, g, ns, None, True)
+    # (the cycle-to-cycle draws follow the move to the pair's Philox stream, Crossbar.pulse_stream)
+    new = lead._pulse(constants, g, ns, None, True, lead.pulse_stream)
     for (i, first, second, idx, *_), part in zip(joined, new.split([2 * j[3].numel() for j in joined]),
                                                   strict=True):
         for array, half in zip((first, second), part.split(idx.numel()), strict=True):

@@ -179,8 +179,8 @@ def _generators(network: AnalogNetwork) -> list[torch.Generator]:
     gens: dict[int, torch.Generator] = {}
     for layer in network.analog_layers:
         cb = layer.crossbar
-        for g in (cb.noise_generator, cb.read_stream, cb.rounding_stream, *(a.noise_generator for a in cb._arrays()),
-                  *layer.activation._noise_gens.values()):
+        for g in (cb.noise_generator, cb.read_stream, cb.rounding_stream, cb.pulse_stream,
+                  *(a.noise_generator for a in cb._arrays()), *layer.activation._noise_gens.values()):
             gens[id(g)] = g
     return list(gens.values())
 

@@ -1,0 +1,113 @@
+"""The CPU kernel of a training write to differential pairs (neurosim.device._program_pairs): one pass.
+
+Imported lazily (after neurosim.random_streams has chosen numba's threading layer). Per pulsed cell of both
+arrays of a pair: the row of the packed pulse table (``DeviceArray._pulse_table``), the pulse response of the
+analytic card model (saturating log1p/expm1 curve, its linear and convex variants), the cycle-to-cycle draw
+from the pair's Philox stream, the bounds, and the store into g and t_programmed. Why it looks like this:
+- The torch path (``DeviceArray._pulse``) is the oracle; the kernel performs the same IEEE operations in the
+  same order, in the arrays' dtype (no fastmath: no fused multiply-add, no reassociation). Only log1p and
+  expm1 come from another library (numba's libm calls vs torch's vectorized ones) and differ in the last bit;
+  docs/devices.md "Programming" gives the resulting bound, tests/test_pulse_kernel.py checks it on every cell.
+- Noise: draw k of the pass is normal k of one stream call (``PhiloxStream.normal(total)`` in the torch path),
+  the pairs' cells in the torch path's order (pair after pair, first array's cells, then second's).
+- torch's CPU ``addcmul`` is one fused multiply-add, fma(value·t1, t2, self) (measured: equal bit for bit to
+  LLVM's llvm.fma on torch 2.13, float32 and float64, any length); the kernel calls the same intrinsic where
+  the torch pass calls addcmul/addcmul_, and plain IEEE operations elsewhere.
+- Serial: a step pulses a few hundred to a few thousand cells; a parallel launch would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from numba.extending import intrinsic
+
+from neurosim._philox_numba import _fill_normal
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a·b + c rounded once (llvm.fma): what torch's addcmul computes."""
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+    return a(a, b, c), codegen
+
+
+@njit(cache=True)
+def _pulse_pair(table, m, per_cell, idx, counts, g1, g2, t1, t2, now1, now2, stamp, drift1, drift2, nu1, nu2, t0,
+                div_t0, lin_p, lin_d, convex, noise, scale, ctr, k0, k1, first, zero, one, out):
+    """Cells ``idx`` of both arrays of a pair (``counts`` pulses on the first, −counts on the second) into
+    ``out`` (2n: first's, then second's new conductances) and into g1/g2 (and t1/t2 when ``stamp``).
+    ``table``: the pair's shared table (the first's ``m`` rows, then the second's); ``first``: the index of this
+    pair's first draw in the stream call that starts at block ``ctr``. A drifting array's pulse starts from
+    G·exp(−ν·ln(max(now − t_prog, t0)/t0)) (``DeviceArray._now``'s operations; ``nu``: −ν, per cell or one)."""
+    n = idx.size
+    z = np.empty(2 * n, np.float32)
+    if noise:
+        _fill_normal(z, first, 2 * n, ctr, k0, k1)
+    for k in range(2 * n):
+        second = k >= n
+        j = k - n if second else k
+        i = idx[j]
+        ns = -counts[j] if second else counts[j]
+        down = ns < zero
+        row = (m if second else 0) + (2 * i if per_cell else 0) + (1 if down else 0)   # (cell, own polarity)
+        c0 = table[row, 0]
+        c1 = table[row, 1]
+        per = table[row, 2]
+        neg_a = table[row, 3]
+        em = table[row, 4]
+        g = g2[i] if second else g1[i]
+        if drift2 if second else drift1:
+            nu = nu2 if second else nu1
+            age = (now2 - t2[i]) if second else (now1 - t1[i])
+            age = t0 if age < t0 else age
+            if div_t0:
+                age = age / t0
+            g = np.exp(np.log(age) * nu[i if nu.size > 1 else 0]) * g
+        pos = _fma(c1, g, c0)
+        pos = zero if pos < zero else (one if pos > one else pos)
+        step = ns * per
+        if lin_d if down else lin_p:
+            moved = pos + step
+            moved = zero if moved < zero else (one if moved > one else moved)
+        else:
+            x = np.log1p(pos * em) * neg_a
+            if convex and x > one:
+                x = one
+            x = x + step
+            x = zero if x < zero else (one if x > one else x)
+            moved = np.expm1(x / neg_a) / em
+        gn = _fma(table[row, 6], moved, table[row, 5])
+        if noise:
+            gn = _fma(scale * (zero + z[k]), np.sqrt(np.abs(ns)), gn)   # (zero + z: the float32 draw, exactly)
+        low = table[row, 7]
+        high = table[row, 8]
+        gn = low if gn < low else gn
+        gn = high if gn > high else gn
+        out[k] = gn
+        if second:
+            g2[i] = gn
+            if stamp:
+                t2[i] = now2
+        else:
+            g1[i] = gn
+            if stamp:
+                t1[i] = now1
+
+
+def pulse_pair(table: np.ndarray, m: int, idx: np.ndarray, counts: np.ndarray, g1: np.ndarray, g2: np.ndarray,
+               t1: np.ndarray, t2: np.ndarray, now: tuple[float, float], stamp: bool,
+               nu: tuple[np.ndarray | None, np.ndarray | None], t0: float, flags: tuple[bool, bool, bool],
+               scale: float | None, counter: int, k0: int, k1: int, first: int) -> np.ndarray:
+    """``_pulse_pair`` with the scalars in the arrays' dtype (as torch uses a Python scalar with a tensor);
+    ``now``: each array's clock; ``nu``: each array's −ν (flat, or one value), None where it does not drift;
+    ``scale`` None: no cycle-to-cycle noise. Returns the 2n new conductances."""
+    t = g1.dtype.type
+    out = np.empty(2 * idx.size, g1.dtype)
+    none = np.zeros(1, g1.dtype)
+    _pulse_pair(table, m, table.shape[0] != 4, idx, counts, g1, g2, t1, t2, t(now[0]), t(now[1]), stamp,
+                nu[0] is not None, nu[1] is not None, none if nu[0] is None else nu[0],
+                none if nu[1] is None else nu[1], t(t0), t0 != 1.0, flags[0], flags[1], flags[2], scale is not None,
+                t(scale or 0.0), np.uint64(counter), np.uint32(k0), np.uint32(k1), first, t(0.0), t(1.0), out)
+    return out

@@ -509,13 +509,6 @@ class Crossbar:
             return y  # nothing to scale: the digital sum itself
         return y * factor
 
-    def convert_normalized(self, part: torch.Tensor) -> torch.Tensor:
-        """``convert`` for partial sums in normalized units (weight × input over input_max·w_max, not ADC steps),
-        as DGC's measurement engine builds them from cached products; ``part`` is left as it is."""
-        bits = self.config.adc_bits
-        step = self.adc_step(bits)
-        return self.convert(part * (1.0 / step) if step != 1.0 else part, step, bits)   # ideal: not modified
-
     def read(self, x: torch.Tensor, w: torch.Tensor | None = None, own: bool = False) -> torch.Tensor:
         """Forward read y ≈ x·W of a batch (B, in) → (B, out), through DAC, tiles, read noise and ADCs.
 

@@ -35,7 +35,7 @@ CASES = {
                                     {"perturbation": "pulse", "difference": "central", "chunk": 5}, ()),
     "pulse_verify_every_noise": ({"nl_ltp": 2.0, "nl_ltd": -3.0, "read_noise": 0.05, "c2c": 0.01}, NOISY, (3, 2),
                                  TILES, {"perturbation": "pulse_verify", "difference": "central", "chunk": 5}, ()),
-    # converters: the cached products are in normalized units and pass the ADC through convert_normalized
+    # converters: the cached products are in normalized units and pass the ADC through _convert_own
     "adc_every_noise_fresh_reads": ({"read_noise": 0.03}, NOISY, (3, 2),
                                     CrossbarConfig(tile_rows=2, tile_cols=2, adc_bits=7, adc_range=2.0, dac_bits=6),
                                     {"perturbation_dw": 0.05}, ()),

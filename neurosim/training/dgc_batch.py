@@ -318,8 +318,8 @@ def _row_states(cb, xs: torch.Tensor, start: torch.Tensor, i: torch.Tensor, j: t
 
 
 def _convert_own(cb, part: torch.Tensor) -> torch.Tensor:
-    """``cb.convert_normalized`` of partial sums that are this engine's own temporary: scaled to ADC steps in
-    place instead of into a copy (the same numbers)."""
+    """``cb.convert`` of partial sums in normalized units (weight × input over input_max·w_max, as this engine
+    builds them from cached products) that are its own temporary: scaled to ADC steps in place."""
     bits = cb.config.adc_bits
     step = cb.adc_step(bits)
     return cb.convert(part.mul_(1.0 / step) if step != 1.0 else part, step, bits)

@@ -40,7 +40,8 @@ PHASES = ("forward", "cost", "backward", "update")
 
 @contextlib.contextmanager
 def _phases_wrapped(around, phases=(("forward_bp", AnalogLayer, "forward"), ("backward_bp", AnalogLayer, "backward"),
-                                    ("cost_per_sample", bp_module, "cost"), ("update_layers", Trainer, "update"))):
+                                    ("mean_cost_and_gradient", bp_module, "cost"),
+                                    ("update_layers", Trainer, "update"))):
     """Wrap each phase's function: ``around(name)`` is a context manager entered around every call of the
     phase ``name``; the functions are restored afterwards."""
     saved = []

@@ -19,7 +19,7 @@ from neurosim.layers import AnalogConv2d, AnalogLinear, AnalogNetwork
 from neurosim.training import TrainerConfig, make_trainer, noise_free
 from neurosim.training.bp import bp_gradients
 from neurosim.training.config import DGCConfig
-from neurosim.training.cost import cost_per_sample
+from neurosim.training.cost import cost_per_sample, mean_cost_and_gradient
 from neurosim.training.dgc import dgc_exact, dgc_linearized, dgc_sequential
 from tests.conftest import make_spec
 
@@ -493,3 +493,19 @@ def test_a_training_run_is_the_same_at_one_and_two_threads():
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0], strict=True))
     assert runs[0][1] == runs[1][1] and runs[0][1][-1]["pulses"] > 0
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_closed_form_cost_gradient_equals_autograd_bit_for_bit(kind, dtype):
+    """BP's cost gradient in closed form is autograd's, bit for bit, at batch sizes whose 1/B is not exact."""
+    for batch in (1, 3, 7, 64, 100, 1000):
+        for classes in (2, 10, 37):
+            gen = torch.Generator().manual_seed(batch * classes)
+            out = (5 * torch.randn(batch, classes, generator=gen)).to(dtype)
+            y = torch.randint(0, classes, (batch,), generator=gen)
+            leaf = out.clone().requires_grad_(True)
+            loss = cost_per_sample(leaf, y, kind).mean()
+            (grad,) = torch.autograd.grad(loss, leaf)
+            loss2, grad2 = mean_cost_and_gradient(out, y, kind)
+            assert torch.equal(loss.detach(), loss2) and torch.equal(grad, grad2), (batch, classes)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from neurosim.layers import AnalogLayer, AnalogNetwork
-from neurosim.training.cost import cost_per_sample, noise_free
+from neurosim.training.cost import cost_per_sample, mean_cost_and_gradient, noise_free
 
 
 def bp_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, cost: str,
@@ -42,10 +42,7 @@ def bp_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, cost:
                 h = stage(h)
             keep = None
         saved.append(keep)
-    out = h.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = cost_per_sample(out, y, cost).mean()
-        (grad,) = torch.autograd.grad(loss, out)
+    loss, grad = mean_cost_and_gradient(h.detach(), y, cost)
     for i in range(len(stages) - 1, lowest - 1, -1):
         stage, keep = stages[i], saved[i]
         if isinstance(stage, AnalogLayer):

@@ -24,6 +24,25 @@ def cost_per_sample(out: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tens
     return 0.5 * ((out - target) ** 2).sum(1)
 
 
+def mean_cost_and_gradient(out: torch.Tensor, y: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's mean cost (``cost_per_sample(out, y, kind).mean()``) and its gradient with respect to ``out``,
+    in closed form: the same numbers as autograd through that expression, bit for bit (tested), without a
+    graph, whose bookkeeping cost a tenth of a small network's BP step.
+
+    Cross-entropy: g·softmax(out) − g at the target (g = 1/B, as the mean's backward rounds it); the
+    half squared error: g·(out − target)."""
+    g = torch.ones((), dtype=out.dtype, device=out.device) / out.shape[0]   # the mean's backward: 1/B rounded once
+    if kind == "cross_entropy":
+        lse = torch.logsumexp(out, 1)
+        target = out.gather(1, y[:, None])
+        loss = (lse - target.squeeze(1)).mean()
+        grad = torch.sub(out, lse[:, None]).exp_().mul_(g)
+        return loss, grad.scatter_add_(1, y[:, None], (-g).expand(out.shape[0], 1))
+    diff = out - nn.functional.one_hot(y, out.shape[1]).to(out.dtype)
+    loss = (0.5 * (diff ** 2).sum(1)).mean()
+    return loss, diff.mul_(g)
+
+
 @contextlib.contextmanager
 def noise_free(network: AnalogNetwork) -> Iterator[None]:
     """Reads and neuron circuits without their per-evaluation noise (mismatch and devices unchanged)."""

@@ -168,7 +168,9 @@ def _circuit_parallel(y, out, gain, offset, pre, sigma, noise, lo, hi, grad, gst
 def circuit(y, out, gain, offset, pre, sigma, noise, lo, hi, grad, gstride, has_grad, counter, k0, k1, parallel):
     """out = clip(fma(sigma, z, fma(d(y), gain, offset)), lo, hi) [· grad] over 2-d float32 ``y`` (rows of
     gain.size; out may be y), z the normals of the stream call that starts at block ``counter`` (when
-    ``noise``; an int64, read as the uint64 of its bits), d the derivative prologue ``pre`` (0: none). Python
-    numbers go in as they are (a conversion per argument costs more than the arithmetic of a small layer)."""
+    ``noise``), d the derivative prologue ``pre`` (0: none). Python numbers go in as they are (a numpy scalar
+    per argument costs more than the arithmetic of a small layer); the counter as the int64 of its bits."""
+    if counter >= 1 << 63:
+        counter -= 1 << 64
     (_circuit_parallel if parallel else _circuit_serial)(y, out, gain, offset, pre, sigma, noise, lo, hi, grad,
                                                           gstride, has_grad, counter, k0, k1)

@@ -1075,8 +1075,6 @@ class ActivationUnit(torch.nn.Module):
         if noise:
             gen = self._generator(stream, y.device)
             first, key = gen._take(n), gen._key
-            if first >= 1 << 63:
-                first -= 1 << 64   # the kernel reads the int64's bits as the uint64 block counter
         out = y if fresh else torch.empty_like(y)
         if n == 0:
             return out

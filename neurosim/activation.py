@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from neurosim.config import ConfigError, check, setting
-from neurosim.random_streams import PhiloxStream, _numba_kernels
+from neurosim.random_streams import PhiloxStream, _numba_kernels, _run
 
 FUNCTIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "selu", "softplus", "gelu", "silu",
              "identity")
@@ -47,6 +47,10 @@ TAYLOR_FITS = ("auto", "series", "least_squares")
 
 # Points where the function is not analytic (no Taylor series there; PWL puts a breakpoint there).
 KINKS: dict[str, tuple[float, ...]] = {name: (0.0,) for name in ("relu", "leaky_relu", "prelu", "elu", "selu")}
+
+# Exact functions whose derivative follows in a few operations from their output, so the fused derivative
+# circuit computes it in its pass (neurosim._activation_numba._element): 1 sigmoid, 2 tanh.
+_PROLOGUES = {"sigmoid": 1, "tanh": 2}
 
 SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
@@ -690,6 +694,7 @@ class ActivationUnit(torch.nn.Module):
         self._noise_gens: dict[tuple[str, str], PhiloxStream] = {}
         self._pack_cache: dict[int, tuple] = {}
         self._view_cache: dict[int, tuple] = {}   # see _per_neuron
+        self._row_cache: dict[str, tuple] = {}     # see _row_operands
         self.register_buffer("gain", self._sample("gain", config.gain_dtod, 1.0, lognormal=True))
         self.register_buffer("offset", self._sample("offset", config.offset_dtod, 0.0))
         if self.has_derivative_circuit:
@@ -956,6 +961,17 @@ class ActivationUnit(torch.nn.Module):
                 and grad.shape == x.shape and grad.dtype == x.dtype):
             self._check_shape(x)
             return grad
+        pre = _PROLOGUES.get(cfg.function, 0) if cfg.mode == "exact" else 0
+        steps = bool(cfg.derivative_gain_dtod or cfg.derivative_offset_dtod) + 1 + (2 if pre else 0)
+        if (self.has_derivative_circuit and grad.shape == x.shape and x.is_contiguous()
+                and self._fusable(x, cfg.derivative_noise, "d_noise", steps)):
+            self._check_shape(x)
+            with torch.no_grad():
+                # the ideal derivative's last steps (sigmoid: (1 - s)·s; tanh: 1 - t²) move into the pass
+                y = torch.sigmoid(x) if pre == 1 else torch.tanh(x) if pre == 2 else self.ideal_derivative(x)
+                return self._fused(y.contiguous(), self.derivative_gain if cfg.derivative_gain_dtod else None,
+                                   self.derivative_offset if cfg.derivative_offset_dtod else None,
+                                   cfg.derivative_noise, "d_noise", None, True, pre, grad)
         return self.derivative(x).mul_(grad)
 
     def pwl_table(self, which: str = "function") -> PWLTable:
@@ -1024,12 +1040,78 @@ class ActivationUnit(torch.nn.Module):
             self._noise_gens[key] = PhiloxStream(self._seeds[stream], device)
         return self._noise_gens[key]
 
+    def _fusable(self, t: torch.Tensor, noise: float, stream: str, steps: int) -> bool:
+        """Whether the circuit on t runs as the fused CPU pass: float32 on the CPU outside autograd, numba
+        present (and the noise stream drawing with it), and worth a kernel call (a few µs of Python and
+        dispatch): it draws noise (a kernel call anyway) or replaces at least two torch operations."""
+        if (t.dtype is not torch.float32 or not (noise or steps >= 2) or t.device.type != "cpu"
+                or (t.requires_grad and torch.is_grad_enabled()) or _numba_kernels() is None):
+            return False
+        return not noise or self._generator(stream, t.device).kernel == "numba"
+
+    def _row_operands(self, gain: torch.Tensor | None, offset: torch.Tensor | None, row: int, stream: str
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """The circuit's per-neuron gain and offset as one float32 value per element of a row of ``row``
+        elements (neurons × positions), the neutral 1 and -0 where it has no such mismatch; kept while the
+        buffers are the same, unchanged (a BP step evaluates each circuit with the same ones)."""
+        c = self._row_cache.get(stream)
+        versions = (-1 if gain is None else gain._version, -1 if offset is None else offset._version)
+        if c is None or c[0] is not gain or c[1] is not offset or c[2] != row or c[3] != versions:
+            per = row // self.num_neurons
+            rows = [torch.full((row,), neutral, dtype=torch.float32).numpy() if t is None else
+                    t.detach().to(device="cpu", dtype=torch.float32).repeat_interleave(per).numpy()
+                    for t, neutral in ((gain, 1.0), (offset, -0.0))]
+            c = self._row_cache[stream] = (gain, offset, row, versions, *rows)
+        return c[4], c[5]
+
+    def _fused(self, y: torch.Tensor, gain: torch.Tensor | None, offset: torch.Tensor | None, noise: float,
+               stream: str, clip: tuple[float, float] | None, fresh: bool, pre: int = 0,
+               grad: torch.Tensor | None = None) -> torch.Tensor:
+        """The circuit (and for BP the derivative prologue ``pre`` and the product with ``grad``) as one pass
+        over contiguous float32 y (in place when ``fresh``), where ``_fusable`` said so. Its noise is the draw
+        ``normal(y.shape)`` of the unit's stream, which advances as that call would."""
+        n = y.numel()
+        first = key = 0
+        if noise:
+            gen = self._generator(stream, y.device)
+            first, key = gen._take(n), gen._key
+        out = y if fresh else torch.empty_like(y)
+        if n == 0:
+            return out
+        rows = y.shape[0]
+        g_row, o_row = self._row_operands(gain, offset, n // rows, stream)
+        y2, out2 = (y, out) if y.dim() == 2 else (y.view(rows, -1), out.view(rows, -1))
+        if grad is None:
+            g, gstride = g_row, 0
+        else:
+            if grad.dtype is not torch.float32 or grad.device.type != "cpu":
+                grad = grad.to(device="cpu", dtype=torch.float32)
+            if grad.is_contiguous():
+                g, gstride = grad.detach().view(-1).numpy(), g_row.size
+            elif grad.dim() == 2 and grad.stride(1) == 1:   # a column slice: its rows keep their stride
+                gstride = grad.stride(0)
+                g = grad.detach().as_strided(((rows - 1) * gstride + g_row.size,), (1,)).numpy()
+            else:
+                g, gstride = grad.detach().contiguous().view(-1).numpy(), g_row.size
+        lo, hi = clip if clip is not None else (-math.inf, math.inf)
+        from neurosim import _activation_numba  # after _numba_kernels() chose numba's threading layer
+        # without noise the pass is a few arithmetic operations an element: parallel only for larger sizes
+        _run(_activation_numba.circuit, n if noise else n // 8, y2.numpy(), out2.numpy(), g_row, o_row, pre,
+             noise or 1.0, bool(noise), lo, hi, g, gstride, grad is not None, first, key & 0xFFFFFFFF, key >> 32)
+        return out
+
     def _circuit(self, y: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor, gain_sigma: float,
                  offset_sigma: float, noise: float, stream: str, clip: tuple[float, float] | None,
                  fresh: bool = False) -> torch.Tensor:
         """Apply per-neuron gain and offset, per-evaluation noise and output clipping (skipped where zero, so a
         circuit without variation returns its ideal output bit for bit). ``fresh``: y is this evaluation's own
-        temporary, so outside autograd every step works in its buffer (one pass each, no new tensor)."""
+        temporary, so outside autograd every step works in its buffer (one pass each, no new tensor). Float32
+        on the CPU outside autograd, a circuit with noise or with both mismatch and a clip is one fused pass
+        (neurosim._activation_numba.circuit, equal bit for bit); the torch operations below are its oracle."""
+        steps = bool(gain_sigma or offset_sigma) + (clip is not None)
+        if self._fusable(y, noise, stream, steps) and y.is_contiguous():
+            return self._fused(y, gain if gain_sigma else None, offset if offset_sigma else None, noise, stream,
+                               clip, fresh)
         inplace = fresh and not (torch.is_grad_enabled() and y.requires_grad)
         if gain_sigma:
             g = self._per_neuron(gain, y)

@@ -5,26 +5,27 @@ Imported on first use.
 A PWL lookup in torch is four passes and two temporaries (the cell coordinate, its clip, a gather of the
 rows, a multiply-add); here it is three straight loops over one buffer (each vectorizes): 17 µs instead of
 46 for 64 × 256 neurons. torch's CPU kernels compute ``add(a, b, alpha)`` and ``addcmul`` with fused
-multiply-adds (measured: bit-equal only so); a float32 multiply-add is done here in float64 and rounded once,
-which is the fused result except in a double-rounding tie (probability about 2⁻²⁹ an operation), so the
-outputs equal torch's bit for bit in practice and within one ulp always (tested against the torch path,
-which stays the realization on other devices and dtypes). No fastmath. (A Taylor polynomial gained nothing
+multiply-adds (measured: bit-equal only so), and so does this pass (llvm.fma, ties included): the outputs
+equal torch's bit for bit (tested against the torch path, which stays the realization on other devices and
+dtypes). No fastmath. (A Taylor polynomial gained nothing
 this way: torch's Horner passes are already vectorized and few.)
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import float32, float64, njit, prange, uint64
+from numba import float32, njit, prange, uint64
 from numba.extending import intrinsic
 
 from neurosim._philox_numba import _fill_normal
 
 
-@njit(inline="always")
-def _fma32(a, b, c):
-    """a + b·c rounded once (float32 operands: the float64 product is exact)."""
-    return float32(float64(a) + float64(b) * float64(c))
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a·b + c rounded once (llvm.fma): what torch's CPU addcmul and add(alpha=) compute."""
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+    return a(a, b, c), codegen
 
 
 @njit(cache=True)
@@ -33,7 +34,7 @@ def _coordinates(x, shift, scale, top, u):
     Three straight loops, so that each vectorizes."""
     zero = float32(0.0)
     for k in range(x.size):
-        u[k] = _fma32(shift, scale, x[k])
+        u[k] = _fma(scale, x[k], shift)
     for k in range(x.size):
         v = u[k]
         u[k] = zero if not v >= zero else (top if v > top else v)
@@ -47,7 +48,7 @@ def pwl(x, table, col, shift, scale, top, out):
     for k in range(x.size):
         u = out[k]
         i = int(u)
-        out[k] = _fma32(table[i, col], table[i, col + 1], u)
+        out[k] = _fma(table[i, col + 1], u, table[i, col])
     for k in range(x.size):
         if x[k] != x[k]:
             out[k] = x[k]
@@ -75,12 +76,6 @@ def pwl_slope(x, table, shift, scale, top, out):
 SPAN = 4096   # elements of a span (whole rows, at least one): its draws stay in the L1/L2 cache
 
 
-@intrinsic
-def _fma(typingctx, a, b, c):
-    """a·b + c rounded once (llvm.fma): what torch's CPU addcmul and add(alpha=) compute."""
-    def codegen(context, builder, signature, args):
-        return builder.fma(*args)
-    return a(a, b, c), codegen
 
 
 @njit(inline="always")

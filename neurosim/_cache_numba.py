@@ -71,7 +71,7 @@ _SQRT2 = 1.4142135623730951
 _INV_LN2 = 1.4426950408889634
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _logf(x):
     """ln x of a float32 x ≥ 1 (+inf included), as float32: computed in float64 (series of atanh, relative
     error < 1e-15) and rounded once, so correctly rounded but for ties closer than that. Branch-free (a loop
@@ -98,7 +98,7 @@ def _logf(x):
     return float32(np.inf) if x == float32(np.inf) else float32(y)
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _expf(p):
     """e^p of a float32 p ≤ 0 (NaN stays NaN), as float32: computed in float64 (range reduction by ln 2 and a
     degree-12 Taylor polynomial, relative error < 1e-15) and rounded once. Branch-free."""
@@ -124,7 +124,7 @@ def _expf(p):
     return p if nan else float32(c * scale)
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _bfloat16(v):
     """float32 → bfloat16 bits (as int16), round to nearest even: torch's conversion."""
     u = _bits(v)
@@ -132,7 +132,7 @@ def _bfloat16(v):
     return int16(-1) if v != v else int16(u)   # the low 16 bits; NaN: 0xFFFF, as torch 2.13 writes it (measured)
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _drifted(g, t, now, nu, scalar_nu, t0, div_t0, la, out, m):
     """out[:m] = G·exp(−ν·ln(max(now − t, t0)/t0)) (``nu`` = −ν, per cell or ``scalar_nu``), with the
     logarithms left in ``la``: ``DeviceArray._drifted``'s float32 operations. Straight loops (they vectorize)."""
@@ -149,7 +149,7 @@ def _drifted(g, t, now, nu, scalar_nu, t0, div_t0, la, out, m):
             out[j] = _expf(la[j] * nu[j]) * g[j]
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _piece(lo, hi, g1, g2, t1, t2, now1, now2, nu1, nu2, d1, d2, pair, t0, div_t0, g_mid, denom, noisy, low,
            w, q, ql, a, b, la):
     """Cells lo … hi−1 of the rebuild, in chunks of the scratch buffers' length."""
@@ -200,7 +200,7 @@ def _piece(lo, hi, g1, g2, t1, t2, now1, now2, nu1, nu2, d1, d2, pair, t0, div_t
                 lc[j] = _bfloat16(qc[j])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _rebuild_serial(n, g1, g2, t1, t2, now1, now2, nu1, nu2, d1, d2, pair, t0, div_t0, g_mid, denom, noisy, low,
                     w, q, ql):
     a = np.empty(CHUNK, np.float32)
@@ -210,7 +210,7 @@ def _rebuild_serial(n, g1, g2, t1, t2, now1, now2, nu1, nu2, d1, d2, pair, t0, d
            ql, a, b, la)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _rebuild_parallel(n, g1, g2, t1, t2, now1, now2, nu1, nu2, d1, d2, pair, t0, div_t0, g_mid, denom, noisy,
                       low, w, q, ql):
     for p in prange((n + PIECE - 1) // PIECE):
@@ -240,7 +240,7 @@ def rebuild(n: int, g: tuple, t: tuple, now: tuple[float, float], nu: tuple, t0:
       q if noisy else dummy, ql if low else np.zeros(1, np.int16))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _patch(cells, g1, g2, gather, pair, g_mid, denom, noisy, low, w, q, ql):
     """Cells ``cells`` (flat) of the cache from their new conductances: ``g1``/``g2`` hold them in the cells'
     order, or (``gather``) are the whole flat arrays, indexed by the cells."""

@@ -229,7 +229,7 @@ def rebuild(n: int, g: tuple, t: tuple, now: tuple[float, float], nu: tuple, t0:
     −ν (flat, or one value), None where it does not drift; ``denom``: k·w_max (rounded to float32 here)."""
     f32 = np.float32
     pair = g[1] is not None
-    dummy = np.zeros(1, f32)
+    dummy = _NONE32
     w, q, ql = out
     noisy, low = q is not None, ql is not None
     f = _rebuild_parallel if parallel else _rebuild_serial
@@ -237,7 +237,7 @@ def rebuild(n: int, g: tuple, t: tuple, now: tuple[float, float], nu: tuple, t0:
       t[1] if pair and t[1] is not None else dummy, f32(now[0]), f32(now[1]),
       dummy if nu[0] is None else nu[0], dummy if nu[1] is None else nu[1], nu[0] is not None,
       nu[1] is not None, pair, f32(t0), t0 != 1.0, f32(g_mid), f32(denom), noisy, low, w,
-      q if noisy else dummy, ql if low else np.zeros(1, np.int16))
+      q if noisy else dummy, ql if low else _NONE16)
 
 
 @njit(cache=True, error_model="numpy")
@@ -265,12 +265,13 @@ def _patch(cells, g1, g2, gather, pair, g_mid, denom, noisy, low, w, q, ql):
                     ql[c] = _bfloat16(s)
 
 
-def patch(cells: np.ndarray, g: tuple, gather: bool, g_mid: float, denom: float, out: tuple) -> None:
-    """``_patch`` with the scalars in float32; ``out`` as in ``rebuild``; ``g``: (first's, second's or None)."""
-    f32 = np.float32
+def patch(cells: np.ndarray, g1: np.ndarray, g2: np.ndarray | None, gather: bool, g_mid: float, denom: float,
+          out: tuple) -> None:
+    """``_patch`` with the scalars in float32; ``out`` as in ``rebuild``; ``g2`` None: a single device."""
     w, q, ql = out
-    pair = g[1] is not None
-    dummy = np.zeros(1, f32)
-    _patch(cells, g[0], g[1] if pair else dummy, gather, pair, f32(g_mid), f32(denom), q is not None,
-           ql is not None, w, q if q is not None else dummy, ql if ql is not None else np.zeros(1, np.int16))
+    _patch(cells, g1, _NONE32 if g2 is None else g2, gather, g2 is not None, np.float32(g_mid), np.float32(denom),
+           q is not None, ql is not None, w, _NONE32 if q is None else q, _NONE16 if ql is None else ql)
 
+
+_NONE32 = np.zeros(1, np.float32)   # placeholders of absent operands (never written: their flags are off)
+_NONE16 = np.zeros(1, np.int16)

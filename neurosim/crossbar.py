@@ -321,9 +321,7 @@ class Crossbar:
         numba pass into the previous buffers (``_rebuild_fused``); the torch composition here is its oracle."""
         key = self._state_key()
         if key != self._cache_key:
-            if self._cache_kernel():
-                self._rebuild_fused()
-            else:
+            if not (self._cache_kernel() and self._rebuild_fused()):
                 rows = self.in_features
                 kw = {"device": self.device, "dtype": self.dtype}
                 bufs = [torch.empty(self.padded_shape, **kw), torch.empty(self.padded_shape, **kw)
@@ -356,12 +354,16 @@ class Crossbar:
                                             None if ql is None else ql.view(torch.int16).view(-1).numpy()))
         return memo[1]
 
+    _cache_numba_ok: bool | None = None   # _cache_kernel's answer (device, dtype and numba do not change)
+
     def _cache_kernel(self) -> bool:
         """Whether the read cache is rebuilt and patched by the numba passes (neurosim._cache_numba): float32
-        contiguous arrays on the CPU with numba. Else (float64, CUDA, no numba) the torch composition."""
-        if self.device.type != "cpu" or self.dtype != torch.float32 or _numba_kernels() is None:
-            return False
-        return all(a.g.is_contiguous() and a.t_programmed.is_contiguous() for a in self._arrays())
+        on the CPU with numba. Else (float64, CUDA, no numba) the torch composition."""
+        ok = self._cache_numba_ok
+        if ok is None:
+            ok = self._cache_numba_ok = (self.device.type == "cpu" and self.dtype == torch.float32
+                                         and _numba_kernels() is not None)
+        return ok
 
     @staticmethod
     def _unshared(t: torch.Tensor | None) -> bool:
@@ -376,16 +378,19 @@ class Crossbar:
         except (AttributeError, RuntimeError):   # no such private API: never reuse
             return False
 
-    def _rebuild_fused(self) -> None:
+    def _rebuild_fused(self) -> bool:
         """``_read_tensors``' rebuild as one numba pass (parallel for large arrays): each cell's drifted
         conductances, ŵ, ΣG² and, where the variance product runs in bfloat16, its bfloat16 copy (made here,
         not lazily), into the previous buffers when nobody else holds them (padded rows zeroed at allocation
-        only). Equal to the torch rebuild bit for bit without drift, within a few ulps with drift (exp and log
-        of another library; docs/crossbar.md)."""
+        only). Equal to the torch rebuild bit for bit without drift, within a few ulps with drift (ln and exp
+        rounded otherwise; docs/crossbar.md). False (nothing done) where an array is not contiguous."""
         from neurosim import _cache_numba
         from neurosim.device import _flat_nu
         from neurosim.random_streams import _run
 
+        arrays = self._arrays()
+        if not all(a.g.is_contiguous() and a.t_programmed.is_contiguous() for a in arrays):
+            return False
         noisy = self._noisy_reads()
         low = noisy and self._low_precision
         self._cache_np = None                                  # drop this crossbar's own views first
@@ -406,7 +411,6 @@ class Crossbar:
         ql = (self._cache_low if reuse_low else fresh(torch.bfloat16)) if low else None
         self._cache, self._cache_low = (w, q), ql
         views = self._cache_views()
-        arrays = self._arrays()
         g = tuple(a.g.view(-1).numpy() for a in arrays)
         t = tuple(a.t_programmed.view(-1).numpy() if a.drifting else None for a in arrays)
         nu = tuple(_flat_nu(a) for a in arrays)
@@ -416,6 +420,7 @@ class Crossbar:
         n = rows * self.padded_shape[1]
         _run(_cache_numba.rebuild, n, n, g, t, now, nu, self.spec.drift_t0, self.g_mid,
              self.k * self.config.w_max, views)
+        return True
 
     def _refresh_cells(self, cells: torch.Tensor, new: torch.Tensor | None = None) -> None:
         """After a write of a few cells: recompute the cached read tensors there only
@@ -426,12 +431,10 @@ class Crossbar:
             from neurosim import _cache_numba
 
             if new is None:
-                g = tuple(a.g.view(-1).numpy() for a in self._arrays())
+                g = [a.g.reshape(-1).numpy() for a in self._arrays()]
             else:
-                g = tuple(t if t.is_contiguous() else t.contiguous() for t in
-                          (new if isinstance(new, tuple) else new.split(cells.numel())))
-                g = tuple(t.numpy() for t in g)
-            _cache_numba.patch(cells.numpy(), g if len(g) == 2 else (g[0], None), new is None, self.g_mid,
+                g = [t.contiguous().numpy() for t in (new if isinstance(new, tuple) else new.split(cells.numel()))]
+            _cache_numba.patch(cells.numpy(), g[0], g[1] if len(g) == 2 else None, new is None, self.g_mid,
                                self.k * self.config.w_max, self._cache_views())
             self._cache_key, self._solvers = self._state_key(), None
             return

@@ -86,40 +86,40 @@ def _logf(x):
     s = (m - 1.0) / (m + 1.0)                                     # |s| ≤ 0.1716
     z = s * s
     r = 1.0 / 17.0
-    r = r * z + 1.0 / 15.0
-    r = r * z + 1.0 / 13.0
-    r = r * z + 1.0 / 11.0
-    r = r * z + 1.0 / 9.0
-    r = r * z + 1.0 / 7.0
-    r = r * z + 1.0 / 5.0
-    r = r * z + 1.0 / 3.0
-    r = r * z + 1.0
-    y = e * _LN2 + 2.0 * s * r
+    r = _fma(r, z, 1.0 / 15.0)
+    r = _fma(r, z, 1.0 / 13.0)
+    r = _fma(r, z, 1.0 / 11.0)
+    r = _fma(r, z, 1.0 / 9.0)
+    r = _fma(r, z, 1.0 / 7.0)
+    r = _fma(r, z, 1.0 / 5.0)
+    r = _fma(r, z, 1.0 / 3.0)
+    r = _fma(r, z, 1.0)
+    y = _fma(e, _LN2, 2.0 * s * r)
     return float32(np.inf) if x == float32(np.inf) else float32(y)
 
 
 @njit(inline="always", error_model="numpy")
 def _expf(p):
     """e^p of a float32 p ≤ 0 (NaN stays NaN), as float32: computed in float64 (range reduction by ln 2 and a
-    degree-12 Taylor polynomial, relative error < 1e-15) and rounded once. Branch-free."""
+    degree-12 Taylor polynomial by fused multiply-adds, relative error < 1e-15) and rounded once. Branch-free."""
     nan = p != p
     pd = 0.0 if nan else float64(p)
     pd = -150.0 if pd < -150.0 else pd                           # e^-150 rounds to 0 in float32 anyway
     n = np.floor(pd * _INV_LN2 + 0.5)
-    r = (pd - n * _LN2_HI) - n * _LN2_LO                         # |r| ≤ 0.35
+    r = _fma(-n, _LN2_LO, pd - n * _LN2_HI)                      # |r| ≤ 0.35 (n·_LN2_HI exact)
     c = 1.0 / 479001600.0
-    c = c * r + 1.0 / 39916800.0
-    c = c * r + 1.0 / 3628800.0
-    c = c * r + 1.0 / 362880.0
-    c = c * r + 1.0 / 40320.0
-    c = c * r + 1.0 / 5040.0
-    c = c * r + 1.0 / 720.0
-    c = c * r + 1.0 / 120.0
-    c = c * r + 1.0 / 24.0
-    c = c * r + 1.0 / 6.0
-    c = c * r + 0.5
-    c = c * r + 1.0
-    c = c * r + 1.0
+    c = _fma(c, r, 1.0 / 39916800.0)
+    c = _fma(c, r, 1.0 / 3628800.0)
+    c = _fma(c, r, 1.0 / 362880.0)
+    c = _fma(c, r, 1.0 / 40320.0)
+    c = _fma(c, r, 1.0 / 5040.0)
+    c = _fma(c, r, 1.0 / 720.0)
+    c = _fma(c, r, 1.0 / 120.0)
+    c = _fma(c, r, 1.0 / 24.0)
+    c = _fma(c, r, 1.0 / 6.0)
+    c = _fma(c, r, 0.5)
+    c = _fma(c, r, 1.0)
+    c = _fma(c, r, 1.0)
     scale = _double((np.int64(n) + 1023) << 52)                  # 2^n, n in [-217, 0]
     return p if nan else float32(c * scale)
 

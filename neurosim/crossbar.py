@@ -365,18 +365,35 @@ class Crossbar:
                                          and _numba_kernels() is not None)
         return ok
 
-    @staticmethod
-    def _unshared(t: torch.Tensor | None) -> bool:
+    def _unshared(self, t: torch.Tensor | None) -> bool:
         """Whether the cache's tensor ``t`` is referenced only by the crossbar: no other Python reference (the
-        cache's own, this call's argument and getrefcount's) and no view of its storage. A rebuild overwrites
-        such a buffer in place; one that a caller still holds (DGC keeps read tensors for a measurement) is
-        left to the caller, and the rebuild takes a fresh buffer, as before."""
+        cache's own, this call's argument and getrefcount's) and no view of its storage but the crossbar's own
+        numpy view (``_cache_views``). A rebuild overwrites such a buffer in place; one that a caller still
+        holds (DGC keeps read tensors for a measurement) is left to the caller, and the rebuild takes a fresh
+        buffer, as before."""
         if t is None or sys.getrefcount(t) > 3:
             return False
+        own = 1 if self._cache_np is not None and t.data_ptr() in self._cache_np[0] else 0
         try:
-            return torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
+            return torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2 + own
         except (AttributeError, RuntimeError):   # no such private API: never reuse
             return False
+
+    _arrays_np: tuple | None = None   # (data pointers, flat numpy views) of the arrays' state, see _array_views
+
+    def _array_views(self, arrays: list[DeviceArray]) -> tuple:
+        """Flat numpy views of each array's conductances, programming times and −ν (flat, or one value),
+        remembered for their data pointers (the views keep those tensors' memory alive, so a pointer cannot be
+        reused by another tensor while remembered)."""
+        nus = [a._neg_nu() for a in arrays]
+        ptrs = tuple((a.g.data_ptr(), a.t_programmed.data_ptr(), nu.data_ptr()) for a, nu in zip(arrays, nus,
+                                                                                                 strict=True))
+        memo = self._arrays_np
+        if memo is None or memo[0] != ptrs:
+            memo = self._arrays_np = (ptrs, tuple(
+                (a.g.view(-1).numpy(), a.t_programmed.view(-1).numpy(), nu.reshape(-1).numpy())
+                for a, nu in zip(arrays, nus, strict=True)))
+        return memo[1]
 
     def _rebuild_fused(self) -> bool:
         """``_read_tensors``' rebuild as one numba pass (parallel for large arrays): each cell's drifted
@@ -385,7 +402,6 @@ class Crossbar:
         only). Equal to the torch rebuild bit for bit without drift, within a few ulps with drift (ln and exp
         rounded otherwise; docs/crossbar.md). False (nothing done) where an array is not contiguous."""
         from neurosim import _cache_numba
-        from neurosim.device import _flat_nu
         from neurosim.random_streams import _run
 
         arrays = self._arrays()
@@ -393,7 +409,6 @@ class Crossbar:
             return False
         noisy = self._noisy_reads()
         low = noisy and self._low_precision
-        self._cache_np = None                                  # drop this crossbar's own views first
         old = self._cache if self._cache is not None else (None, None)
         reuse_w = self._unshared(old[0])
         reuse_q = noisy and self._unshared(old[1])
@@ -411,9 +426,10 @@ class Crossbar:
         ql = (self._cache_low if reuse_low else fresh(torch.bfloat16)) if low else None
         self._cache, self._cache_low = (w, q), ql
         views = self._cache_views()
-        g = tuple(a.g.view(-1).numpy() for a in arrays)
-        t = tuple(a.t_programmed.view(-1).numpy() if a.drifting else None for a in arrays)
-        nu = tuple(_flat_nu(a) for a in arrays)
+        state = self._array_views(arrays)
+        g = tuple(v[0] for v in state)
+        t = tuple(v[1] if a.drifting else None for a, v in zip(arrays, state, strict=True))
+        nu = tuple(v[2] if a.drifting else None for a, v in zip(arrays, state, strict=True))
         if len(arrays) == 1:
             g, t, nu = (g[0], None), (t[0], None), (nu[0], None)
         now = (arrays[0].time_s, arrays[-1].time_s)

@@ -215,3 +215,27 @@ def test_float64_and_no_numba_crossbars_keep_the_torch_path(monkeypatch):
     assert plain._cache_np is None and fused._cache_np is not None
     for a, b in zip(fused._cache, plain._cache, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_copied_crossbar_patches_its_own_cache():
+    """The numpy views are remembered by data pointer: a deep copy's writes reach the copy's cache (equal to
+    its rebuild) and leave the original's alone."""
+    import copy
+
+    cb = _pair(_spec(False), (120, 30), noise_variance_precision="bfloat16")
+    cb._read_tensors()
+    cb._variance_operand()
+    before = [t.clone() for t in (*cb._cache, cb._cache_low)]
+    twin = copy.deepcopy(cb)
+    dw = torch.zeros(120, 30)
+    dw.view(-1)[torch.randperm(3600, generator=torch.Generator().manual_seed(4))[:80]] = 0.3
+    twin.program_delta(dw)
+    assert twin._cache_key == twin._state_key()
+    patched = [t.clone() for t in (*twin._cache, twin._cache_low)]
+    assert not torch.equal(patched[0], before[0])
+    twin._cache_key = None
+    twin._read_tensors()
+    for a, b in zip(patched, (*twin._cache, twin._cache_low), strict=True):
+        assert torch.equal(_bits(a), _bits(b))
+    for a, b in zip(before, (*cb._cache, cb._cache_low), strict=True):
+        assert torch.equal(_bits(a), _bits(b))

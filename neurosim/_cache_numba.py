@@ -34,10 +34,16 @@ from numba import float32, float64, int16, njit, prange, uint32
 from numba.core import types
 from numba.extending import intrinsic
 
-from neurosim._pulse_numba import _fma
-
 PIECE = 16384   # cells a parallel task handles
 CHUNK = 512     # cells a straight loop handles (its scratch stays in L1)
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a·b + c rounded once (llvm.fma): what torch's CPU addcmul computes (neurosim._pulse_numba uses it too)."""
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+    return a(a, b, c), codegen
 
 
 @intrinsic
@@ -240,6 +246,17 @@ def rebuild(n: int, g: tuple, t: tuple, now: tuple[float, float], nu: tuple, t0:
       q if noisy else dummy, ql if low else _NONE16)
 
 
+@njit(inline="always", error_model="numpy")
+def _patch_cell(w, q, ql, c, a, b, denom, noisy, low):
+    """Cell c of the cache from a pair's new conductances a, b (age 0: no drift); also the pulse kernel's."""
+    w[c] = (a - b) / denom
+    if noisy:
+        s = float32(_fma(b, b, a * a))   # (float32 operands: a no-op; the cast only types a float64 pulse pass)
+        q[c] = s
+        if low:
+            ql[c] = _bfloat16(s)
+
+
 @njit(cache=True, error_model="numpy")
 def _patch(cells, g1, g2, gather, pair, g_mid, denom, noisy, low, w, q, ql):
     """Cells ``cells`` (flat) of the cache from their new conductances: ``g1``/``g2`` hold them in the cells'
@@ -249,13 +266,7 @@ def _patch(cells, g1, g2, gather, pair, g_mid, denom, noisy, low, w, q, ql):
         i = c if gather else j
         a = g1[i]
         if pair:
-            b = g2[i]
-            w[c] = (a - b) / denom
-            if noisy:
-                s = _fma(b, b, a * a)
-                q[c] = s
-                if low:
-                    ql[c] = _bfloat16(s)
+            _patch_cell(w, q, ql, c, a, g2[i], denom, noisy, low)
         else:
             w[c] = (a - g_mid) / denom
             if noisy:

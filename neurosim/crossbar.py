@@ -438,6 +438,14 @@ class Crossbar:
              self.k * self.config.w_max, views)
         return True
 
+    def _patch_request(self) -> list | None:
+        """For a write that patches the read cache (``_cells``): the request the CPU pulse pass of a pair takes
+        to patch it in the same pass, [(ŵ, ΣG², bfloat16 bits, k·w_max), done] (neurosim.device._program_pairs);
+        None where ``_refresh_cells`` does it (torch path, single devices)."""
+        if self.minus is None or not self._cache_kernel() or self._cache[0].dtype != torch.float32:
+            return None
+        return [(*self._cache_views(), self.k * self.config.w_max), False]
+
     def _refresh_cells(self, cells: torch.Tensor, new: torch.Tensor | None = None) -> None:
         """After a write of a few cells: recompute the cached read tensors there only
         (the same arithmetic as a full rebuild, so the same bits). ``new``: the pair's new conductances of
@@ -922,11 +930,14 @@ class Crossbar:
         return cells, patch
 
     def _written(self, idx: torch.Tensor, counts: torch.Tensor, cells: torch.Tensor, new: torch.Tensor | None,
-                 patch: bool) -> torch.Tensor:
+                 patch: bool, patched: bool = False) -> torch.Tensor:
         """After the devices took the pulses: the read cache, the controller's belief, and the pulse count of one
         array and the pulse slots (plain numbers from the CPU kernel; 0-dim tensors from the torch path, so that
-        a whole network's numbers come back in one synchronisation)."""
-        if patch:
+        a whole network's numbers come back in one synchronisation). ``patched``: the pulse pass patched the
+        read cache already (``_patch_request``)."""
+        if patched:
+            self._cache_key, self._solvers = self._state_key(), None
+        elif patch:
             self._refresh_cells(cells, new)
         if self._bookkeeping_kernel(idx, counts):
             from neurosim import _update_numba  # after _numba_kernels() chose numba's threading layer
@@ -1036,12 +1047,14 @@ def _fire(writes: list[tuple[Crossbar, torch.Tensor, torch.Tensor]]) -> list[dic
     all crossbars in one pass of the device model (``program_pairs``, which splits different cards), single
     devices on their own; then each crossbar's bookkeeping, and all the numbers in one synchronisation."""
     parts = [(cb, idx, counts, *cb._cells(idx)) for cb, idx, counts in writes]
-    paired = _program_pairs([(cb.plus, cb.minus, cells, n) for cb, _, n, cells, _ in parts if cb.minus is not None],
-                            halves=True)
+    parts = [(*part, part[0]._patch_request() if part[4] else None) for part in parts]
+    paired = _program_pairs([(cb.plus, cb.minus, cells, n, request) for cb, _, n, cells, _, request in parts
+                             if cb.minus is not None], halves=True)
     news = iter(paired)
     return _stats([part[0] for part in parts],
                   [cb._written(idx, n, cells, next(news) if cb.minus is not None else cb.plus.program_cells(cells, n),
-                               patch) for cb, idx, n, cells, patch in parts])
+                               patch, request is not None and request[1])
+                   for cb, idx, n, cells, patch, request in parts])
 
 
 def program_deltas(crossbars: list[Crossbar], dws: list[torch.Tensor], scale: float = 1.0

@@ -101,11 +101,17 @@ def test_drifting_rebuild_is_within_its_bound_of_torch(mapping, spread, stuck):
     assert differs or not spread   # with a spread of ν, some cell's last bit differs: both computed drift
 
 
-@pytest.mark.parametrize("mapping", ["differential", "reference"])
+@pytest.mark.parametrize("mapping,pulse_kernel", [("differential", True), ("differential", False),
+                                                  ("reference", True)])
 @pytest.mark.parametrize("drift", [False, True])
-def test_patch_equals_torch_and_a_rebuild_bit_for_bit(mapping, drift):
-    """Training steps through the kernel patch and through the torch patch: the written cells hold the same
+def test_patch_equals_torch_and_a_rebuild_bit_for_bit(mapping, pulse_kernel, drift, monkeypatch):
+    """Training steps through the kernel patch (inside the pulse kernel of a pair, or the patch kernel after a
+    torch pulse pass or a single device's write) and through the torch patch: the written cells hold the same
     bits (all cells without drift, where the rebuilds agree too)."""
+    import neurosim.device as device_module
+
+    if not pulse_kernel:
+        monkeypatch.setattr(device_module, "_fused", lambda joined: False)
     fused, ref = _twins(_spec(drift, stuck=True), mapping=mapping, noise_variance_precision="bfloat16",
                         drift_tolerance=1e-2)
     gen = torch.Generator().manual_seed(5)
@@ -113,6 +119,9 @@ def test_patch_equals_torch_and_a_rebuild_bit_for_bit(mapping, drift):
         cb.advance(50.0)
         cb._read_tensors()
         cb._variance_operand()
+    separate = []
+    refresh = fused._refresh_cells
+    fused._refresh_cells = lambda *args: (separate.append(1), refresh(*args))
     for step in range(4):
         cells = torch.randperm(200 * 40, generator=gen)[:60]
         dw = torch.zeros(200, 40)
@@ -128,6 +137,7 @@ def test_patch_equals_torch_and_a_rebuild_bit_for_bit(mapping, drift):
             assert torch.equal(_bits(a[flat]), _bits(b[flat]))
             if not drift:
                 assert torch.equal(_bits(a), _bits(b))
+    assert (len(separate) == 0) == (mapping == "differential" and pulse_kernel)   # where each patch ran
 
 
 def test_patched_fresh_cells_equal_a_rebuild_at_the_same_clock():

@@ -21,7 +21,9 @@ buffers. Why it looks like this:
 - bfloat16: round to nearest, ties to even, on the float32 bits (NaN → 0xFFFF), which is what torch's
   ``.to(torch.bfloat16)`` does; written through an int16 view of the bfloat16 buffer (numpy has no bfloat16).
 - The patch after a sparse write computes the same cell formula without drift (a written cell is at age 0,
-  factor exactly 1), so a patched cell holds exactly what a rebuild at that clock would compute for it.
+  factor exactly 1), so a patched cell holds exactly what a rebuild at that clock would compute for it. A
+  pair's write patches inside the pulse kernel (neurosim._pulse_numba calls ``_patch_cell``); ``patch`` here
+  serves single devices and the torch pulse pass.
 - Rows: only the first ``n`` cells (the unpadded rows, flat); the padded rows are zeroed once when the buffers
   are allocated and never written. The parallel entry cuts the cells into pieces of ``PIECE`` cells: each cell's
   value depends on that cell only, so any thread count gives the same bits.

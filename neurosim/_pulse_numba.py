@@ -14,6 +14,9 @@ from the pair's Philox stream, the bounds, and the store into g and t_programmed
   LLVM's llvm.fma on torch 2.13, float32 and float64, any length); the kernel calls the same intrinsic where
   the torch pass calls addcmul/addcmul_, and plain IEEE operations elsewhere.
 - Serial: a step pulses a few hundred to a few thousand cells; a parallel launch would cost more than it saves.
+- A float32 crossbar's read cache is patched here at the written cells when the crossbar asks
+  (neurosim._cache_numba's cell formula, ``_patch_cell``): the kernel holds both new conductances of each cell,
+  so the patch costs a loop, not a call of its own with its conversions.
 """
 
 from __future__ import annotations

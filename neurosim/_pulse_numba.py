@@ -14,33 +14,31 @@ from the pair's Philox stream, the bounds, and the store into g and t_programmed
   LLVM's llvm.fma on torch 2.13, float32 and float64, any length); the kernel calls the same intrinsic where
   the torch pass calls addcmul/addcmul_, and plain IEEE operations elsewhere.
 - Serial: a step pulses a few hundred to a few thousand cells; a parallel launch would cost more than it saves.
+- A float32 crossbar's read cache is patched here at the written cells when the crossbar asks
+  (neurosim._cache_numba's cell formula, ``_patch_cell``): the kernel holds both new conductances of each cell,
+  so the patch costs a loop, not a call of its own with its conversions.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
-from numba.extending import intrinsic
 
+from neurosim._cache_numba import _NONE16, _NONE32, _fma, _patch_cell
 from neurosim._philox_numba import _fill_normal
-
-
-@intrinsic
-def _fma(typingctx, a, b, c):
-    """a·b + c rounded once (llvm.fma): what torch's addcmul computes."""
-    def codegen(context, builder, signature, args):
-        return builder.fma(*args)
-    return a(a, b, c), codegen
 
 
 @njit(cache=True)
 def _pulse_pair(table, m, per_cell, idx, counts, g1, g2, t1, t2, now1, now2, stamp, drift1, drift2, nu1, nu2, t0,
-                div_t0, lin_p, lin_d, convex, noise, scale, ctr, k0, k1, first, zero, one, out):
+                div_t0, lin_p, lin_d, convex, noise, scale, ctr, k0, k1, first, zero, one, out, patch, w, q, ql,
+                denom, noisy, low):
     """Cells ``idx`` of both arrays of a pair (``counts`` pulses on the first, −counts on the second) into
     ``out`` (2n: first's, then second's new conductances) and into g1/g2 (and t1/t2 when ``stamp``).
     ``table``: the pair's shared table (the first's ``m`` rows, then the second's); ``first``: the index of this
     pair's first draw in the stream call that starts at block ``ctr``. A drifting array's pulse starts from
-    G·exp(−ν·ln(max(now − t_prog, t0)/t0)) (``DeviceArray._now``'s operations; ``nu``: −ν, per cell or one)."""
+    G·exp(−ν·ln(max(now − t_prog, t0)/t0)) (``DeviceArray._now``'s operations; ``nu``: −ν, per cell or one).
+    ``patch``: the crossbar's read cache (float32 ŵ, ΣG² when ``noisy``, its bfloat16 bits when ``low``) takes
+    the new values of the written cells, as neurosim._cache_numba's patch computes them."""
     n = idx.size
     z = np.empty(2 * n, np.float32)
     if noise:
@@ -94,20 +92,36 @@ def _pulse_pair(table, m, per_cell, idx, counts, g1, g2, t1, t2, now1, now2, sta
             g1[i] = gn
             if stamp:
                 t1[i] = now1
+    if patch:
+        for j in range(n):
+            _patch_cell(w, q, ql, idx[j], out[j], out[n + j], denom, noisy, low)
 
 
 def pulse_pair(table: np.ndarray, m: int, idx: np.ndarray, counts: np.ndarray, g1: np.ndarray, g2: np.ndarray,
                t1: np.ndarray, t2: np.ndarray, now: tuple[float, float], stamp: bool,
                nu: tuple[np.ndarray | None, np.ndarray | None], t0: float, flags: tuple[bool, bool, bool],
-               scale: float | None, counter: int, k0: int, k1: int, first: int) -> np.ndarray:
+               scale: float | None, counter: int, k0: int, k1: int, first: int, cache: tuple | None = None
+               ) -> np.ndarray:
     """``_pulse_pair`` with the scalars in the arrays' dtype (as torch uses a Python scalar with a tensor);
     ``now``: each array's clock; ``nu``: each array's −ν (flat, or one value), None where it does not drift;
-    ``scale`` None: no cycle-to-cycle noise. Returns the 2n new conductances."""
+    ``scale`` None: no cycle-to-cycle noise; ``cache``: (ŵ, ΣG² or None, bfloat16 bits or None, k·w_max) of a
+    float32 crossbar's read cache to patch at the written cells, flat numpy arrays. Returns the 2n new
+    conductances."""
     t = g1.dtype.type
     out = np.empty(2 * idx.size, g1.dtype)
     none = np.zeros(1, g1.dtype)
     _pulse_pair(table, m, table.shape[0] != 4, idx, counts, g1, g2, t1, t2, t(now[0]), t(now[1]), stamp,
                 nu[0] is not None, nu[1] is not None, none if nu[0] is None else nu[0],
                 none if nu[1] is None else nu[1], t(t0), t0 != 1.0, flags[0], flags[1], flags[2], scale is not None,
-                t(scale or 0.0), np.uint64(counter), np.uint32(k0), np.uint32(k1), first, t(0.0), t(1.0), out)
+                t(scale or 0.0), np.uint64(counter), np.uint32(k0), np.uint32(k1), first, t(0.0), t(1.0), out,
+                cache is not None, *_cache_operands(cache))
     return out
+
+
+def _cache_operands(cache: tuple | None) -> tuple:
+    """(ŵ, ΣG², bfloat16 bits, k·w_max in float32, noisy, low) for ``_pulse_pair``; placeholders without."""
+    if cache is None:
+        return _NONE32, _NONE32, _NONE16, np.float32(1.0), False, False
+    w, q, ql, denom = cache
+    return (w, _NONE32 if q is None else q, _NONE16 if ql is None else ql, np.float32(denom), q is not None,
+            ql is not None)

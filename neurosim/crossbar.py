@@ -14,6 +14,7 @@ currents are normalized by the current of one full-scale weight at full-scale in
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -316,31 +317,151 @@ class Crossbar:
         """Normalized weights ŵ = (G⁺ − G⁻)/(k·w_max) and, for read noise, Σ G², both padded; cached until a
         write or drift changes the conductances (a sparse write updates the cache in place). The padded rows
         of a ragged last row tile hold zeros: they carry no current (their inputs are 0) and no read uses
-        them, so their conductances (and drift) are not computed."""
+        them, so their conductances (and drift) are not computed. On the CPU in float32 the rebuild is one
+        numba pass into the previous buffers (``_rebuild_fused``); the torch composition here is its oracle."""
         key = self._state_key()
         if key != self._cache_key:
-            rows = self.in_features
-            kw = {"device": self.device, "dtype": self.dtype}
-            bufs = [torch.empty(self.padded_shape, **kw), torch.empty(self.padded_shape, **kw)
-                    if self._noisy_reads() else None]
-            for b in bufs:
-                if b is not None:
-                    b[rows:].zero_()
-            sl = slice(0, rows)
-            g = [self.plus.conductance(sl)] if self.minus is None else \
-                list(pair_conductances(self.plus, self.minus, sl))
-            self._read_values(g, tuple(b[sl] if b is not None else None for b in bufs))
-            self._cache, self._cache_low = tuple(bufs), None
+            if not (self._cache_kernel() and self._rebuild_fused()):
+                rows = self.in_features
+                kw = {"device": self.device, "dtype": self.dtype}
+                bufs = [torch.empty(self.padded_shape, **kw), torch.empty(self.padded_shape, **kw)
+                        if self._noisy_reads() else None]
+                for b in bufs:
+                    if b is not None:
+                        b[rows:].zero_()
+                sl = slice(0, rows)
+                g = [self.plus.conductance(sl)] if self.minus is None else \
+                    list(pair_conductances(self.plus, self.minus, sl))
+                self._read_values(g, tuple(b[sl] if b is not None else None for b in bufs))
+                self._cache, self._cache_low, self._cache_np = tuple(bufs), None, None
             self._drift_anchor = self.plus.time_s if any(a.drifting for a in self._arrays()) else None
             self._cache_key, self._solvers = self._state_key(), None
         if self.read_dtype != self.dtype:
             return tuple(t.to(self.read_dtype) if t is not None else None for t in self._cache)
         return self._cache
 
+    _cache_np: tuple | None = None   # (data pointers, flat numpy views) of the cache, see _cache_views
+
+    def _cache_views(self) -> tuple:
+        """Flat numpy views (ŵ, ΣG² or None, ΣG² in bfloat16 as int16 bits or None) of the cache's tensors,
+        remembered for their data pointers (a patch every step; a copied crossbar's memo fails the check)."""
+        w, q = self._cache
+        ql = self._cache_low
+        ptrs = (w.data_ptr(), 0 if q is None else q.data_ptr(), 0 if ql is None else ql.data_ptr())
+        memo = self._cache_np
+        if memo is None or memo[0] != ptrs:
+            memo = self._cache_np = (ptrs, (w.view(-1).numpy(), None if q is None else q.view(-1).numpy(),
+                                            None if ql is None else ql.view(torch.int16).view(-1).numpy()))
+        return memo[1]
+
+    _cache_numba_ok: bool | None = None   # _cache_kernel's answer (device, dtype and numba do not change)
+
+    def _cache_kernel(self) -> bool:
+        """Whether the read cache is rebuilt and patched by the numba passes (neurosim._cache_numba): float32
+        on the CPU with numba. Else (float64, CUDA, no numba) the torch composition."""
+        ok = self._cache_numba_ok
+        if ok is None:
+            ok = self._cache_numba_ok = (self.device.type == "cpu" and self.dtype == torch.float32
+                                         and _numba_kernels() is not None)
+        return ok
+
+    def _unshared(self, t: torch.Tensor | None) -> bool:
+        """Whether the cache's tensor ``t`` is referenced only by the crossbar: no other Python reference (the
+        cache's own, this call's argument and getrefcount's) and no view of its storage but the crossbar's own
+        numpy view (``_cache_views``). A rebuild overwrites such a buffer in place; one that a caller still
+        holds (DGC keeps read tensors for a measurement) is left to the caller, and the rebuild takes a fresh
+        buffer, as before."""
+        if t is None or sys.getrefcount(t) > 3:
+            return False
+        own = 1 if self._cache_np is not None and t.data_ptr() in self._cache_np[0] else 0
+        try:
+            return torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2 + own
+        except (AttributeError, RuntimeError):   # no such private API: never reuse
+            return False
+
+    _arrays_np: tuple | None = None   # (data pointers, flat numpy views) of the arrays' state, see _array_views
+
+    def _array_views(self, arrays: list[DeviceArray]) -> tuple:
+        """Flat numpy views of each array's conductances, programming times and −ν (flat, or one value),
+        remembered for their data pointers (the views keep those tensors' memory alive, so a pointer cannot be
+        reused by another tensor while remembered)."""
+        nus = [a._neg_nu() for a in arrays]
+        ptrs = tuple((a.g.data_ptr(), a.t_programmed.data_ptr(), nu.data_ptr()) for a, nu in zip(arrays, nus,
+                                                                                                 strict=True))
+        memo = self._arrays_np
+        if memo is None or memo[0] != ptrs:
+            memo = self._arrays_np = (ptrs, tuple(
+                (a.g.view(-1).numpy(), a.t_programmed.view(-1).numpy(), nu.reshape(-1).numpy())
+                for a, nu in zip(arrays, nus, strict=True)))
+        return memo[1]
+
+    def _rebuild_fused(self) -> bool:
+        """``_read_tensors``' rebuild as one numba pass (parallel for large arrays): each cell's drifted
+        conductances, ŵ, ΣG² and, where the variance product runs in bfloat16, its bfloat16 copy (made here,
+        not lazily), into the previous buffers when nobody else holds them (padded rows zeroed at allocation
+        only). Equal to the torch rebuild bit for bit without drift, within a few ulps with drift (ln and exp
+        rounded otherwise; docs/crossbar.md). False (nothing done) where an array is not contiguous."""
+        from neurosim import _cache_numba
+        from neurosim.random_streams import _run
+
+        arrays = self._arrays()
+        if not all(a.g.is_contiguous() and a.t_programmed.is_contiguous() for a in arrays):
+            return False
+        noisy = self._noisy_reads()
+        low = noisy and self._low_precision
+        old = self._cache if self._cache is not None else (None, None)
+        reuse_w = self._unshared(old[0])
+        reuse_q = noisy and self._unshared(old[1])
+        reuse_low = low and self._unshared(self._cache_low)
+        old = None
+        rows = self.in_features
+
+        def fresh(dtype: torch.dtype) -> torch.Tensor:
+            b = torch.empty(self.padded_shape, device=self.device, dtype=dtype)
+            b[rows:].zero_()
+            return b
+
+        w = self._cache[0] if reuse_w else fresh(torch.float32)
+        q = (self._cache[1] if reuse_q else fresh(torch.float32)) if noisy else None
+        ql = (self._cache_low if reuse_low else fresh(torch.bfloat16)) if low else None
+        self._cache, self._cache_low = (w, q), ql
+        views = self._cache_views()
+        state = self._array_views(arrays)
+        g = tuple(v[0] for v in state)
+        t = tuple(v[1] if a.drifting else None for a, v in zip(arrays, state, strict=True))
+        nu = tuple(v[2] if a.drifting else None for a, v in zip(arrays, state, strict=True))
+        if len(arrays) == 1:
+            g, t, nu = (g[0], None), (t[0], None), (nu[0], None)
+        now = (arrays[0].time_s, arrays[-1].time_s)
+        n = rows * self.padded_shape[1]
+        _run(_cache_numba.rebuild, n, n, g, t, now, nu, self.spec.drift_t0, self.g_mid,
+             self.k * self.config.w_max, views)
+        return True
+
+    def _patch_request(self) -> list | None:
+        """For a write that patches the read cache (``_cells``): the request the CPU pulse pass of a pair takes
+        to patch it in the same pass, [(ŵ, ΣG², bfloat16 bits, k·w_max), done] (neurosim.device._program_pairs);
+        None where ``_refresh_cells`` does it (torch path, single devices)."""
+        if self.minus is None or not self._cache_kernel() or self._cache[0].dtype != torch.float32:
+            return None
+        return [(*self._cache_views(), self.k * self.config.w_max), False]
+
     def _refresh_cells(self, cells: torch.Tensor, new: torch.Tensor | None = None) -> None:
         """After a write of a few cells: recompute the cached read tensors there only
         (the same arithmetic as a full rebuild, so the same bits). ``new``: the pair's new conductances of
-        those cells, as ``program_pair`` returns them (or already split in two)."""
+        those cells, as ``program_pair`` returns them (or already split in two). One numba pass where
+        ``_cache_kernel`` allows (bit for bit the torch operations below, tested)."""
+        if self._cache_kernel() and cells.dtype == torch.long and cells.is_contiguous():
+            from neurosim import _cache_numba
+
+            if new is None:
+                g = [a.g.reshape(-1).numpy() for a in self._arrays()]
+            else:
+                g = [t.contiguous().numpy() for t in (new if isinstance(new, tuple) else new.split(cells.numel()))]
+            _cache_numba.patch(cells.numpy(), g[0], g[1] if len(g) == 2 else None, new is None, self.g_mid,
+                               self.k * self.config.w_max, self._cache_views())
+            self._cache_key, self._solvers = self._state_key(), None
+            return
         if new is None:
             g = [a.g.view(-1).index_select(0, cells) for a in self._arrays()]
         else:
@@ -809,11 +930,14 @@ class Crossbar:
         return cells, patch
 
     def _written(self, idx: torch.Tensor, counts: torch.Tensor, cells: torch.Tensor, new: torch.Tensor | None,
-                 patch: bool) -> torch.Tensor:
+                 patch: bool, patched: bool = False) -> torch.Tensor:
         """After the devices took the pulses: the read cache, the controller's belief, and the pulse count of one
         array and the pulse slots (plain numbers from the CPU kernel; 0-dim tensors from the torch path, so that
-        a whole network's numbers come back in one synchronisation)."""
-        if patch:
+        a whole network's numbers come back in one synchronisation). ``patched``: the pulse pass patched the
+        read cache already (``_patch_request``)."""
+        if patched:
+            self._cache_key, self._solvers = self._state_key(), None
+        elif patch:
             self._refresh_cells(cells, new)
         if self._bookkeeping_kernel(idx, counts):
             from neurosim import _update_numba  # after _numba_kernels() chose numba's threading layer
@@ -923,12 +1047,14 @@ def _fire(writes: list[tuple[Crossbar, torch.Tensor, torch.Tensor]]) -> list[dic
     all crossbars in one pass of the device model (``program_pairs``, which splits different cards), single
     devices on their own; then each crossbar's bookkeeping, and all the numbers in one synchronisation."""
     parts = [(cb, idx, counts, *cb._cells(idx)) for cb, idx, counts in writes]
-    paired = _program_pairs([(cb.plus, cb.minus, cells, n) for cb, _, n, cells, _ in parts if cb.minus is not None],
-                            halves=True)
+    parts = [(*part, part[0]._patch_request() if part[4] else None) for part in parts]
+    paired = _program_pairs([(cb.plus, cb.minus, cells, n, request) for cb, _, n, cells, _, request in parts
+                             if cb.minus is not None], halves=True)
     news = iter(paired)
     return _stats([part[0] for part in parts],
                   [cb._written(idx, n, cells, next(news) if cb.minus is not None else cb.plus.program_cells(cells, n),
-                               patch) for cb, idx, n, cells, patch in parts])
+                               patch, request is not None and request[1])
+                   for cb, idx, n, cells, patch, request in parts])
 
 
 def program_deltas(crossbars: list[Crossbar], dws: list[torch.Tensor], scale: float = 1.0

@@ -807,10 +807,15 @@ def program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, tor
 def _program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, torch.Tensor]], halves: bool
                    ) -> list:
     """``program_pairs``; ``halves``: each pair's new conductances as (first's, second's), split once for all
-    pairs (a crossbar's read-cache patch wants them so)."""
+    pairs (a crossbar's read-cache patch wants them so). A write may carry a fifth item, a crossbar's request
+    to patch its read cache in the same pass: [(ŵ, ΣG², bfloat16 bits, k·w_max), done]; the CPU kernel
+    patches and sets done = True, the torch pass leaves it to the crossbar."""
     out: list = [None] * len(writes)
     joined, others = [], []
-    for i, (first, second, idx, counts) in enumerate(writes):
+    targets = {}
+    for i, (first, second, idx, counts, *target) in enumerate(writes):
+        if target and target[0] is not None:
+            targets[i] = target[0]
         n = idx.numel()
         paired = getattr(first, "_pair", None)
         if n == 0:
@@ -831,7 +836,7 @@ def _program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, to
     if not joined:
         return out
     if _fused(joined):
-        _pulse_pairs_kernel(joined, halves, out)
+        _pulse_pairs_kernel(joined, halves, out, targets)
         return out
     lead = joined[0][1]
     gathered = []
@@ -893,9 +898,10 @@ def _flat_nu(array: DeviceArray):
     return (flat_view(array, nu) if nu.dim() and nu.is_contiguous() else nu.reshape(-1)).numpy()
 
 
-def _pulse_pairs_kernel(joined: list, halves: bool, out: list) -> None:
+def _pulse_pairs_kernel(joined: list, halves: bool, out: list, targets: dict | None = None) -> None:
     """``_program_pairs``' joined pass as one numba call per pair: the same draws (one stream call for the
-    pass, the pairs' cells in the torch path's order), the same stores and version bumps."""
+    pass, the pairs' cells in the torch path's order), the same stores and version bumps; and the read-cache
+    patches requested in ``targets`` (write index → [cache operands, done]) of float32 pairs."""
     from neurosim import _pulse_numba  # after random_streams chose numba's threading layer
 
     lead = joined[0][1]
@@ -910,11 +916,15 @@ def _pulse_pairs_kernel(joined: list, halves: bool, out: list) -> None:
     at = 0
     for i, first, second, idx, counts in joined:
         shared = first._pair[1]
+        target = None if targets is None else targets.get(i)
+        cache = target[0] if target is not None and first.dtype == torch.float32 else None
         new = torch.from_numpy(_pulse_numba.pulse_pair(
             shared.numpy(), first._table[0].shape[0], idx.numpy(), counts.numpy(), first.g.view(-1).numpy(),
             second.g.view(-1).numpy(), first.t_programmed.view(-1).numpy(), second.t_programmed.view(-1).numpy(),
             (first.time_s, second.time_s), stamp, (_flat_nu(first), _flat_nu(second)), spec.drift_t0,
-            first._table[1], scale, ctr, k0, k1, at))
+            first._table[1], scale, ctr, k0, k1, at, cache))
+        if cache is not None:
+            target[1] = True
         at += new.numel()
         first.version += 1
         second.version += 1

@@ -83,6 +83,7 @@ def test_padded_rows_of_the_read_cache_are_zero_and_the_rest_as_computed():
     bar = Crossbar(spec, 300, 40, CrossbarConfig(tile_rows=128), seed=0)      # 300 rows in 3 tiles: 84 padded
     bar.set_weights(torch.rand((300, 40), generator=gen(5)) - 0.5)
     bar.advance(50.0)
+    bar._cache_kernel = lambda: False   # the torch rebuild: the numba one is within ulps of it (test_cache_kernels)
     w_hat, gsq = bar._read_tensors()
     assert w_hat.shape == gsq.shape == bar.padded_shape
     assert not w_hat[300:].any() and not gsq[300:].any()

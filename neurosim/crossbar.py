@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from neurosim.backend import fast_bfloat16, make_generator
@@ -98,12 +99,32 @@ class CrossbarConfig:
                                   "2^(b−1) − 1 levels a sign")
 
 
+# 'auto' on a CPU with fast bfloat16: bfloat16 for variance products of at least this many multiply-adds
+# (batch × rows × padded columns), float32 below, where the bfloat16 product's fixed cost (~14 µs here) exceeds
+# what it saves (docs/crossbar.md, "Read noise in bfloat16": the crossover measured on this machine).
+BFLOAT16_MIN_PRODUCT = 1 << 20
+
+
 def noise_variance_precision(config: CrossbarConfig, device: torch.device | str) -> str:
-    """What ``config.noise_variance_precision`` resolves to on ``device``: 'auto' is bfloat16 where the hardware
-    multiplies it fast (a fixed property of the machine, so runs stay reproducible on it), else float32."""
+    """What ``config.noise_variance_precision`` resolves to on ``device``: 'float32', 'bfloat16', or 'mixed'
+    ('auto' on a CPU with fast bfloat16: each read takes bfloat16 when its variance product has at least
+    ``BFLOAT16_MIN_PRODUCT`` multiply-adds, else float32). 'auto' is bfloat16 on CUDA and float32 where the
+    hardware has no fast bfloat16: a fixed property of the machine, so runs stay reproducible on it."""
     if config.noise_variance_precision != "auto":
         return config.noise_variance_precision
-    return "bfloat16" if fast_bfloat16(device) else "float32"
+    if not fast_bfloat16(device):
+        return "float32"
+    return "bfloat16"
+
+
+def _f32(x: float) -> np.float32:
+    """A setting as the float32 scalar torch computes with (a numba kernel would take a Python float as float64)."""
+    return np.float32(x)
+
+
+# Empty operands for a prologue's unused squares (1-d forward, 3-d transposed): float32 and bfloat16 bits.
+_EMPTY = {2: (np.empty(0, np.float32), np.empty(0, np.uint16)),   # a (B, n) buffer is passed flat
+          3: (np.empty((0, 0, 0), np.float32), np.empty((0, 0, 0), np.uint16))}
 
 
 def quantize(x: torch.Tensor, bits: int | None, limit: float, inplace: bool = False,
@@ -201,7 +222,7 @@ class Crossbar:
         self._drift_anchor: float | None = None   # the clock at the read cache's last drift recomputation
         self._cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._cache_low: torch.Tensor | None = None   # ΣG² in bfloat16 for the variance product, when used
-        self._low_precision = noise_variance_precision(self.config, self.device) == "bfloat16"
+        self._precision = noise_variance_precision(self.config, self.device)
         self._solvers = None
         self.set_weights(self.believed)
 
@@ -420,14 +441,21 @@ class Crossbar:
 
     def _variances(self, xn: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor | None:
         """Σ x̂²·G² per row tile and column (the read noise's variance in units of σ²), or None without noise."""
-        gsq = self._variance_operand()
+        gsq = self._variance_operand(xn.shape[0])
         return None if gsq is None else self._tile_products(self._squares(xn, gsq.dtype), gsq)
 
-    def _variance_operand(self) -> torch.Tensor | None:
-        """ΣG² for the read noise's variance product, in the precision ``noise_variance_precision`` chose (None
-        without read noise). bfloat16 only for float32 reads: DGC's float64 measurements keep theirs."""
+    def _low_precision(self, batch: int | None) -> bool:
+        """Whether a read of ``batch`` samples computes its variance product in bfloat16 (None: a large batch)."""
+        if self._precision != "mixed":
+            return self._precision == "bfloat16"
+        return batch is None or batch * self.in_features * self.padded_shape[1] >= BFLOAT16_MIN_PRODUCT
+
+    def _variance_operand(self, batch: int | None = None) -> torch.Tensor | None:
+        """ΣG² for the read noise's variance product of a read of ``batch`` samples, in the precision
+        ``noise_variance_precision`` chose for it (None without read noise). bfloat16 only for float32 reads:
+        DGC's float64 measurements keep theirs."""
         gsq = self._read_tensors()[1]
-        if gsq is None or not self._low_precision or gsq.dtype != torch.float32:
+        if gsq is None or gsq.dtype != torch.float32 or not self._low_precision(batch):
             return gsq
         if self._cache_low is None:
             self._cache_low = gsq.to(torch.bfloat16)
@@ -504,7 +532,10 @@ class Crossbar:
     def _scaled(self, y: torch.Tensor, step: float, scale: torch.Tensor | float | None) -> torch.Tensor:
         """Summed codes → weight × input units: one multiplication by step·scale (default input_max·w_max)."""
         c = self.config
-        factor = step * (c.input_max * c.w_max if scale is None else scale)
+        if isinstance(scale, torch.Tensor) and step == 1.0:
+            factor = scale   # 1.0·scale is scale: the multiplication is skipped, not the value changed
+        else:
+            factor = step * (c.input_max * c.w_max if scale is None else scale)
         if isinstance(factor, float) and factor == 1.0:
             return y  # nothing to scale: the digital sum itself
         return y * factor
@@ -514,13 +545,61 @@ class Crossbar:
 
         The partial sums are computed in ADC steps (the DAC outputs divided by the step: B·in numbers instead
         of tiles·B·out), so the converters only clip and round. ``own``: x is the caller's temporary (see
-        ``dac``)."""
+        ``dac``). On the CPU the DAC, the division by the step and the squares of the variance product are one
+        fused pass (``_read_kernel``), equal bit for bit to the torch operations it replaces."""
+        c = self.config
+        gsq = self._variance_operand(x.shape[0])
+        xn, sq = self._read_operands(x, gsq, own)
+        var = None if gsq is None else self._tile_products(sq, gsq)
+        return self._noisy_convert(self._clean_partials(xn, w), var, self.adc_step(c.adc_bits), c.adc_bits)
+
+    def _read_operands(self, x: torch.Tensor, gsq: torch.Tensor | None, own: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward read's product operands: x̂ in ADC steps (B, in) and x̂² in gsq's dtype (None without
+        gsq), by the fused kernel where it applies, else by the torch operations (its oracle)."""
         c = self.config
         step = self.adc_step(c.adc_bits)
-        xn = self.dac(x, own)
-        if step != 1.0:
-            xn = xn * (1.0 / step) if torch.is_grad_enabled() and xn.requires_grad else xn.mul_(1.0 / step)
-        return self._noisy_convert(self._clean_partials(xn, w), self._variances(xn, w), step, c.adc_bits)
+        kernel = self._read_kernel(x)
+        if kernel is None:
+            xn = self.dac(x, own)
+            if step != 1.0:
+                xn = xn * (1.0 / step) if torch.is_grad_enabled() and xn.requires_grad else xn.mul_(1.0 / step)
+            return xn, None if gsq is None else self._squares(xn, gsq.dtype)
+        xc = x.contiguous()
+        xn = xc if own or xc is not x else torch.empty_like(xc)   # the caller's temporary, or our copy
+        sq, mode, sq32, sq16 = self._squares_buffer(xn.shape, gsq)
+        unipolar = c.input_range == "unipolar"
+        dac_step = 1.0 / (2 ** c.dac_bits - 1 if unipolar else 2 ** (c.dac_bits - 1) - 1) if c.dac_bits else 1.0
+        kernel.forward(xc.view(-1).numpy(), xn.view(-1).numpy(), sq32, sq16, mode, c.input_max != 1.0,
+                       _f32(c.input_max), _f32(0.0 if unipolar else -1.0), _f32(dac_step), c.dac_bits is not None,
+                       _f32(1.0 / step))
+        return xn, sq
+
+    def _read_kernel(self, x: torch.Tensor):
+        """The fused read prologues (neurosim._read_numba) where they apply: float32 reads of float32 inputs
+        (B, n) on the CPU outside autograd, numba present; else None (the torch operations: other dtypes and
+        devices, autograd, and the kernels' test oracle)."""
+        if (self.device.type != "cpu" or self.read_dtype != torch.float32 or self.dtype != torch.float32
+                or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu"
+                or (torch.is_grad_enabled() and x.requires_grad) or _numba_kernels() is None):
+            return None
+        from neurosim import _read_numba  # after _numba_kernels() chose numba's threading layer
+        return _read_numba
+
+    @staticmethod
+    def _squares_buffer(shape: tuple[int, ...], gsq: torch.Tensor | None):
+        """The squares' tensor of a prologue, in gsq's dtype (None without read noise), and the kernel's view
+        of it: (tensor, mode, float32 array, bfloat16 bits array), the unused array empty; a (B, n) buffer is
+        seen flat, as the forward kernel takes it."""
+        from neurosim import _read_numba
+        empty32, empty16 = _EMPTY[len(shape)]
+        if gsq is None:
+            return None, _read_numba.NO_SQUARES, empty32, empty16
+        sq = torch.empty(shape, dtype=gsq.dtype)
+        seen = sq.view(-1) if len(shape) == 2 else sq
+        if gsq.dtype == torch.bfloat16:
+            return sq, _read_numba.SQUARES_BF16, empty32, seen.view(torch.int16).numpy().view(np.uint16)
+        return sq, _read_numba.SQUARES_F32, seen.numpy(), empty16
 
     def read_transposed(self, d: torch.Tensor) -> torch.Tensor:
         """Transposed read d·Wᵀ of a batch (B, out) → (B, in): columns driven, rows sensed (BP's backward path).
@@ -528,37 +607,61 @@ class Crossbar:
         With noise management each error vector is divided by its largest magnitude before the DAC and
         multiplied back after the ADC, as chips do to keep small errors above the converters' resolution.
         The DAC is bipolar whatever ``input_range`` says (errors are signed) and saturates at full scale.
-        As in ``read``, the partial sums are computed in ADC steps."""
+        As in ``read``, the partial sums are computed in ADC steps. On the CPU the scale, the DAC, the
+        division by the step, the tile layout and the squares are one fused pass (bit for bit the same)."""
         c = self.config
         w_hat, _ = self._read_tensors()
-        gsq = self._variance_operand()
-        dac_bits = c.backward_dac_bits or c.dac_bits
+        gsq = self._variance_operand(d.shape[0])
         adc_bits = c.backward_adc_bits or c.adc_bits
-        d = d.to(self.dtype)
-        scale = d.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30) if c.noise_management else \
-            torch.full((d.shape[0], 1), c.input_max, device=d.device, dtype=d.dtype)
-        dn = d / scale
-        dn = quantize(dn, dac_bits, 1.0, inplace=True) if dac_bits is not None else dn.clamp_(-1.0, 1.0)
-        step = self.adc_step(adc_bits)
-        if step != 1.0:
-            dn.mul_(1.0 / step)
-        pad = self.padded_shape[1] - self.out_features
-        if pad:
-            dn = torch.nn.functional.pad(dn, (0, pad))
-        dt = dn.reshape(dn.shape[0], self.n_col_tiles, self.tile_cols).transpose(0, 1)   # (nc, B, C)
+        nc, C = self.n_col_tiles, self.tile_cols
+        dt, sq, scale, step_scaled = self._transposed_operands(d, gsq)
         unit = c.read_voltage * self.k * c.w_max
         rows = self.in_features  # padded rows carry no current: no converter or noise draw is spent on them
         if c.wire_resistance != "none":
             part = self._nodal_partials(dt * c.read_voltage, transposed=True)[:, :, :rows] / unit
         else:
-            w = w_hat[:rows].reshape(rows, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
+            w = w_hat[:rows].reshape(rows, nc, C).permute(1, 2, 0)
             part = torch.bmm(dt, w)                                                 # (nc, B, rows)
         var = None
         if gsq is not None:
-            g2 = gsq[:rows].reshape(rows, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
-            var = torch.bmm(self._squares(dt, g2.dtype), g2)
+            var = torch.bmm(sq, gsq[:rows].reshape(rows, nc, C).permute(1, 2, 0))
         # Row partial sums of one column tile pass one ADC, then add digitally across column tiles.
-        return self._noisy_convert(part, var, step, adc_bits, scale.mul_(c.w_max), rows)
+        return self._noisy_convert(part, var, step_scaled, adc_bits, scale, rows)
+
+    def _transposed_operands(self, d: torch.Tensor, gsq: torch.Tensor | None
+                             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
+        """The transposed read's operands: the errors after scale, DAC and division by the ADC step in the
+        column-tile layout (nc, B, C), their squares in gsq's dtype (None without gsq), and the digital scale
+        back after the ADC as (B, 1) scale and a step it is still to be multiplied by (1.0 from the kernel,
+        which includes it); by the fused kernel where it applies, else by the torch operations (its oracle)."""
+        c = self.config
+        dac_bits = c.backward_dac_bits or c.dac_bits
+        step = self.adc_step(c.backward_adc_bits or c.adc_bits)
+        nc, C = self.n_col_tiles, self.tile_cols
+        d = d.to(self.dtype)
+        kernel = self._read_kernel(d)
+        if kernel is not None:
+            B = d.shape[0]
+            dt = torch.empty((nc, B, C), dtype=torch.float32)
+            sq, mode, sq32, sq16 = self._squares_buffer((nc, B, C), gsq)
+            factor = torch.empty((B, 1), dtype=torch.float32)
+            dac_step = 1.0 / (2 ** (dac_bits - 1) - 1) if dac_bits is not None else 1.0
+            kernel.transposed(d.contiguous().numpy(), dt.numpy(), sq32, sq16, mode, factor.view(-1).numpy(),
+                              c.noise_management, _f32(c.input_max), _f32(dac_step), dac_bits is not None,
+                              _f32(1.0 / step), _f32(step), _f32(c.w_max))
+            return dt, sq, factor, 1.0
+        scale = d.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30) if c.noise_management else \
+            torch.full((d.shape[0], 1), c.input_max, device=d.device, dtype=d.dtype)
+        dn = d / scale
+        dn = quantize(dn, dac_bits, 1.0, inplace=True) if dac_bits is not None else dn.clamp_(-1.0, 1.0)
+        if step != 1.0:
+            dn.mul_(1.0 / step)
+        pad = self.padded_shape[1] - self.out_features
+        if pad:
+            dn = torch.nn.functional.pad(dn, (0, pad))
+        dt = dn.reshape(dn.shape[0], nc, C).transpose(0, 1)   # (nc, B, C)
+        sq = None if gsq is None else self._squares(dt, gsq.dtype)
+        return dt, sq, scale.mul_(c.w_max), step
 
     def _tile(self, rr: int, cc: int) -> torch.Tensor:
         """Conductances of tile (rr, cc) as wired: (R, C), or (R, C, 2) for pairs (G⁺, G⁻ side by side)."""

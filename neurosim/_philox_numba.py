@@ -279,26 +279,29 @@ def fill(out: np.ndarray, kind: str, counter: int, k0: int, k1: int, parallel: b
 
 
 # --- the crossbar read's epilogue ------------------------------------------------------------------------------
+# Element (t, b, c) of a read's partial sums takes normal (t·B + b)·C + c of one call of T·B·C numbers. A piece
+# of rows draws, for each tile t, the whole blocks that cover its elements at once (one straight, vectorized
+# loop with no partial blocks at its ends: the head and tail words of a block are computed and left unused),
+# then uses them: per-row fills of a few words each spent most of their time in partial-block code on small or
+# unaligned rows (129 columns: 2.1 ns a number against 0.98 on aligned rows).
+
+CHUNK = 2048   # numbers a piece of rows draws at once for one tile (8 KiB: stays in the L1 cache)
+
 
 @njit(inline="always")
-def _epilogue_rows(out, part, var, bf16, sigma, levels, clamp, keep, ctr, k0, k1, b0, b1, z, acc):
-    T, B, C = part.shape
-    for b in range(b0, b1):
-        for c in range(keep):
-            acc[c] = float32(0.0)
-        for t in range(T):
-            first = (t * B + b) * C
-            _fill_normal(z, first, keep, ctr, k0, k1)
-            if bf16:
-                for c in range(keep):
-                    v = np.uint32(uint32(var[t, b, c]) << uint32(16)).view(np.float32)
-                    acc[c] = acc[c] + _quantize(part[t, b, c] + sigma * np.sqrt(v) * z[c], levels, clamp)
-            else:
-                for c in range(keep):
-                    v = var[t, b, c]
-                    acc[c] = acc[c] + _quantize(part[t, b, c] + sigma * np.sqrt(v) * z[c], levels, clamp)
-        for c in range(keep):
-            out[b, c] = acc[c]
+def _normals_covering(z, e0, e1, ctr, k0, k1):
+    """The normals of the whole blocks covering elements e0 .. e1 - 1 of a call into z; returns the element
+    whose normal is z[0] (e0 rounded down to a block)."""
+    b0 = e0 >> 2
+    base = ctr + uint64(b0)
+    for b in range(((e1 + 3) >> 2) - b0):
+        a0, a1, a2, a3 = _normals(base + uint64(b), k0, k1)
+        o = 4 * b
+        z[o] = a0
+        z[o + 1] = a1
+        z[o + 2] = a2
+        z[o + 3] = a3
+    return 4 * b0
 
 
 @njit(inline="always")
@@ -310,33 +313,70 @@ def _quantize(x, levels, clamp):
     return x
 
 
+@njit(inline="always")
+def _epilogue_rows(out, part, var, bf16, sigma, levels, clamp, keep, ctr, k0, k1, factor, per_row, b0, b1, z):
+    """Rows b0 .. b1 - 1 of the output: out[b, c] = (sum over t ascending of q(part + sigma·sqrt(var)·z))·factor."""
+    T, B, C = part.shape
+    for b in range(b0, b1):
+        for c in range(keep):
+            out[b, c] = float32(0.0)
+    whole = keep == C           # the rows' elements are one contiguous range of the call
+    for t in range(T):
+        if whole:
+            first = _normals_covering(z, (t * B + b0) * C, (t * B + b1) * C, ctr, k0, k1)
+        for b in range(b0, b1):
+            e = (t * B + b) * C
+            if not whole:
+                first = _normals_covering(z, e, e + keep, ctr, k0, k1)
+            o = e - first
+            if bf16:
+                for c in range(keep):
+                    v = np.uint32(uint32(var[t, b, c]) << uint32(16)).view(np.float32)
+                    out[b, c] = out[b, c] + _quantize(part[t, b, c] + sigma * np.sqrt(v) * z[o + c], levels, clamp)
+            else:
+                for c in range(keep):
+                    out[b, c] = out[b, c] + _quantize(part[t, b, c] + sigma * np.sqrt(var[t, b, c]) * z[o + c],
+                                                      levels, clamp)
+    for b in range(b0, b1):
+        f = factor[b if per_row else 0]
+        for c in range(keep):
+            out[b, c] = out[b, c] * f
+
+
+@njit(inline="always")
+def _epilogue_args(sigma, levels, lo, hi, k0, k1):
+    """float64 and int64 arguments (cheap for numba's dispatcher) → the kernel's float32 and uint64 values."""
+    return float32(sigma), float32(levels), uint64(lo) | (uint64(hi) << _S32), uint64(k0), uint64(k1)
+
+
 @njit(cache=True)
-def _epilogue_serial(out, part, var, bf16, sigma, levels, clamp, keep, ctr, k0, k1):
-    z = np.empty(keep, np.float32)
-    acc = np.empty(keep, np.float32)
-    _epilogue_rows(out, part, var, bf16, sigma, levels, clamp, keep, ctr, k0, k1, 0, part.shape[1], z, acc)
+def _epilogue_serial(out, part, var, bf16, sigma, levels, clamp, keep, lo, hi, k0, k1, factor, per_row):
+    sigma, levels, ctr, k0, k1 = _epilogue_args(sigma, levels, lo, hi, k0, k1)
+    C = part.shape[2]
+    z = np.empty(max(CHUNK, C) + 8, np.float32)
+    rows = max(1, CHUNK // C)
+    B = part.shape[1]
+    for p in range((B + rows - 1) // rows):
+        _epilogue_rows(out, part, var, bf16, sigma, levels, clamp, keep, ctr, k0, k1, factor, per_row,
+                       p * rows, min(B, (p + 1) * rows), z)
 
 
 @njit(parallel=True, cache=True)
-def _epilogue_parallel(out, part, var, bf16, sigma, levels, clamp, keep, ctr, k0, k1):
+def _epilogue_parallel(out, part, var, bf16, sigma, levels, clamp, keep, lo, hi, k0, k1, factor, per_row):
+    sigma, levels, ctr, k0, k1 = _epilogue_args(sigma, levels, lo, hi, k0, k1)
+    C = part.shape[2]
+    rows = max(1, CHUNK // C)
     B = part.shape[1]
-    rows = 8
-    npieces = (B + rows - 1) // rows
-    for p in prange(npieces):
-        z = np.empty(keep, np.float32)
-        acc = np.empty(keep, np.float32)
-        _epilogue_rows(out, part, var, bf16, sigma, levels, clamp, keep, ctr, k0, k1,
-                       p * rows, min(B, (p + 1) * rows), z, acc)
+    for p in prange((B + rows - 1) // rows):
+        z = np.empty(max(CHUNK, C) + 8, np.float32)
+        _epilogue_rows(out, part, var, bf16, sigma, levels, clamp, keep, ctr, k0, k1, factor, per_row,
+                       p * rows, min(B, (p + 1) * rows), z)
 
 
 def epilogue(out: np.ndarray, part: np.ndarray, var: np.ndarray, sigma: float, levels: float | None, keep: int,
-             counter: int, k0: int, k1: int, parallel: bool) -> None:
-    """out[b, c] = sum_t q(part[t,b,c] + sigma sqrt(var[t,b,c]) z[t,b,c]) for c < keep; ``var`` float32, or
-    bfloat16 passed as its int16 bit pattern."""
-    bf16 = var.dtype == np.int16
-    if bf16:
-        var = var.view(np.uint16)
+             counter: int, k0: int, k1: int, factor: np.ndarray, parallel: bool) -> None:
+    """out[b, c] = (sum_t q(part[t,b,c] + sigma sqrt(var[t,b,c]) z[t,b,c]))·factor[b or 0] for c < keep;
+    ``var`` float32, or bfloat16 as its uint16 bit pattern; ``factor`` float32, (B,) or (1,)."""
     f = _epilogue_parallel if parallel else _epilogue_serial
-    f(out, part, var, bf16, np.float32(sigma), np.float32(0.0 if levels is None else levels), levels is not None,
-      keep, np.uint64(counter), np.uint32(k0), np.uint32(k1))
-
+    f(out, part, var, var.dtype == np.uint16, sigma, 0.0 if levels is None else levels, levels is not None, keep,
+      counter & 0xFFFFFFFF, counter >> 32, k0, k1, factor, factor.shape[0] != 1)

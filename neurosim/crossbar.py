@@ -503,9 +503,9 @@ class Crossbar:
         if not fused:
             return self.convert(self.add_read_noise(part, var, nonnegative=True), step, bits, scale, keep)
         levels = None if bits is None else float(2 ** (bits - 1) - 1)
-        y = noisy_adc_sum(part, var if var.is_contiguous() else var.contiguous(), self._noise_scale(), levels,
-                          keep, self.read_stream)
-        return self._scaled(y, step, scale)
+        factor = self._factor(step, scale)   # the scaling in the same pass: one operation less
+        return noisy_adc_sum(part, var, self._noise_scale(), levels, keep, self.read_stream,
+                             None if isinstance(factor, float) and factor == 1.0 else factor)
 
     def adc_step(self, bits: int | None) -> float:
         """One ADC step in normalized units (1.0 for an ideal converter): reads compute their partial sums in
@@ -531,14 +531,17 @@ class Crossbar:
 
     def _scaled(self, y: torch.Tensor, step: float, scale: torch.Tensor | float | None) -> torch.Tensor:
         """Summed codes → weight × input units: one multiplication by step·scale (default input_max·w_max)."""
-        c = self.config
-        if isinstance(scale, torch.Tensor) and step == 1.0:
-            factor = scale   # 1.0·scale is scale: the multiplication is skipped, not the value changed
-        else:
-            factor = step * (c.input_max * c.w_max if scale is None else scale)
+        factor = self._factor(step, scale)
         if isinstance(factor, float) and factor == 1.0:
             return y  # nothing to scale: the digital sum itself
         return y * factor
+
+    def _factor(self, step: float, scale: torch.Tensor | float | None) -> torch.Tensor | float:
+        """step·scale (default input_max·w_max): a float, or a float32 tensor (B, 1) of one per sample."""
+        if isinstance(scale, torch.Tensor) and step == 1.0:
+            return scale   # 1.0·scale is scale: the multiplication is skipped, not the value changed
+        c = self.config
+        return step * (c.input_max * c.w_max if scale is None else scale)
 
     def read(self, x: torch.Tensor, w: torch.Tensor | None = None, own: bool = False) -> torch.Tensor:
         """Forward read y ≈ x·W of a batch (B, in) → (B, out), through DAC, tiles, read noise and ADCs.

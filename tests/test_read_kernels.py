@@ -138,3 +138,78 @@ def test_reads_are_the_same_at_any_thread_count(spec_factory, threads):
     finally:
         torch.set_num_threads(saved)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+# --- the epilogue ------------------------------------------------------------------------------------------------
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("shape,keep", [((1, 64, 129), 129), ((1, 64, 10), 10), ((3, 7, 13), 13), ((2, 5, 9), 6),
+                                        ((1, 1, 3), 3), ((4, 33, 1), 1), ((2, 300, 600), 600), ((1, 3, 5), 0)])
+@pytest.mark.parametrize("var_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [None, 0.37, "rows"])
+@pytest.mark.parametrize("counter", [0, 3, 2**32 - 1])
+def test_epilogue_equals_the_torch_composition_on_odd_shapes(shape, keep, var_dtype, scale, counter):
+    """The epilogue draws whole blocks at once and uses the words it needs: the same numbers as the torch
+    composition (noise, ADC, tile sum, scaling) at starts inside a block, at the 32-bit carry of the block
+    counter, on rows of any length, with keep < C, with one scale or one a sample."""
+    from neurosim.random_streams import PhiloxStream, noisy_adc_sum, noisy_adc_sum_torch
+    g = torch.Generator().manual_seed(11)
+    part = torch.randn(shape, generator=g) * 20
+    var = (torch.rand(shape, generator=g) * 3).to(var_dtype)
+    if part.numel() > 20:
+        part.view(-1)[::5] = float("nan")
+    if scale == "rows":
+        scale = torch.rand(shape[1], 1, generator=g) * 1e-3
+    for levels in (None, 31.0):
+        a = PhiloxStream.from_key(0x1234_5678_9ABC, counter)
+        b = PhiloxStream.from_key(0x1234_5678_9ABC, counter, kernel="torch")
+        if counter == 3:                                    # a second call: the first block is taken
+            a._take(1), b._take(1)
+        got = noisy_adc_sum(part, var, 0.8, levels, keep, a, scale)
+        want = noisy_adc_sum_torch(part, var, 0.8, levels, keep, b, scale)
+        assert got.shape == (shape[1], keep)
+        assert torch.equal(_bits(got), _bits(want)) and a.counter == b.counter
+
+
+def test_epilogue_threads_equal_and_scale_refusals():
+    from neurosim.random_streams import PhiloxStream, noisy_adc_sum
+    g = torch.Generator().manual_seed(12)
+    part, var = torch.randn(3, 200, 129, generator=g) * 10, torch.rand(3, 200, 129, generator=g)
+    saved = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append(noisy_adc_sum(part, var, 0.5, 127.0, 129, PhiloxStream(1, "cpu", "t"), 0.25))
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(out[0], out[1])
+    with pytest.raises(TypeError, match="one number a sample"):
+        noisy_adc_sum(part, var, 0.5, 127.0, 129, PhiloxStream(1, "cpu", "t"), torch.ones(199, 1))
+    with pytest.raises(TypeError, match="one number a sample"):
+        noisy_adc_sum(part, var, 0.5, 127.0, 129, PhiloxStream(1, "cpu", "t"), torch.ones(200, 1).double())
+
+
+def test_reads_without_numba_take_the_torch_path(spec_factory, monkeypatch):
+    """No numba: the prologues and the epilogue are torch operations (add_read_noise, convert), which draw the
+    same numbers; torch's square root and fused multiply-add may move a sum by one ulp, so a value on a
+    rounding boundary by one ADC code."""
+    import neurosim.crossbar as crossbar_module
+    cb = bar(spec_factory, 300, 70, tile_rows=128, tile_cols=32, dac_bits=8, adc_bits=8)
+    x, d = rand((9, 300), 13, 0.0, 1.0), rand((9, 70), 14)
+    start = cb.read_stream.get_state()
+    fused = cb.read(x), cb.read_transposed(d)
+    end = cb.read_stream.get_state()
+    monkeypatch.setattr(crossbar_module, "_numba_kernels", lambda: None)
+    cb.read_stream.set_state(start)
+    cb.read_stream._kernel = "torch"
+    assert cb._read_kernel(x) is None
+    plain = cb.read(x), cb.read_transposed(d)
+    code_f = cb.adc_step(8) * cb.config.input_max * cb.config.w_max
+    code_t = cb.adc_step(8) * d.abs().amax(1, keepdim=True) * cb.config.w_max
+    assert float(((fused[0] - plain[0]).abs() / code_f).max()) <= 1 + 1e-4
+    assert float(((fused[1] - plain[1]).abs() / code_t).max()) <= 1 + 1e-4
+    assert torch.equal(cb.read_stream.get_state(), end)

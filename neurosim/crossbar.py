@@ -79,7 +79,8 @@ class CrossbarConfig:
         "auto", "arithmetic of the read noise's variance product Σ x̂²·G² (float32 reads only; it sets the noise's "
         "standard deviation, not the signal): 'float32'; 'bfloat16' (operands and result rounded to bfloat16, "
         "the noise's standard deviation within 0.6 % of float32's, see docs/crossbar.md); 'auto': bfloat16 "
-        "where the hardware multiplies it fast (CUDA, CPUs with AVX512-BF16 or AMX), else float32",
+        "where the hardware multiplies it fast (CUDA; on CPUs with AVX512-BF16 or AMX for products of at least "
+        "2^21 multiply-adds, batch × rows × columns), else float32",
         choices=("auto", "float32", "bfloat16"))
 
     def __post_init__(self) -> None:
@@ -100,21 +101,23 @@ class CrossbarConfig:
 
 
 # 'auto' on a CPU with fast bfloat16: bfloat16 for variance products of at least this many multiply-adds
-# (batch × rows × padded columns), float32 below, where the bfloat16 product's fixed cost (~14 µs here) exceeds
-# what it saves (docs/crossbar.md, "Read noise in bfloat16": the crossover measured on this machine).
-BFLOAT16_MIN_PRODUCT = 1 << 20
+# (batch × rows × padded columns), float32 below, where the bfloat16 product's fixed cost (~15 µs a product
+# here) exceeds what it saves (docs/crossbar.md, "Read noise in bfloat16": the crossover measured here).
+BFLOAT16_MIN_PRODUCT = 1 << 21
+MIXED = f"mixed: bfloat16 from {BFLOAT16_MIN_PRODUCT} multiply-adds a product, else float32"   # as run files record it
 
 
 def noise_variance_precision(config: CrossbarConfig, device: torch.device | str) -> str:
-    """What ``config.noise_variance_precision`` resolves to on ``device``: 'float32', 'bfloat16', or 'mixed'
+    """What ``config.noise_variance_precision`` resolves to on ``device``: 'float32', 'bfloat16', or ``MIXED``
     ('auto' on a CPU with fast bfloat16: each read takes bfloat16 when its variance product has at least
-    ``BFLOAT16_MIN_PRODUCT`` multiply-adds, else float32). 'auto' is bfloat16 on CUDA and float32 where the
-    hardware has no fast bfloat16: a fixed property of the machine, so runs stay reproducible on it."""
+    ``BFLOAT16_MIN_PRODUCT`` multiply-adds, else float32; the string says so, as the run file records it).
+    'auto' is bfloat16 on CUDA and float32 where the hardware has no fast bfloat16: a fixed property of the
+    machine (and the rule one of the read's shape), so runs stay reproducible on it."""
     if config.noise_variance_precision != "auto":
         return config.noise_variance_precision
     if not fast_bfloat16(device):
         return "float32"
-    return "bfloat16"
+    return "bfloat16" if torch.device(device).type == "cuda" else MIXED
 
 
 def _f32(x: float) -> np.float32:
@@ -446,7 +449,7 @@ class Crossbar:
 
     def _low_precision(self, batch: int | None) -> bool:
         """Whether a read of ``batch`` samples computes its variance product in bfloat16 (None: a large batch)."""
-        if self._precision != "mixed":
+        if self._precision != MIXED:
             return self._precision == "bfloat16"
         return batch is None or batch * self.in_features * self.padded_shape[1] >= BFLOAT16_MIN_PRODUCT
 
@@ -627,7 +630,15 @@ class Crossbar:
             part = torch.bmm(dt, w)                                                 # (nc, B, rows)
         var = None
         if gsq is not None:
-            var = torch.bmm(sq, gsq[:rows].reshape(rows, nc, C).permute(1, 2, 0))
+            g2 = gsq[:rows].reshape(rows, nc, C).permute(1, 2, 0)                  # (nc, C, rows), a view
+            if gsq.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and sq.requires_grad):
+                # torch's bfloat16 bmm copies a permuted operand on every call (~100 µs for 785 × 256); its mm
+                # takes a transposed matrix as it is: one product per column tile.
+                var = torch.empty((nc, sq.shape[1], rows), dtype=sq.dtype, device=sq.device)
+                for t in range(nc):
+                    torch.mm(sq[t], g2[t], out=var[t])
+            else:
+                var = torch.bmm(sq, g2)
         # Row partial sums of one column tile pass one ADC, then add digitally across column tiles.
         return self._noisy_convert(part, var, step_scaled, adc_bits, scale, rows)
 

@@ -285,7 +285,8 @@ def fill(out: np.ndarray, kind: str, counter: int, k0: int, k1: int, parallel: b
 # then uses them: per-row fills of a few words each spent most of their time in partial-block code on small or
 # unaligned rows (129 columns: 2.1 ns a number against 0.98 on aligned rows).
 
-CHUNK = 2048   # numbers a piece of rows draws at once for one tile (8 KiB: stays in the L1 cache)
+CHUNK = 2048        # numbers a piece of short rows draws at once for one tile (8 KiB: stays in the L1 cache)
+ROW_BLOCKS = 64     # rows of fewer numbers are drawn together
 
 
 @njit(inline="always")
@@ -314,33 +315,50 @@ def _quantize(x, levels, clamp):
 
 
 @njit(inline="always")
-def _epilogue_rows(out, part, var, bf16, sigma, levels, clamp, keep, ctr, k0, k1, factor, per_row, b0, b1, z):
-    """Rows b0 .. b1 - 1 of the output: out[b, c] = (sum over t ascending of q(part + sigma·sqrt(var)·z))·factor."""
+def _epilogue_rows(out, part, var, bf16, sigma, levels, clamp, keep, ctr, k0, k1, factor, per_row, b0, b1, z,
+                   acc):
+    """Rows b0 .. b1 - 1 of the output: out[b, c] = (sum over t ascending of q(part + sigma·sqrt(var)·z))·factor.
+
+    Short rows (C < ROW_BLOCKS numbers) draw each tile's numbers of all the piece's rows at once; long rows
+    draw their own, a row and tile at a time (the partial blocks at its ends are then a small part)."""
     T, B, C = part.shape
+    together = keep == C and C < ROW_BLOCKS
+    if together:
+        for b in range(b0, b1):
+            for c in range(keep):
+                out[b, c] = float32(0.0)
+        for t in range(T):
+            first = _normals_covering(z, (t * B + b0) * C, (t * B + b1) * C, ctr, k0, k1)
+            for b in range(b0, b1):
+                o = (t * B + b) * C - first
+                _accumulate(out[b], part[t, b], var[t, b], bf16, sigma, levels, clamp, keep, z[o:])
+        for b in range(b0, b1):
+            f = factor[b if per_row else 0]
+            for c in range(keep):
+                out[b, c] = out[b, c] * f
+        return
     for b in range(b0, b1):
         for c in range(keep):
-            out[b, c] = float32(0.0)
-    whole = keep == C           # the rows' elements are one contiguous range of the call
-    for t in range(T):
-        if whole:
-            first = _normals_covering(z, (t * B + b0) * C, (t * B + b1) * C, ctr, k0, k1)
-        for b in range(b0, b1):
+            acc[c] = float32(0.0)
+        for t in range(T):
             e = (t * B + b) * C
-            if not whole:
-                first = _normals_covering(z, e, e + keep, ctr, k0, k1)
-            o = e - first
-            if bf16:
-                for c in range(keep):
-                    v = np.uint32(uint32(var[t, b, c]) << uint32(16)).view(np.float32)
-                    out[b, c] = out[b, c] + _quantize(part[t, b, c] + sigma * np.sqrt(v) * z[o + c], levels, clamp)
-            else:
-                for c in range(keep):
-                    out[b, c] = out[b, c] + _quantize(part[t, b, c] + sigma * np.sqrt(var[t, b, c]) * z[o + c],
-                                                      levels, clamp)
-    for b in range(b0, b1):
+            o = e - _normals_covering(z, e, e + keep, ctr, k0, k1)
+            _accumulate(acc, part[t, b], var[t, b], bf16, sigma, levels, clamp, keep, z[o:])
         f = factor[b if per_row else 0]
         for c in range(keep):
-            out[b, c] = out[b, c] * f
+            out[b, c] = acc[c] * f
+
+
+@njit(inline="always")
+def _accumulate(acc, part, var, bf16, sigma, levels, clamp, keep, z):
+    """acc[c] += q(part[c] + sigma·sqrt(var[c])·z[c]) for c < keep (one row of one tile)."""
+    if bf16:
+        for c in range(keep):
+            v = np.uint32(uint32(var[c]) << uint32(16)).view(np.float32)
+            acc[c] = acc[c] + _quantize(part[c] + sigma * np.sqrt(v) * z[c], levels, clamp)
+    else:
+        for c in range(keep):
+            acc[c] = acc[c] + _quantize(part[c] + sigma * np.sqrt(var[c]) * z[c], levels, clamp)
 
 
 @njit(inline="always")
@@ -349,28 +367,36 @@ def _epilogue_args(sigma, levels, lo, hi, k0, k1):
     return float32(sigma), float32(levels), uint64(lo) | (uint64(hi) << _S32), uint64(k0), uint64(k1)
 
 
+@njit(inline="always")
+def _piece_rows(C):
+    """Rows of a piece: short rows as many as CHUNK numbers hold, long ones 8 (a parallel task's share)."""
+    return max(1, CHUNK // C) if C < ROW_BLOCKS else 8
+
+
 @njit(cache=True)
 def _epilogue_serial(out, part, var, bf16, sigma, levels, clamp, keep, lo, hi, k0, k1, factor, per_row):
     sigma, levels, ctr, k0, k1 = _epilogue_args(sigma, levels, lo, hi, k0, k1)
     C = part.shape[2]
     z = np.empty(max(CHUNK, C) + 8, np.float32)
-    rows = max(1, CHUNK // C)
+    acc = np.empty(keep, np.float32)
+    rows = _piece_rows(C)
     B = part.shape[1]
     for p in range((B + rows - 1) // rows):
         _epilogue_rows(out, part, var, bf16, sigma, levels, clamp, keep, ctr, k0, k1, factor, per_row,
-                       p * rows, min(B, (p + 1) * rows), z)
+                       p * rows, min(B, (p + 1) * rows), z, acc)
 
 
 @njit(parallel=True, cache=True)
 def _epilogue_parallel(out, part, var, bf16, sigma, levels, clamp, keep, lo, hi, k0, k1, factor, per_row):
     sigma, levels, ctr, k0, k1 = _epilogue_args(sigma, levels, lo, hi, k0, k1)
     C = part.shape[2]
-    rows = max(1, CHUNK // C)
+    rows = _piece_rows(C)
     B = part.shape[1]
     for p in prange((B + rows - 1) // rows):
         z = np.empty(max(CHUNK, C) + 8, np.float32)
+        acc = np.empty(keep, np.float32)
         _epilogue_rows(out, part, var, bf16, sigma, levels, clamp, keep, ctr, k0, k1, factor, per_row,
-                       p * rows, min(B, (p + 1) * rows), z)
+                       p * rows, min(B, (p + 1) * rows), z, acc)
 
 
 def epilogue(out: np.ndarray, part: np.ndarray, var: np.ndarray, sigma: float, levels: float | None, keep: int,

@@ -279,11 +279,12 @@ def fill(out: np.ndarray, kind: str, counter: int, k0: int, k1: int, parallel: b
 
 
 # --- the crossbar read's epilogue ------------------------------------------------------------------------------
-# Element (t, b, c) of a read's partial sums takes normal (t·B + b)·C + c of one call of T·B·C numbers. A piece
-# of rows draws, for each tile t, the whole blocks that cover its elements at once (one straight, vectorized
-# loop with no partial blocks at its ends: the head and tail words of a block are computed and left unused),
-# then uses them: per-row fills of a few words each spent most of their time in partial-block code on small or
-# unaligned rows (129 columns: 2.1 ns a number against 0.98 on aligned rows).
+# Element (t, b, c) of a read's partial sums takes normal (t·B + b)·C + c of one call of T·B·C numbers. The
+# normals are drawn as whole blocks covering the elements needed (one straight, vectorized loop; the unused
+# words of the first and last block are computed and left): a long row draws its own blocks a tile at a time
+# into a row accumulator; short rows (a 10-column layer) draw the blocks of all the piece's rows of a tile at
+# once. Before, each row filled exactly its numbers with the scalar partial-block code at both ends, which on
+# small or unaligned rows was most of the time (129 columns: 2.1 ns a number against 0.98 on aligned rows).
 
 CHUNK = 2048        # numbers a piece of short rows draws at once for one tile (8 KiB: stays in the L1 cache)
 ROW_BLOCKS = 64     # rows of fewer numbers are drawn together

@@ -47,10 +47,12 @@ NO_SQUARES, SQUARES_F32, SQUARES_BF16 = 0, 1, 2
 
 
 @njit(cache=True)
-def forward(x, xn, sq, sq16, mode, divide, input_max, lower, dac_step, rounded, adc_inv):
-    """xn = DAC(x) / ADC step and its squares, all (B·n) flat: x / input_max (when ``divide``), clipped to
-    [lower, 1], rounded to the DAC grid (when ``rounded``), times 1/ADC step; then xn² into sq (float32) or
-    its bfloat16 bits into sq16, as ``mode`` says."""
+def forward(x, xn, sq, sq16, mode, divide, input_max, lower, dac_step, rounded, adc_inv, B, R):
+    """xn = DAC(x) / ADC step and its squares, x and xn (B·n) flat: x / input_max (when ``divide``), clipped
+    to [lower, 1], rounded to the DAC grid (when ``rounded``), times 1/ADC step; then xn² into sq (float32,
+    (B·n) flat) or its bfloat16 bits into sq16, as ``mode`` says. The bfloat16 squares are written per row
+    tile of R rows, (tiles, B, R) flat (the rows of a ragged last tile past n left as they are): the layout
+    the tiles' product takes without a copy (torch's bfloat16 bmm copies a strided operand)."""
     n = x.size
     for k in range(n):
         v = x[k]
@@ -58,8 +60,13 @@ def forward(x, xn, sq, sq16, mode, divide, input_max, lower, dac_step, rounded, 
             v = v / input_max
         xn[k] = _convert(v, lower, _ONE, dac_step, rounded, adc_inv)
     if mode == SQUARES_BF16:
-        for k in range(n):
-            sq16[k] = _bf16_bits(xn[k] * xn[k])
+        cols = n // B if B else 0
+        for b in range(B):
+            for t in range((cols + R - 1) // R):
+                src = b * cols + t * R
+                dst = (t * B + b) * R
+                for r in range(min(R, cols - t * R)):
+                    sq16[dst + r] = _bf16_bits(xn[src + r] * xn[src + r])
     elif mode == SQUARES_F32:
         for k in range(n):
             sq[k] = xn[k] * xn[k]

@@ -126,7 +126,7 @@ def _f32(x: float) -> np.float32:
 
 
 # Empty operands for a prologue's unused squares (1-d forward, 3-d transposed): float32 and bfloat16 bits.
-_EMPTY = {2: (np.empty(0, np.float32), np.empty(0, np.uint16)),   # a (B, n) buffer is passed flat
+_EMPTY = {1: (np.empty(0, np.float32), np.empty(0, np.uint16)),
           3: (np.empty((0, 0, 0), np.float32), np.empty((0, 0, 0), np.uint16))}
 
 
@@ -405,15 +405,19 @@ class Crossbar:
 
     def _tile_products(self, xn: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
         """Per row tile, xn·mat over that tile's rows: (nr, B, C). The rows of a ragged last tile past the
-        last input are not computed (a 785-row layer in 256-row tiles would otherwise do 30% more work)."""
+        last input are not computed (a 785-row layer in 256-row tiles would otherwise do 30% more work).
+        ``xn`` (B, in), or already per row tile (nr, B, R) (the fused prologue's bfloat16 squares: the same
+        products, which torch's bfloat16 bmm would otherwise copy the strided view into)."""
         R, nr = self.tile_rows, self.n_row_tiles
         full = self.in_features // R
-        B, C = xn.shape[0], mat.shape[1]
+        tiled = xn.dim() == 3
+        B, C = xn.shape[1 if tiled else 0], mat.shape[1]
         if full == nr:
-            return torch.bmm(xn.reshape(B, nr, R).transpose(0, 1), mat[: nr * R].reshape(nr, R, C))
-        head_x = xn[:, : full * R].reshape(B, full, R).transpose(0, 1)
+            return torch.bmm(xn if tiled else xn.reshape(B, nr, R).transpose(0, 1), mat[: nr * R].reshape(nr, R, C))
+        head_x = xn[:full] if tiled else xn[:, : full * R].reshape(B, full, R).transpose(0, 1)
         head_m = mat[: full * R].reshape(full, R, C)
-        tail_x, tail_m = xn[:, full * R:], mat[full * R: self.in_features]
+        tail_x = xn[full, :, : self.in_features - full * R] if tiled else xn[:, full * R:]
+        tail_m = mat[full * R: self.in_features]
         if torch.is_grad_enabled() and (xn.requires_grad or mat.requires_grad):  # out= has no autograd
             tail = torch.mm(tail_x, tail_m)[None]
             return torch.cat([torch.bmm(head_x, head_m), tail]) if full else tail
@@ -573,12 +577,15 @@ class Crossbar:
             return xn, None if gsq is None else self._squares(xn, gsq.dtype)
         xc = x.contiguous()
         xn = xc if own or xc is not x else torch.empty_like(xc)   # the caller's temporary, or our copy
-        sq, mode, sq32, sq16 = self._squares_buffer(xn.shape, gsq)
+        B = xn.shape[0]
+        tiled = gsq is not None and gsq.dtype == torch.bfloat16   # bfloat16 squares come per row tile
+        shape = (self.n_row_tiles, B, self.tile_rows) if tiled else tuple(xn.shape)
+        sq, mode, sq32, sq16 = self._squares_buffer(shape, gsq, flat=True)
         unipolar = c.input_range == "unipolar"
         dac_step = 1.0 / (2 ** c.dac_bits - 1 if unipolar else 2 ** (c.dac_bits - 1) - 1) if c.dac_bits else 1.0
         kernel.forward(xc.view(-1).numpy(), xn.view(-1).numpy(), sq32, sq16, mode, c.input_max != 1.0,
                        _f32(c.input_max), _f32(0.0 if unipolar else -1.0), _f32(dac_step), c.dac_bits is not None,
-                       _f32(1.0 / step))
+                       _f32(1.0 / step), B, self.tile_rows)
         return xn, sq
 
     def _read_kernel(self, x: torch.Tensor):
@@ -593,16 +600,16 @@ class Crossbar:
         return _read_numba
 
     @staticmethod
-    def _squares_buffer(shape: tuple[int, ...], gsq: torch.Tensor | None):
+    def _squares_buffer(shape: tuple[int, ...], gsq: torch.Tensor | None, flat: bool):
         """The squares' tensor of a prologue, in gsq's dtype (None without read noise), and the kernel's view
-        of it: (tensor, mode, float32 array, bfloat16 bits array), the unused array empty; a (B, n) buffer is
-        seen flat, as the forward kernel takes it."""
+        of it: (tensor, mode, float32 array, bfloat16 bits array), the unused array empty; ``flat``: the
+        arrays 1-d (the forward kernel's), else of the tensor's shape."""
         from neurosim import _read_numba
-        empty32, empty16 = _EMPTY[len(shape)]
+        empty32, empty16 = _EMPTY[1 if flat else len(shape)]
         if gsq is None:
             return None, _read_numba.NO_SQUARES, empty32, empty16
         sq = torch.empty(shape, dtype=gsq.dtype)
-        seen = sq.view(-1) if len(shape) == 2 else sq
+        seen = sq.view(-1) if flat else sq
         if gsq.dtype == torch.bfloat16:
             return sq, _read_numba.SQUARES_BF16, empty32, seen.view(torch.int16).numpy().view(np.uint16)
         return sq, _read_numba.SQUARES_F32, seen.numpy(), empty16
@@ -657,7 +664,7 @@ class Crossbar:
         if kernel is not None:
             B = d.shape[0]
             dt = torch.empty((nc, B, C), dtype=torch.float32)
-            sq, mode, sq32, sq16 = self._squares_buffer((nc, B, C), gsq)
+            sq, mode, sq32, sq16 = self._squares_buffer((nc, B, C), gsq, flat=False)
             factor = torch.empty((B, 1), dtype=torch.float32)
             dac_step = 1.0 / (2 ** (dac_bits - 1) - 1) if dac_bits is not None else 1.0
             kernel.transposed(d.contiguous().numpy(), dt.numpy(), sq32, sq16, mode, factor.view(-1).numpy(),

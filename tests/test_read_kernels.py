@@ -77,6 +77,10 @@ def test_prologue_operands_equal_the_torch_operations(spec_factory, monkeypatch,
     plain = cb._read_operands(x.clone(), gsq), cb._transposed_operands(d.clone(), gsq)
     (xn, sq), (dt, sqt, scale_t, step_t) = fused
     (xn0, sq0), (dt0, sqt0, scale0, step0) = plain
+    if precision == "bfloat16":                         # the kernel's bfloat16 squares come per row tile
+        assert sq.shape == (cb.n_row_tiles, 9, cb.tile_rows)
+        sq = sq.transpose(0, 1).reshape(9, -1)[:, :70]
+        assert same(cb._tile_products(fused[0][1], gsq), cb._tile_products(sq0, gsq))   # the same products
     assert same(xn, xn0) and same(sq, sq0) and same(dt, dt0.contiguous()) and same(sqt, sqt0.contiguous())
     assert same(scale_t, step0 * scale0 if step0 != 1.0 else scale0) and step_t == 1.0
     assert sq.dtype == (torch.bfloat16 if precision == "bfloat16" else torch.float32)

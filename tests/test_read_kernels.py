@@ -179,16 +179,18 @@ def test_epilogue_equals_the_torch_composition_on_odd_shapes(shape, keep, var_dt
 def test_epilogue_threads_equal_and_scale_refusals():
     from neurosim.random_streams import PhiloxStream, noisy_adc_sum
     g = torch.Generator().manual_seed(12)
-    part, var = torch.randn(3, 200, 129, generator=g) * 10, torch.rand(3, 200, 129, generator=g)
     saved = torch.get_num_threads()
-    out = []
     try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            out.append(noisy_adc_sum(part, var, 0.5, 127.0, 129, PhiloxStream(1, "cpu", "t"), 0.25))
+        for shape in ((3, 200, 129), (3, 2001, 10)):     # long rows, and short rows drawn a piece at once
+            part, var = torch.randn(shape, generator=g) * 10, torch.rand(shape, generator=g)
+            out = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                out.append(noisy_adc_sum(part, var, 0.5, 127.0, shape[2], PhiloxStream(1, "cpu", "t"), 0.25))
+            assert torch.equal(out[0], out[1])
     finally:
         torch.set_num_threads(saved)
-    assert torch.equal(out[0], out[1])
+    part, var = torch.randn(3, 200, 129, generator=g), torch.rand(3, 200, 129, generator=g)
     with pytest.raises(TypeError, match="one number a sample"):
         noisy_adc_sum(part, var, 0.5, 127.0, 129, PhiloxStream(1, "cpu", "t"), torch.ones(199, 1))
     with pytest.raises(TypeError, match="one number a sample"):

@@ -79,10 +79,10 @@ def _pulse_pair(table, m, per_cell, idx, counts, g1, g2, t1, t2, now1, now2, sta
         gn = _fma(table[row, 6], moved, table[row, 5])
         if noise:
             gn = _fma(scale * (zero + z[k]), np.sqrt(np.abs(ns)), gn)   # (zero + z: the float32 draw, exactly)
-        low = table[row, 7]
-        high = table[row, 8]
-        gn = low if gn < low else gn
-        gn = high if gn > high else gn
+        g_low = table[row, 7]
+        g_high = table[row, 8]
+        gn = g_low if gn < g_low else gn
+        gn = g_high if gn > g_high else gn
         out[k] = gn
         if second:
             g2[i] = gn

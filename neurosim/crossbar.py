@@ -17,6 +17,7 @@ import math
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from neurosim.backend import fast_bfloat16, make_generator
@@ -79,7 +80,8 @@ class CrossbarConfig:
         "auto", "arithmetic of the read noise's variance product Σ x̂²·G² (float32 reads only; it sets the noise's "
         "standard deviation, not the signal): 'float32'; 'bfloat16' (operands and result rounded to bfloat16, "
         "the noise's standard deviation within 0.6 % of float32's, see docs/crossbar.md); 'auto': bfloat16 "
-        "where the hardware multiplies it fast (CUDA, CPUs with AVX512-BF16 or AMX), else float32",
+        "where the hardware multiplies it fast (CUDA; on CPUs with AVX512-BF16 or AMX for products of at least "
+        "2^21 multiply-adds, batch × rows × columns), else float32",
         choices=("auto", "float32", "bfloat16"))
 
     def __post_init__(self) -> None:
@@ -99,12 +101,34 @@ class CrossbarConfig:
                                   "2^(b−1) − 1 levels a sign")
 
 
+# 'auto' on a CPU with fast bfloat16: bfloat16 for variance products of at least this many multiply-adds
+# (batch × rows × padded columns), float32 below, where the bfloat16 product's fixed cost (~15 µs a product
+# here) exceeds what it saves (docs/crossbar.md, "Read noise in bfloat16": the crossover measured here).
+BFLOAT16_MIN_PRODUCT = 1 << 21
+MIXED = f"mixed: bfloat16 from {BFLOAT16_MIN_PRODUCT} multiply-adds a product, else float32"   # as run files record it
+
+
 def noise_variance_precision(config: CrossbarConfig, device: torch.device | str) -> str:
-    """What ``config.noise_variance_precision`` resolves to on ``device``: 'auto' is bfloat16 where the hardware
-    multiplies it fast (a fixed property of the machine, so runs stay reproducible on it), else float32."""
+    """What ``config.noise_variance_precision`` resolves to on ``device``: 'float32', 'bfloat16', or ``MIXED``
+    ('auto' on a CPU with fast bfloat16: each read takes bfloat16 when its variance product has at least
+    ``BFLOAT16_MIN_PRODUCT`` multiply-adds, else float32; the string says so, as the run file records it).
+    'auto' is bfloat16 on CUDA and float32 where the hardware has no fast bfloat16: a fixed property of the
+    machine (and the rule one of the read's shape), so runs stay reproducible on it."""
     if config.noise_variance_precision != "auto":
         return config.noise_variance_precision
-    return "bfloat16" if fast_bfloat16(device) else "float32"
+    if not fast_bfloat16(device):
+        return "float32"
+    return "bfloat16" if torch.device(device).type == "cuda" else MIXED
+
+
+def _f32(x: float) -> np.float32:
+    """A setting as the float32 scalar torch computes with (a numba kernel would take a Python float as float64)."""
+    return np.float32(x)
+
+
+# Empty operands for a prologue's unused squares (1-d forward, 3-d transposed): float32 and bfloat16 bits.
+_EMPTY = {1: (np.empty(0, np.float32), np.empty(0, np.uint16)),
+          3: (np.empty((0, 0, 0), np.float32), np.empty((0, 0, 0), np.uint16))}
 
 
 def quantize(x: torch.Tensor, bits: int | None, limit: float, inplace: bool = False,
@@ -202,7 +226,7 @@ class Crossbar:
         self._drift_anchor: float | None = None   # the clock at the read cache's last drift recomputation
         self._cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._cache_low: torch.Tensor | None = None   # ΣG² in bfloat16 for the variance product, when used
-        self._low_precision = noise_variance_precision(self.config, self.device) == "bfloat16"
+        self._precision = noise_variance_precision(self.config, self.device)
         self._solvers = None
         self.set_weights(self.believed)
 
@@ -397,8 +421,8 @@ class Crossbar:
 
     def _rebuild_fused(self) -> bool:
         """``_read_tensors``' rebuild as one numba pass (parallel for large arrays): each cell's drifted
-        conductances, ŵ, ΣG² and, where the variance product runs in bfloat16, its bfloat16 copy (made here,
-        not lazily), into the previous buffers when nobody else holds them (padded rows zeroed at allocation
+        conductances, ŵ, ΣG² and, where the variance product runs in bfloat16, its bfloat16 copy (made here
+        once a read used it), into the previous buffers when nobody else holds them (padded rows zeroed at allocation
         only). Equal to the torch rebuild bit for bit without drift, within a few ulps with drift (ln and exp
         rounded otherwise; docs/crossbar.md). False (nothing done) where an array is not contiguous."""
         from neurosim import _cache_numba
@@ -408,7 +432,9 @@ class Crossbar:
         if not all(a.g.is_contiguous() and a.t_programmed.is_contiguous() for a in arrays):
             return False
         noisy = self._noisy_reads()
-        low = noisy and self._low_precision
+        # the bfloat16 copy is kept up to date where reads use it: always under 'bfloat16'; under MIXED once a
+        # read made it (a small layer read at small batches never does), else it is made lazily when needed
+        low = noisy and (self._precision == "bfloat16" or (self._precision == MIXED and self._cache_low is not None))
         old = self._cache if self._cache is not None else (None, None)
         reuse_w = self._unshared(old[0])
         reuse_q = noisy and self._unshared(old[1])
@@ -502,15 +528,19 @@ class Crossbar:
 
     def _tile_products(self, xn: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
         """Per row tile, xn·mat over that tile's rows: (nr, B, C). The rows of a ragged last tile past the
-        last input are not computed (a 785-row layer in 256-row tiles would otherwise do 30% more work)."""
+        last input are not computed (a 785-row layer in 256-row tiles would otherwise do 30% more work).
+        ``xn`` (B, in), or already per row tile (nr, B, R) (the fused prologue's bfloat16 squares: the same
+        products, which torch's bfloat16 bmm would otherwise copy the strided view into)."""
         R, nr = self.tile_rows, self.n_row_tiles
         full = self.in_features // R
-        B, C = xn.shape[0], mat.shape[1]
+        tiled = xn.dim() == 3
+        B, C = xn.shape[1 if tiled else 0], mat.shape[1]
         if full == nr:
-            return torch.bmm(xn.reshape(B, nr, R).transpose(0, 1), mat[: nr * R].reshape(nr, R, C))
-        head_x = xn[:, : full * R].reshape(B, full, R).transpose(0, 1)
+            return torch.bmm(xn if tiled else xn.reshape(B, nr, R).transpose(0, 1), mat[: nr * R].reshape(nr, R, C))
+        head_x = xn[:full] if tiled else xn[:, : full * R].reshape(B, full, R).transpose(0, 1)
         head_m = mat[: full * R].reshape(full, R, C)
-        tail_x, tail_m = xn[:, full * R:], mat[full * R: self.in_features]
+        tail_x = xn[full, :, : self.in_features - full * R] if tiled else xn[:, full * R:]
+        tail_m = mat[full * R: self.in_features]
         if torch.is_grad_enabled() and (xn.requires_grad or mat.requires_grad):  # out= has no autograd
             tail = torch.mm(tail_x, tail_m)[None]
             return torch.cat([torch.bmm(head_x, head_m), tail]) if full else tail
@@ -541,14 +571,21 @@ class Crossbar:
 
     def _variances(self, xn: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor | None:
         """Σ x̂²·G² per row tile and column (the read noise's variance in units of σ²), or None without noise."""
-        gsq = self._variance_operand()
+        gsq = self._variance_operand(xn.shape[0])
         return None if gsq is None else self._tile_products(self._squares(xn, gsq.dtype), gsq)
 
-    def _variance_operand(self) -> torch.Tensor | None:
-        """ΣG² for the read noise's variance product, in the precision ``noise_variance_precision`` chose (None
-        without read noise). bfloat16 only for float32 reads: DGC's float64 measurements keep theirs."""
+    def _low_precision(self, batch: int | None) -> bool:
+        """Whether a read of ``batch`` samples computes its variance product in bfloat16 (None: a large batch)."""
+        if self._precision != MIXED:
+            return self._precision == "bfloat16"
+        return batch is None or batch * self.in_features * self.padded_shape[1] >= BFLOAT16_MIN_PRODUCT
+
+    def _variance_operand(self, batch: int | None = None) -> torch.Tensor | None:
+        """ΣG² for the read noise's variance product of a read of ``batch`` samples, in the precision
+        ``noise_variance_precision`` chose for it (None without read noise). bfloat16 only for float32 reads:
+        DGC's float64 measurements keep theirs."""
         gsq = self._read_tensors()[1]
-        if gsq is None or not self._low_precision or gsq.dtype != torch.float32:
+        if gsq is None or gsq.dtype != torch.float32 or not self._low_precision(batch):
             return gsq
         if self._cache_low is None:
             self._cache_low = gsq.to(torch.bfloat16)
@@ -596,9 +633,9 @@ class Crossbar:
         if not fused:
             return self.convert(self.add_read_noise(part, var, nonnegative=True), step, bits, scale, keep)
         levels = None if bits is None else float(2 ** (bits - 1) - 1)
-        y = noisy_adc_sum(part, var if var.is_contiguous() else var.contiguous(), self._noise_scale(), levels,
-                          keep, self.read_stream)
-        return self._scaled(y, step, scale)
+        factor = self._factor(step, scale)   # the scaling in the same pass: one operation less
+        return noisy_adc_sum(part, var, self._noise_scale(), levels, keep, self.read_stream,
+                             None if isinstance(factor, float) and factor == 1.0 else factor)
 
     def adc_step(self, bits: int | None) -> float:
         """One ADC step in normalized units (1.0 for an ideal converter): reads compute their partial sums in
@@ -624,24 +661,81 @@ class Crossbar:
 
     def _scaled(self, y: torch.Tensor, step: float, scale: torch.Tensor | float | None) -> torch.Tensor:
         """Summed codes → weight × input units: one multiplication by step·scale (default input_max·w_max)."""
-        c = self.config
-        factor = step * (c.input_max * c.w_max if scale is None else scale)
+        factor = self._factor(step, scale)
         if isinstance(factor, float) and factor == 1.0:
             return y  # nothing to scale: the digital sum itself
         return y * factor
+
+    def _factor(self, step: float, scale: torch.Tensor | float | None) -> torch.Tensor | float:
+        """step·scale (default input_max·w_max): a float, or a float32 tensor (B, 1) of one per sample."""
+        if isinstance(scale, torch.Tensor) and step == 1.0:
+            return scale   # 1.0·scale is scale: the multiplication is skipped, not the value changed
+        c = self.config
+        return step * (c.input_max * c.w_max if scale is None else scale)
 
     def read(self, x: torch.Tensor, w: torch.Tensor | None = None, own: bool = False) -> torch.Tensor:
         """Forward read y ≈ x·W of a batch (B, in) → (B, out), through DAC, tiles, read noise and ADCs.
 
         The partial sums are computed in ADC steps (the DAC outputs divided by the step: B·in numbers instead
         of tiles·B·out), so the converters only clip and round. ``own``: x is the caller's temporary (see
-        ``dac``)."""
+        ``dac``). On the CPU the DAC, the division by the step and the squares of the variance product are one
+        fused pass (``_read_kernel``), equal bit for bit to the torch operations it replaces."""
+        c = self.config
+        gsq = self._variance_operand(x.shape[0])
+        xn, sq = self._read_operands(x, gsq, own)
+        var = None if gsq is None else self._tile_products(sq, gsq)
+        return self._noisy_convert(self._clean_partials(xn, w), var, self.adc_step(c.adc_bits), c.adc_bits)
+
+    def _read_operands(self, x: torch.Tensor, gsq: torch.Tensor | None, own: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward read's product operands: x̂ in ADC steps (B, in) and x̂² in gsq's dtype (None without
+        gsq), by the fused kernel where it applies, else by the torch operations (its oracle)."""
         c = self.config
         step = self.adc_step(c.adc_bits)
-        xn = self.dac(x, own)
-        if step != 1.0:
-            xn = xn * (1.0 / step) if torch.is_grad_enabled() and xn.requires_grad else xn.mul_(1.0 / step)
-        return self._noisy_convert(self._clean_partials(xn, w), self._variances(xn, w), step, c.adc_bits)
+        kernel = self._read_kernel(x)
+        if kernel is None:
+            xn = self.dac(x, own)
+            if step != 1.0:
+                xn = xn * (1.0 / step) if torch.is_grad_enabled() and xn.requires_grad else xn.mul_(1.0 / step)
+            return xn, None if gsq is None else self._squares(xn, gsq.dtype)
+        xc = x.contiguous()
+        xn = xc if own or xc is not x else torch.empty_like(xc)   # the caller's temporary, or our copy
+        B = xn.shape[0]
+        tiled = gsq is not None and gsq.dtype == torch.bfloat16   # bfloat16 squares come per row tile
+        shape = (self.n_row_tiles, B, self.tile_rows) if tiled else tuple(xn.shape)
+        sq, mode, sq32, sq16 = self._squares_buffer(shape, gsq, flat=True)
+        unipolar = c.input_range == "unipolar"
+        dac_step = 1.0 / (2 ** c.dac_bits - 1 if unipolar else 2 ** (c.dac_bits - 1) - 1) if c.dac_bits else 1.0
+        kernel.forward(xc.view(-1).numpy(), xn.view(-1).numpy(), sq32, sq16, mode, c.input_max != 1.0,
+                       _f32(c.input_max), _f32(0.0 if unipolar else -1.0), _f32(dac_step), c.dac_bits is not None,
+                       _f32(1.0 / step), B, self.tile_rows)
+        return xn, sq
+
+    def _read_kernel(self, x: torch.Tensor):
+        """The fused read prologues (neurosim._read_numba) where they apply: float32 reads of float32 inputs
+        (B, n) on the CPU outside autograd, numba present; else None (the torch operations: other dtypes and
+        devices, autograd, and the kernels' test oracle)."""
+        if (self.device.type != "cpu" or self.read_dtype != torch.float32 or self.dtype != torch.float32
+                or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu"
+                or (torch.is_grad_enabled() and x.requires_grad) or _numba_kernels() is None):
+            return None
+        from neurosim import _read_numba  # after _numba_kernels() chose numba's threading layer
+        return _read_numba
+
+    @staticmethod
+    def _squares_buffer(shape: tuple[int, ...], gsq: torch.Tensor | None, flat: bool):
+        """The squares' tensor of a prologue, in gsq's dtype (None without read noise), and the kernel's view
+        of it: (tensor, mode, float32 array, bfloat16 bits array), the unused array empty; ``flat``: the
+        arrays 1-d (the forward kernel's), else of the tensor's shape."""
+        from neurosim import _read_numba
+        empty32, empty16 = _EMPTY[1 if flat else len(shape)]
+        if gsq is None:
+            return None, _read_numba.NO_SQUARES, empty32, empty16
+        sq = torch.empty(shape, dtype=gsq.dtype)
+        seen = sq.view(-1) if flat else sq
+        if gsq.dtype == torch.bfloat16:
+            return sq, _read_numba.SQUARES_BF16, empty32, seen.view(torch.int16).numpy().view(np.uint16)
+        return sq, _read_numba.SQUARES_F32, seen.numpy(), empty16
 
     def read_transposed(self, d: torch.Tensor) -> torch.Tensor:
         """Transposed read d·Wᵀ of a batch (B, out) → (B, in): columns driven, rows sensed (BP's backward path).
@@ -649,37 +743,69 @@ class Crossbar:
         With noise management each error vector is divided by its largest magnitude before the DAC and
         multiplied back after the ADC, as chips do to keep small errors above the converters' resolution.
         The DAC is bipolar whatever ``input_range`` says (errors are signed) and saturates at full scale.
-        As in ``read``, the partial sums are computed in ADC steps."""
+        As in ``read``, the partial sums are computed in ADC steps. On the CPU the scale, the DAC, the
+        division by the step, the tile layout and the squares are one fused pass (bit for bit the same)."""
         c = self.config
         w_hat, _ = self._read_tensors()
-        gsq = self._variance_operand()
-        dac_bits = c.backward_dac_bits or c.dac_bits
+        gsq = self._variance_operand(d.shape[0])
         adc_bits = c.backward_adc_bits or c.adc_bits
-        d = d.to(self.dtype)
-        scale = d.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30) if c.noise_management else \
-            torch.full((d.shape[0], 1), c.input_max, device=d.device, dtype=d.dtype)
-        dn = d / scale
-        dn = quantize(dn, dac_bits, 1.0, inplace=True) if dac_bits is not None else dn.clamp_(-1.0, 1.0)
-        step = self.adc_step(adc_bits)
-        if step != 1.0:
-            dn.mul_(1.0 / step)
-        pad = self.padded_shape[1] - self.out_features
-        if pad:
-            dn = torch.nn.functional.pad(dn, (0, pad))
-        dt = dn.reshape(dn.shape[0], self.n_col_tiles, self.tile_cols).transpose(0, 1)   # (nc, B, C)
+        nc, C = self.n_col_tiles, self.tile_cols
+        dt, sq, scale, step_scaled = self._transposed_operands(d, gsq)
         unit = c.read_voltage * self.k * c.w_max
         rows = self.in_features  # padded rows carry no current: no converter or noise draw is spent on them
         if c.wire_resistance != "none":
             part = self._nodal_partials(dt * c.read_voltage, transposed=True)[:, :, :rows] / unit
         else:
-            w = w_hat[:rows].reshape(rows, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
+            w = w_hat[:rows].reshape(rows, nc, C).permute(1, 2, 0)
             part = torch.bmm(dt, w)                                                 # (nc, B, rows)
         var = None
         if gsq is not None:
-            g2 = gsq[:rows].reshape(rows, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
-            var = torch.bmm(self._squares(dt, g2.dtype), g2)
+            g2 = gsq[:rows].reshape(rows, nc, C).permute(1, 2, 0)                  # (nc, C, rows), a view
+            if gsq.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and sq.requires_grad):
+                # torch's bfloat16 bmm copies a permuted operand on every call (~100 µs for 785 × 256); its mm
+                # takes a transposed matrix as it is: one product per column tile.
+                var = torch.empty((nc, sq.shape[1], rows), dtype=sq.dtype, device=sq.device)
+                for t in range(nc):
+                    torch.mm(sq[t], g2[t], out=var[t])
+            else:
+                var = torch.bmm(sq, g2)
         # Row partial sums of one column tile pass one ADC, then add digitally across column tiles.
-        return self._noisy_convert(part, var, step, adc_bits, scale.mul_(c.w_max), rows)
+        return self._noisy_convert(part, var, step_scaled, adc_bits, scale, rows)
+
+    def _transposed_operands(self, d: torch.Tensor, gsq: torch.Tensor | None
+                             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
+        """The transposed read's operands: the errors after scale, DAC and division by the ADC step in the
+        column-tile layout (nc, B, C), their squares in gsq's dtype (None without gsq), and the digital scale
+        back after the ADC as (B, 1) scale and a step it is still to be multiplied by (1.0 from the kernel,
+        which includes it); by the fused kernel where it applies, else by the torch operations (its oracle)."""
+        c = self.config
+        dac_bits = c.backward_dac_bits or c.dac_bits
+        step = self.adc_step(c.backward_adc_bits or c.adc_bits)
+        nc, C = self.n_col_tiles, self.tile_cols
+        d = d.to(self.dtype)
+        kernel = self._read_kernel(d)
+        if kernel is not None:
+            B = d.shape[0]
+            dt = torch.empty((nc, B, C), dtype=torch.float32)
+            sq, mode, sq32, sq16 = self._squares_buffer((nc, B, C), gsq, flat=False)
+            factor = torch.empty((B, 1), dtype=torch.float32)
+            dac_step = 1.0 / (2 ** (dac_bits - 1) - 1) if dac_bits is not None else 1.0
+            kernel.transposed(d.contiguous().numpy(), dt.numpy(), sq32, sq16, mode, factor.view(-1).numpy(),
+                              c.noise_management, _f32(c.input_max), _f32(dac_step), dac_bits is not None,
+                              _f32(1.0 / step), _f32(step), _f32(c.w_max))
+            return dt, sq, factor, 1.0
+        scale = d.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30) if c.noise_management else \
+            torch.full((d.shape[0], 1), c.input_max, device=d.device, dtype=d.dtype)
+        dn = d / scale
+        dn = quantize(dn, dac_bits, 1.0, inplace=True) if dac_bits is not None else dn.clamp_(-1.0, 1.0)
+        if step != 1.0:
+            dn.mul_(1.0 / step)
+        pad = self.padded_shape[1] - self.out_features
+        if pad:
+            dn = torch.nn.functional.pad(dn, (0, pad))
+        dt = dn.reshape(dn.shape[0], nc, C).transpose(0, 1)   # (nc, B, C)
+        sq = None if gsq is None else self._squares(dt, gsq.dtype)
+        return dt, sq, scale.mul_(c.w_max), step
 
     def _tile(self, rr: int, cc: int) -> torch.Tensor:
         """Conductances of tile (rr, cc) as wired: (R, C), or (R, C, 2) for pairs (G⁺, G⁻ side by side)."""

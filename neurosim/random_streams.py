@@ -374,15 +374,20 @@ def _run(fn, n: int, *args) -> None:
 
 # --- the crossbar read's epilogue --------------------------------------------------------------------------
 
+_ONE = np.ones(1, np.float32)   # the factor of an unscaled epilogue
+
+
 def noisy_adc_sum(part: torch.Tensor, var: torch.Tensor, sigma: float, levels: float | None, keep: int,
-                  stream: PhiloxStream) -> torch.Tensor:
+                  stream: PhiloxStream, scale: float | torch.Tensor | None = None) -> torch.Tensor:
     """Read noise, ADC and the sum over row tiles in one pass: (B, keep) float32.
 
     ``part`` (T, B, C) float32: partial sums of T row tiles in ADC steps; ``var`` (T, B, C) float32 or bfloat16
     (converted exactly per element): their read-noise variances. out[b, c] = sum over t, ascending, in float32
     of q(part + sigma sqrt(var) z) for c < keep, where z is exactly ``stream.normal((T, B, C))`` (the stream
     advances by ceil(T B C / 4) blocks, as that call would) and q clamps to +-levels, then rounds half to even
-    (levels None: no clamp, no rounding). Equal bit for bit to that torch composition (docs/random.md)."""
+    (levels None: no clamp, no rounding); then multiplied in float32 by ``scale`` (a number, or a float32
+    tensor of B numbers, one a sample), when given. Equal bit for bit to that torch composition
+    (docs/random.md)."""
     if not isinstance(part, torch.Tensor) or part.dtype != torch.float32 or part.dim() != 3:
         what = f"{part.dtype} {tuple(part.shape)}" if isinstance(part, torch.Tensor) else type(part).__name__
         raise TypeError(f"noisy_adc_sum: part must be a float32 (T, B, C) tensor, got {what}")
@@ -392,35 +397,57 @@ def noisy_adc_sum(part: torch.Tensor, var: torch.Tensor, sigma: float, levels: f
         raise TypeError(f"noisy_adc_sum: var must be float32 or bfloat16 of part's shape {tuple(part.shape)}, "
                         f"got {what}")
     T, B, C = part.shape
-    if not 0 <= int(keep) <= C:
+    if not 0 <= keep <= C:
         raise ValueError(f"noisy_adc_sum: keep = {keep} outside 0..{C} (the columns of part)")
     if not (math.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"noisy_adc_sum: sigma = {sigma} must be finite and >= 0")
     if levels is not None and not (math.isfinite(levels) and levels > 0):
         raise ValueError(f"noisy_adc_sum: levels = {levels} must be None or finite and > 0")
-    if part.device != stream.device or var.device != stream.device:
-        raise ValueError(f"noisy_adc_sum: tensors on {part.device}/{var.device}, stream on {stream.device}")
+    device = stream._device
+    if part.device != device or var.device != device:
+        raise ValueError(f"noisy_adc_sum: tensors on {part.device}/{var.device}, stream on {device}")
+    factor = _factor(scale, B, device)
     keep = int(keep)
     if stream.kernel != "numba":
-        return noisy_adc_sum_torch(part, var, sigma, levels, keep, stream)
+        return noisy_adc_sum_torch(part, var, sigma, levels, keep, stream, scale)
     first = stream._take(T * B * C)
-    if not (B and keep):
-        return torch.zeros((B, keep), dtype=torch.float32)
-    out = torch.empty((B, keep), dtype=torch.float32)
-    part_np = part.detach().contiguous().numpy()
-    var_np = (var.detach().contiguous().view(torch.int16) if var.dtype == torch.bfloat16
-              else var.detach().contiguous()).numpy()
-    _run(_numba_kernels().epilogue, B * keep * T, out.numpy(), part_np, var_np, sigma, levels, keep, first,
-         stream.key & _MASK, stream.key >> 32)
-    return out
+    out = np.empty((B, keep), np.float32)
+    if B and keep:
+        if part.requires_grad or not part.is_contiguous():
+            part = part.detach().contiguous()
+        if var.requires_grad or not var.is_contiguous():
+            var = var.detach().contiguous()
+        var_np = var.view(torch.int16).numpy().view(np.uint16) if var.dtype == torch.bfloat16 else var.numpy()
+        _run(_numba_kernels().epilogue, B * keep * T, out, part.numpy(), var_np, float(sigma),
+             None if levels is None else float(levels), keep, first, stream._key & _MASK, stream._key >> 32,
+             _ONE if factor is None else factor)
+    return torch.from_numpy(out)
+
+
+def _factor(scale: float | torch.Tensor | None, B: int, device: torch.device) -> np.ndarray | None:
+    """The epilogue's scale as the kernel's float32 array of 1 or B numbers (None: unscaled); refuses others."""
+    if scale is None:
+        return None
+    if isinstance(scale, torch.Tensor):
+        if scale.dtype != torch.float32 or scale.numel() != B or scale.device != device:
+            raise TypeError(f"noisy_adc_sum: a scale tensor must be float32 with one number a sample ({B}) on "
+                            f"{device}, got {scale.dtype} {tuple(scale.shape)} on {scale.device}")
+        if device.type != "cpu":
+            return None
+        return (scale if scale.is_contiguous() and not scale.requires_grad else scale.detach().contiguous()
+                ).view(-1).numpy()
+    return np.full(1, scale, np.float32)
 
 
 def noisy_adc_sum_torch(part: torch.Tensor, var: torch.Tensor, sigma: float, levels: float | None, keep: int,
-                        stream: PhiloxStream) -> torch.Tensor:
+                        stream: PhiloxStream, scale: float | torch.Tensor | None = None) -> torch.Tensor:
     """The epilogue as torch operations (any device; the kernel's oracle): the composition it replaces, with
     sqrt_rn for torch.sqrt (which on CPU is not correctly rounded)."""
     z = stream.normal(part.shape)
     x = part + sigma * sqrt_rn(var.float()) * z
     if levels is not None:
         x = torch.round(torch.clamp(x, -levels, levels))
-    return x[..., :keep].sum(0)
+    y = x[..., :keep].sum(0)
+    if scale is None:
+        return y
+    return y * (scale.reshape(-1, 1) if isinstance(scale, torch.Tensor) else scale)

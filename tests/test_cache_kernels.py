@@ -249,3 +249,24 @@ def test_a_copied_crossbar_patches_its_own_cache():
         assert torch.equal(_bits(a), _bits(b))
     for a, b in zip(before, (*cb._cache, cb._cache_low), strict=True):
         assert torch.equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_the_pulse_pass_patches_only_the_cache_tensors_that_exist(precision):
+    """Without a bfloat16 copy (float32 variance products) the pulse pass must not write one: its placeholder
+    stays untouched (a kernel variable once shadowed the flag and wrote bfloat16 bits past the placeholder)."""
+    from neurosim import _cache_numba
+
+    before = (_cache_numba._NONE16.copy(), _cache_numba._NONE32.copy())
+    cb = _pair(_spec(False), (120, 30), noise_variance_precision=precision)
+    cb._read_tensors()
+    cb._variance_operand()
+    dw = torch.zeros(120, 30)
+    dw.view(-1)[torch.arange(0, 3600, 45)] = 0.3          # cell 0 included: a stray write would hit the placeholder
+    cb.program_delta(dw)
+    assert (cb._cache_low is None) == (precision == "float32")
+    assert np.array_equal(_cache_numba._NONE16, before[0]) and np.array_equal(_cache_numba._NONE32, before[1])
+    patched = [t.clone() for t in cb._cache if t is not None]
+    cb._cache_key = None
+    for a, b in zip(patched, cb._read_tensors(), strict=True):
+        assert torch.equal(_bits(a), _bits(b))

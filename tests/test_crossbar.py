@@ -670,15 +670,20 @@ def test_read_noise_with_bfloat16_variance_has_the_per_cell_distribution(spec_fa
 
 
 def test_auto_noise_variance_precision_follows_the_hardware(spec_factory, monkeypatch):
+    """'auto' is float32 without fast bfloat16; with it, on a CPU, bfloat16 for variance products of at least
+    BFLOAT16_MIN_PRODUCT multiply-adds (batch × rows × padded columns) and float32 below."""
     import neurosim.crossbar as crossbar_module
     spec = spec_factory(read_noise=0.02)
     for fast in (True, False):
         monkeypatch.setattr(crossbar_module, "fast_bfloat16", lambda device, fast=fast: fast)
         cb = Crossbar(spec, 10, 5, CrossbarConfig(), seed=0)
         cb.read(torch.rand(2, 10))
-        assert (cb._variance_operand().dtype == torch.bfloat16) is fast
+        assert cb._precision == (crossbar_module.MIXED if fast else "float32")
+        big = -(-crossbar_module.BFLOAT16_MIN_PRODUCT // 50)        # the smallest batch at the threshold
+        assert cb._variance_operand(big - 1).dtype == torch.float32
+        assert (cb._variance_operand(big).dtype == torch.bfloat16) is fast
         cb.read_dtype = torch.float64                              # DGC's measurements keep float64
-        assert cb._variance_operand().dtype == torch.float64
+        assert cb._variance_operand(big).dtype == torch.float64
 
 
 def _noisy_bar(spec_factory, **cfg):

@@ -21,7 +21,7 @@ LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
     "foundation": (0, ("neurosim", "neurosim.config")),
     "numerics": (1, ("neurosim.backend", "neurosim.sampling", "neurosim.nonlinearity", "neurosim.random_streams",
                       "neurosim._philox_numba", "neurosim._update_numba", "neurosim._pulse_numba",
-                      "neurosim._activation_numba", "neurosim._cache_numba")),
+                      "neurosim._activation_numba", "neurosim._cache_numba", "neurosim._read_numba")),
     "engine": (1, ("neurosim.engine",)),
     "data": (1, ("neurosim.data",)),
     "store": (1, ("neurosim.store",)),

@@ -22,6 +22,7 @@ import neurosim
 from neurosim import chip_state
 from neurosim.backend import fast_bfloat16
 from neurosim.cli import main
+from neurosim.crossbar import MIXED
 from neurosim.store import RunFile, RunFileError
 from tests.h5compare import differences, tree
 
@@ -168,7 +169,7 @@ def test_the_run_file_holds_what_the_issue_lists(full_runs):
     assert run.complete and run.epochs == 3 and run.seed == 7
     assert "gst_pcm" in run.scenario_toml and run.attrs["scenario_sha256"] and run.attrs["torch_version"]
     # the scenario leaves it 'auto': the file says what that was on this machine
-    assert run.attrs["noise_variance_precision"] == ("bfloat16" if fast_bfloat16("cpu") else "float32")
+    assert run.attrs["noise_variance_precision"] == (MIXED if fast_bfloat16("cpu") else "float32")
     for key in ("epoch", "stage", "train_loss", "test_accuracy", "sim_time_s", "energy_j", "pulses", "perturbations",
                 "wall_time_s"):
         assert len(run.metrics[key]) == 3, key

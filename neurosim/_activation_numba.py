@@ -169,3 +169,48 @@ def circuit(y, out, gain, offset, pre, sigma, noise, lo, hi, grad, gstride, has_
         counter -= 1 << 64
     (_circuit_parallel if parallel else _circuit_serial)(y, out, gain, offset, pre, sigma, noise, lo, hi, grad,
                                                           gstride, has_grad, counter, k0, k1)
+
+
+# --- the Taylor polynomial (ActivationUnit.ideal / ideal_derivative, mode 'taylor') ---------------------------
+#
+# torch's passes (activation._Taylor, _horner, _clip_mask), in their order: u = clamp(x, a, b) (- x0), then
+# y = u·c[n-1] and y + c[n-2] as two roundings (mul, add_), then fma(y, u, c[k]) per lower term (addcmul); one
+# term: 0 + c[0]. The derivative: the same on k·c[k] (computed by torch: ``dcoeffs``), then 0 where x is not
+# strictly inside (a, b) (hardtanh_backward: a NaN x gives 0 too). Chunks of CHUNK elements keep u in the L1
+# cache; each chunk is a slice, so every index comes from range() alone (no wraparound test, vector loops).
+
+CHUNK = 2048
+
+
+@njit(cache=True)
+def taylor(x, coeffs, low, high, center, shift, mask, out):
+    """out = p(clamp(x, low, high) - center) over 1-d float32 x (``shift`` False: no subtraction), coefficients
+    ascending; ``mask``: then 0 where not low < x < high (the derivative of the clipping)."""
+    n = coeffs.size
+    u = np.empty(CHUNK, np.float32)
+    zero = float32(0.0)
+    for c0 in range(0, x.size, CHUNK):
+        c1 = min(x.size, c0 + CHUNK)
+        xs = x[c0:c1]
+        ys = out[c0:c1]
+        us = u[:c1 - c0]
+        for i in range(xs.size):
+            v = xs[i]
+            v = low if v < low else (high if v > high else v)
+            us[i] = v - center if shift else v
+        if n == 1:
+            for i in range(xs.size):
+                ys[i] = zero + coeffs[0]
+        else:
+            top = coeffs[n - 1]
+            nxt = coeffs[n - 2]
+            for i in range(xs.size):
+                ys[i] = us[i] * top + nxt
+            for k in range(n - 3, -1, -1):
+                ck = coeffs[k]
+                for i in range(xs.size):
+                    ys[i] = _fma(ys[i], us[i], ck)
+        if mask:
+            for i in range(xs.size):
+                v = xs[i]
+                ys[i] = ys[i] if (v > low and v < high) else zero

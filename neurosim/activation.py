@@ -834,12 +834,13 @@ class ActivationUnit(torch.nn.Module):
         return out
 
     def _kernels(self, x: torch.Tensor):
-        """The fused CPU pass of the PWL lookup (neurosim._activation_numba) where it applies: float32 on the
-        CPU outside autograd, numba present; else None (torch operations)."""
+        """The fused CPU pass of the PWL lookup or the Taylor polynomial (neurosim._activation_numba) where it
+        applies: float32 on the CPU outside autograd, numba present; else None (torch operations)."""
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
                                                                    for p in self.trainable_parameters()))
-        if (self.config.mode != "pwl" or x.device.type != "cpu" or x.dtype != torch.float32 or grad
-                or self._dtype != torch.float32 or not x.is_contiguous() or _numba_kernels() is None):
+        if (self.config.mode not in ("pwl", "taylor") or x.device.type != "cpu" or x.dtype != torch.float32 or grad
+                or self._dtype != torch.float32 or not x.is_contiguous() or _numba_kernels() is None
+                or self._coefficient_sets is not None):
             return None
         from neurosim import _activation_numba  # after _numba_kernels() chose numba's threading layer
         return _activation_numba
@@ -860,6 +861,9 @@ class ActivationUnit(torch.nn.Module):
             a, b = cfg.input_range
             if self._coefficient_sets is not None:
                 return _taylor_sets(x, self._coefficient_sets, a, b, cfg.center)
+            kernels = self._kernels(x)
+            if kernels is not None:
+                return self._taylor_kernel(kernels, x, self.coefficients.detach(), False)
             coeffs = self.coefficients.to(x.dtype)
             return _Taylor.apply(x, coeffs, a, b, cfg.center)
         return _PWL.apply(x, self._packed(self.lut_f, x), self._packed(self.lut_d, x), self._lookup,
@@ -874,6 +878,9 @@ class ActivationUnit(torch.nn.Module):
                                         else cfg.alpha)
             if cfg.mode == "taylor":
                 a, b = cfg.input_range
+                kernels = self._kernels(x)
+                if kernels is not None:
+                    return self._taylor_kernel(kernels, x, self._derivative_coefficients(), True)
                 xc = torch.clamp(x, a, b)
                 d = _horner(_poly_derivative(self.coefficients.detach().to(x.dtype)),
                             xc - cfg.center if cfg.center else xc)
@@ -1007,6 +1014,25 @@ class ActivationUnit(torch.nn.Module):
         return f"{self.describe()}, neurons={self.num_neurons}"
 
     # -- internals ------------------------------------------------------------------------------------------
+    def _taylor_kernel(self, kernels, x: torch.Tensor, coeffs: torch.Tensor, mask: bool) -> torch.Tensor:
+        """The Taylor polynomial (``mask``: its derivative, 0 outside the clipping range) as one CPU pass, bit
+        for bit the torch operations of ``_Taylor``/``ideal_derivative`` (tested)."""
+        cfg = self.config
+        a, b = cfg.input_range
+        out = torch.empty_like(x)
+        kernels.taylor(x.view(-1).numpy(), coeffs.numpy(), np.float32(a), np.float32(b), np.float32(cfg.center),
+                       cfg.center != 0.0, mask, out.view(-1).numpy())
+        return out
+
+    def _derivative_coefficients(self) -> torch.Tensor:
+        """k·c_k of the float32 coefficients (``_poly_derivative``), kept while the coefficients are unchanged."""
+        c = self.coefficients
+        key = (c._version, c.data_ptr())
+        cached = getattr(self, "_dcoeff_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._dcoeff_cache = (key, _poly_derivative(c.detach().to(torch.float32)).contiguous())
+        return cached[1]
+
     def _packed(self, table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The table packed for x's device and dtype, cached (keyed by the buffer, so Module.to() refreshes)."""
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32

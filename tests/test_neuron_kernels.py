@@ -208,3 +208,25 @@ def test_empty_batch_and_changed_mismatch():
         for unit in (fused, ref):
             unit.gain.mul_(2.0)
         assert _same(fused(x), ref(x))
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("center", [0.0, 0.3])
+def test_taylor_kernel_equals_the_torch_polynomial_bit_for_bit(terms, center):
+    """The Taylor realization and its derivative as one CPU pass (``_activation_numba.taylor``) against the
+    torch passes (``_Taylor``, ``ideal_derivative``): the same bits, at the clipping range's ends, beyond them,
+    at ±0, ±inf and NaN, for polynomials of one to six terms, centred or not, with trained (arbitrary)
+    coefficients."""
+    cfg = ActivationConfig(function="sigmoid", mode="taylor", terms=terms, center=center, input_range=(-1.5, 2.0))
+    unit = ActivationUnit(cfg, 13, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        unit.coefficients.mul_(1 + 0.1 * torch.randn(terms, generator=torch.Generator().manual_seed(4)))
+    x = _inputs((257, 13))
+    x.view(-1)[6:12] = torch.tensor([-1.5, 2.0, -1.5000001, 2.0000002, center, -center])
+    assert unit._kernels(x) is not None
+    with torch.no_grad():
+        fused = (unit.ideal(x), unit.ideal_derivative(x))
+        unit._kernels = lambda x: None
+        reference = (unit.ideal(x), unit.ideal_derivative(x))
+    for a, b in zip(fused, reference, strict=True):
+        assert _same(a, b)

@@ -15,17 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 from numba import float32, njit, prange, uint64
-from numba.extending import intrinsic
 
+from neurosim._cache_numba import _fma  # llvm.fma: what torch's CPU addcmul and add(alpha=) compute
 from neurosim._philox_numba import _fill_normal
-
-
-@intrinsic
-def _fma(typingctx, a, b, c):
-    """a·b + c rounded once (llvm.fma): what torch's CPU addcmul and add(alpha=) compute."""
-    def codegen(context, builder, signature, args):
-        return builder.fma(*args)
-    return a(a, b, c), codegen
 
 
 @njit(cache=True)

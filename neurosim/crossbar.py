@@ -121,11 +121,6 @@ def noise_variance_precision(config: CrossbarConfig, device: torch.device | str)
     return "bfloat16" if torch.device(device).type == "cuda" else MIXED
 
 
-def _f32(x: float) -> np.float32:
-    """A setting as the float32 scalar torch computes with (a numba kernel would take a Python float as float64)."""
-    return np.float32(x)
-
-
 # Empty operands for a prologue's unused squares (1-d forward, 3-d transposed): float32 and bfloat16 bits.
 _EMPTY = {1: (np.empty(0, np.float32), np.empty(0, np.uint16)),
           3: (np.empty((0, 0, 0), np.float32), np.empty((0, 0, 0), np.uint16))}
@@ -707,8 +702,9 @@ class Crossbar:
         unipolar = c.input_range == "unipolar"
         dac_step = 1.0 / (2 ** c.dac_bits - 1 if unipolar else 2 ** (c.dac_bits - 1) - 1) if c.dac_bits else 1.0
         kernel.forward(xc.view(-1).numpy(), xn.view(-1).numpy(), sq32, sq16, mode, c.input_max != 1.0,
-                       _f32(c.input_max), _f32(0.0 if unipolar else -1.0), _f32(dac_step), c.dac_bits is not None,
-                       _f32(1.0 / step), B, self.tile_rows)
+                       # settings as the float32 scalars torch computes with (numba would take a float as float64)
+                       np.float32(c.input_max), np.float32(0.0 if unipolar else -1.0), np.float32(dac_step),
+                       c.dac_bits is not None, np.float32(1.0 / step), B, self.tile_rows)
         return xn, sq
 
     def _read_kernel(self, x: torch.Tensor):
@@ -791,8 +787,8 @@ class Crossbar:
             factor = torch.empty((B, 1), dtype=torch.float32)
             dac_step = 1.0 / (2 ** (dac_bits - 1) - 1) if dac_bits is not None else 1.0
             kernel.transposed(d.contiguous().numpy(), dt.numpy(), sq32, sq16, mode, factor.view(-1).numpy(),
-                              c.noise_management, _f32(c.input_max), _f32(dac_step), dac_bits is not None,
-                              _f32(1.0 / step), _f32(step), _f32(c.w_max))
+                              c.noise_management, np.float32(c.input_max), np.float32(dac_step), dac_bits is not None,
+                              np.float32(1.0 / step), np.float32(step), np.float32(c.w_max))
             return dt, sq, factor, 1.0
         scale = d.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30) if c.noise_management else \
             torch.full((d.shape[0], 1), c.input_max, device=d.device, dtype=d.dtype)

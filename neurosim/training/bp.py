@@ -50,7 +50,7 @@ def bp_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, cost:
         else:
             inp, h = keep
             (grad,) = torch.autograd.grad(h, inp, grad)
-    return loss.item()   # (a plain number without a detached copy first)
+    return loss
 
 
 def true_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, cost: str,

@@ -81,7 +81,7 @@ class CrossbarConfig:
         "standard deviation, not the signal): 'float32'; 'bfloat16' (operands and result rounded to bfloat16, "
         "the noise's standard deviation within 0.6 % of float32's, see docs/crossbar.md); 'auto': bfloat16 "
         "where the hardware multiplies it fast (CUDA; on CPUs with AVX512-BF16 or AMX for products of at least "
-        "2^21 multiply-adds, batch × rows × columns), else float32",
+        "2^22 multiply-adds, batch × rows × columns), else float32",
         choices=("auto", "float32", "bfloat16"))
 
     def __post_init__(self) -> None:
@@ -104,7 +104,7 @@ class CrossbarConfig:
 # 'auto' on a CPU with fast bfloat16: bfloat16 for variance products of at least this many multiply-adds
 # (batch × rows × padded columns), float32 below, where the bfloat16 product's fixed cost (~15 µs a product
 # here) exceeds what it saves (docs/crossbar.md, "Read noise in bfloat16": the crossover measured here).
-BFLOAT16_MIN_PRODUCT = 1 << 21
+BFLOAT16_MIN_PRODUCT = 1 << 22
 MIXED = f"mixed: bfloat16 from {BFLOAT16_MIN_PRODUCT} multiply-adds a product, else float32"   # as run files record it
 
 

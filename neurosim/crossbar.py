@@ -398,22 +398,6 @@ class Crossbar:
         except (AttributeError, RuntimeError):   # no such private API: never reuse
             return False
 
-    _arrays_np: tuple | None = None   # (data pointers, flat numpy views) of the arrays' state, see _array_views
-
-    def _array_views(self, arrays: list[DeviceArray]) -> tuple:
-        """Flat numpy views of each array's conductances, programming times and −ν (flat, or one value),
-        remembered for their data pointers (the views keep those tensors' memory alive, so a pointer cannot be
-        reused by another tensor while remembered)."""
-        nus = [a._neg_nu() for a in arrays]
-        ptrs = tuple((a.g.data_ptr(), a.t_programmed.data_ptr(), nu.data_ptr()) for a, nu in zip(arrays, nus,
-                                                                                                 strict=True))
-        memo = self._arrays_np
-        if memo is None or memo[0] != ptrs:
-            memo = self._arrays_np = (ptrs, tuple(
-                (a.g.view(-1).numpy(), a.t_programmed.view(-1).numpy(), nu.reshape(-1).numpy())
-                for a, nu in zip(arrays, nus, strict=True)))
-        return memo[1]
-
     def _rebuild_fused(self) -> bool:
         """``_read_tensors``' rebuild as one numba pass (parallel for large arrays): each cell's drifted
         conductances, ŵ, ΣG² and, where the variance product runs in bfloat16, its bfloat16 copy (made here
@@ -447,7 +431,7 @@ class Crossbar:
         ql = (self._cache_low if reuse_low else fresh(torch.bfloat16)) if low else None
         self._cache, self._cache_low = (w, q), ql
         views = self._cache_views()
-        state = self._array_views(arrays)
+        state = [a.numpy_views() for a in arrays]
         g = tuple(v[0] for v in state)
         t = tuple(v[1] if a.drifting else None for a, v in zip(arrays, state, strict=True))
         nu = tuple(v[2] if a.drifting else None for a, v in zip(arrays, state, strict=True))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from neurosim.config import ConfigError, build, load_toml, setting
@@ -497,6 +498,29 @@ class DeviceArray:
             self._neg_nu_of, self._neg_nu_value = self.drift_nu, self.drift_nu.neg()
         return self._neg_nu_value
 
+    _numpy_memo: tuple | None = None   # (data pointers, flat numpy views), see numpy_views
+
+    def numpy_views(self) -> tuple:
+        """Flat numpy views (g, t_programmed, −ν flat or one value) for the CPU kernels, remembered for the
+        tensors' data pointers (the views keep that memory alive, so no other tensor can take a remembered
+        pointer): a training step's write and the read cache's rebuild pass them to numba, and making them
+        anew took a dozen operations a step."""
+        nu = self._neg_nu()
+        ptrs = (self.g.data_ptr(), self.t_programmed.data_ptr(), nu.data_ptr())
+        memo = self._numpy_memo
+        if memo is None or memo[0] != ptrs:
+            memo = self._numpy_memo = (ptrs, (self.g.view(-1).numpy(), self.t_programmed.view(-1).numpy(),
+                                              nu.reshape(-1).numpy()))
+        return memo[1]
+
+    def _pair_numpy(self) -> np.ndarray:
+        """The pair's shared pulse table (``pair_arrays``) as a numpy array, remembered while it is the same."""
+        shared = self._pair[1]
+        memo = self.__dict__.get("_pair_np")
+        if memo is None or memo[0] != shared.data_ptr():   # (the view keeps its memory: no pointer reuse)
+            memo = self._pair_np = (shared.data_ptr(), shared.numpy())
+        return memo[1]
+
     def _drifted(self, g: torch.Tensor, t: torch.Tensor, neg_nu: torch.Tensor) -> torch.Tensor:
         """G·(max(t_now − t_prog, t0)/t0)^−ν as exp(−ν·ln(age/t0)) in one fresh buffer, in place: a drifting
         chip rebuilds its read tensors at every step, and a power of a tensor to a tensor costs as much as a
@@ -890,14 +914,6 @@ def _fused(joined: list) -> bool:
     return True
 
 
-def _flat_nu(array: DeviceArray):
-    """−ν of a drifting array as a flat numpy array (one value when it is one for all cells); None otherwise."""
-    if not array.drifting:
-        return None
-    nu = array._neg_nu()
-    return (flat_view(array, nu) if nu.dim() and nu.is_contiguous() else nu.reshape(-1)).numpy()
-
-
 def _pulse_pairs_kernel(joined: list, halves: bool, out: list, targets: dict | None = None) -> None:
     """``_program_pairs``' joined pass as one numba call per pair: the same draws (one stream call for the
     pass, the pairs' cells in the torch path's order), the same stores and version bumps; and the read-cache
@@ -915,13 +931,13 @@ def _pulse_pairs_kernel(joined: list, halves: bool, out: list, targets: dict | N
     stamp = spec.drift_nu > 0
     at = 0
     for i, first, second, idx, counts in joined:
-        shared = first._pair[1]
         target = None if targets is None else targets.get(i)
         cache = target[0] if target is not None and first.dtype == torch.float32 else None
+        (g1, t1, nu1), (g2, t2, nu2) = first.numpy_views(), second.numpy_views()
         new = torch.from_numpy(_pulse_numba.pulse_pair(
-            shared.numpy(), first._table[0].shape[0], idx.numpy(), counts.numpy(), first.g.view(-1).numpy(),
-            second.g.view(-1).numpy(), first.t_programmed.view(-1).numpy(), second.t_programmed.view(-1).numpy(),
-            (first.time_s, second.time_s), stamp, (_flat_nu(first), _flat_nu(second)), spec.drift_t0,
+            first._pair_numpy(), first._table[0].shape[0], idx.numpy(), counts.numpy(), g1, g2, t1, t2,
+            (first.time_s, second.time_s), stamp, (nu1 if first.drifting else None,
+                                                   nu2 if second.drifting else None), spec.drift_t0,
             first._table[1], scale, ctr, k0, k1, at, cache))
         if cache is not None:
             target[1] = True

@@ -158,7 +158,6 @@ def test_patched_fresh_cells_equal_a_rebuild_at_the_same_clock():
 
 def test_thread_count_does_not_change_the_rebuild():
     from neurosim import _cache_numba
-    from neurosim.device import _flat_nu
 
     cb = _pair(_spec(True), (700, 130), noise_variance_precision="bfloat16")
     cb.advance(1e4)
@@ -171,7 +170,7 @@ def test_thread_count_does_not_change_the_rebuild():
                np.zeros(cb.plus.g.numel(), np.int16))
         _cache_numba.rebuild(n, tuple(a.g.view(-1).numpy() for a in arrays),
                              tuple(a.t_programmed.view(-1).numpy() for a in arrays),
-                             (cb.plus.time_s, cb.minus.time_s), tuple(_flat_nu(a) for a in arrays),
+                             (cb.plus.time_s, cb.minus.time_s), tuple(a.numpy_views()[2] for a in arrays),
                              cb.spec.drift_t0, cb.g_mid, cb.k * cb.config.w_max, out, parallel)
         outs.append(out)
     for a, b in zip(*outs, strict=True):

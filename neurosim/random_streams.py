@@ -187,12 +187,20 @@ def _numba_kernels():
     return _kernel_module or None
 
 
+_numba_threads_set: dict[int, int] = {}   # thread → the count this module last gave numba there
+
+
 def _numba_threads() -> int:
-    """numba's thread count for this call: torch's, so ``runtime.threads`` governs both."""
+    """numba's thread count for this call: torch's, so ``runtime.threads`` governs both. numba's setting is
+    per thread; asking numba for it costs a microsecond a kernel, so the count last set on a thread is
+    remembered (neurosim is the only one that sets it)."""
     import numba
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
+    me = threading.get_ident()
+    if _numba_threads_set.get(me) != n:
+        if numba.get_num_threads() != n:
+            numba.set_num_threads(n)
+        _numba_threads_set[me] = n
     return n
 
 

@@ -31,6 +31,8 @@ from neurosim.device import (
     pair_conductances,
 )
 from neurosim.random_streams import PhiloxStream, _numba_kernels, noisy_adc_sum
+from neurosim.random_streams import _factor as _epilogue_factor
+from neurosim.random_streams import _noisy_adc_sum_kernel
 from neurosim.sampling import stochastic_round_sparse, stochastic_round_sparse_many
 
 
@@ -407,6 +409,7 @@ class Crossbar:
         from neurosim import _cache_numba
         from neurosim.random_streams import _run
 
+        self._tile_memo = None   # its views would count as another holder of the buffers
         arrays = self._arrays()
         if not all(a.g.is_contiguous() and a.t_programmed.is_contiguous() for a in arrays):
             return False
@@ -514,20 +517,39 @@ class Crossbar:
         full = self.in_features // R
         tiled = xn.dim() == 3
         B, C = xn.shape[1 if tiled else 0], mat.shape[1]
+        head_m, tail_m = self._tile_views(mat, full)
         if full == nr:
-            return torch.bmm(xn if tiled else xn.reshape(B, nr, R).transpose(0, 1), mat[: nr * R].reshape(nr, R, C))
+            return torch.bmm(xn if tiled else xn.reshape(B, nr, R).transpose(0, 1), head_m)
         head_x = xn[:full] if tiled else xn[:, : full * R].reshape(B, full, R).transpose(0, 1)
-        head_m = mat[: full * R].reshape(full, R, C)
         tail_x = xn[full, :, : self.in_features - full * R] if tiled else xn[:, full * R:]
-        tail_m = mat[full * R: self.in_features]
         if torch.is_grad_enabled() and (xn.requires_grad or mat.requires_grad):  # out= has no autograd
             tail = torch.mm(tail_x, tail_m)[None]
             return torch.cat([torch.bmm(head_x, head_m), tail]) if full else tail
-        out = torch.empty((nr, B, C), device=xn.device, dtype=torch.result_type(xn, mat))
+        dtype = xn.dtype if xn.dtype == mat.dtype else torch.result_type(xn, mat)
+        out = torch.empty((nr, B, C), device=xn.device, dtype=dtype)
         if full:
             torch.bmm(head_x, head_m, out=out[:full])
         torch.mm(tail_x, tail_m, out=out[full])
         return out
+
+    _tile_memo: tuple | None = None   # (matrix, its per-tile views): see _tile_views
+
+    def _tile_views(self, mat: torch.Tensor, full: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``mat`` (padded rows, C) as (full, R, C) for the full row tiles (all nr of them when none is
+        ragged) and its ragged tile's real rows (None without one). Remembered for the read cache's tensors,
+        which every read multiplies (a rebuild forgets them before it asks whether it may reuse its buffers)."""
+        memo = self._tile_memo
+        if memo is not None and memo[0] is mat:
+            return memo[1], memo[2]
+        R, C = self.tile_rows, mat.shape[1]
+        if full == self.n_row_tiles:
+            views = (mat[: full * R].reshape(full, R, C), None)
+        else:
+            views = (mat[: full * R].reshape(full, R, C), mat[full * R: self.in_features])
+        if not (torch.is_grad_enabled() and mat.requires_grad) and any(
+                mat is t for t in (*(self._cache or ()), self._cache_low) if t is not None):
+            self._tile_memo = (mat, *views)
+        return views
 
     def _clean_partials(self, xn: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """``partial_sums`` without read noise: a fresh tensor (nr, B, padded cols)."""
@@ -613,8 +635,12 @@ class Crossbar:
             return self.convert(self.add_read_noise(part, var, nonnegative=True), step, bits, scale, keep)
         levels = None if bits is None else float(2 ** (bits - 1) - 1)
         factor = self._factor(step, scale)   # the scaling in the same pass: one operation less
-        return noisy_adc_sum(part, var, self._noise_scale(), levels, keep, self.read_stream,
-                             None if isinstance(factor, float) and factor == 1.0 else factor)
+        if not (var.dtype in (torch.float32, torch.bfloat16) and var.shape == part.shape):   # (else its errors)
+            return noisy_adc_sum(part, var, self._noise_scale(), levels, keep, self.read_stream,
+                                 None if isinstance(factor, float) and factor == 1.0 else factor)
+        return _noisy_adc_sum_kernel(part, var, self._noise_scale(), levels, keep, self.read_stream,
+                                     None if isinstance(factor, float) and factor == 1.0 else
+                                     _epilogue_factor(factor, part.shape[1], part.device))
 
     def adc_step(self, bits: int | None) -> float:
         """One ADC step in normalized units (1.0 for an ideal converter): reads compute their partial sums in

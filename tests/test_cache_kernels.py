@@ -186,6 +186,13 @@ def test_buffers_are_reused_unless_someone_holds_them():
     w0 = cb._read_tensors()[0].data_ptr()
     cb.advance(10.0)
     assert cb._read_tensors()[0].data_ptr() == w0                       # nobody held it: rewritten in place
+    cb.read(torch.rand(300, 200))                                       # (its per-tile views, remembered)
+    cb.advance(10.0)
+    assert cb._read_tensors()[0].data_ptr() == w0 and cb._cache_low is not None
+    low0 = cb._cache_low.data_ptr()
+    cb.read(torch.rand(300, 200))
+    cb.advance(10.0)
+    assert cb._read_tensors()[0].data_ptr() == w0 and cb._cache_low.data_ptr() == low0   # the crossbar's own
     held = cb._read_tensors()[0]
     view = cb._cache_low[:5]
     before, before_view = held.clone(), view.clone()

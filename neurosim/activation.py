@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from neurosim.config import ConfigError, check, setting
-from neurosim.random_streams import PhiloxStream, _numba_kernels, _run
+from neurosim.random_streams import PhiloxStream, _numba_kernels, _run, flat_numpy
 
 FUNCTIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "selu", "softplus", "gelu", "silu",
              "identity")
@@ -851,8 +851,8 @@ class ActivationUnit(torch.nn.Module):
         kernels = self._kernels(x) if cfg.mode == "pwl" else None
         if kernels is not None:
             lk, out = self._lookup, torch.empty_like(x)
-            kernels.pwl(x.view(-1).numpy(), self.lut_f.numpy(), 0, np.float32(lk["shift"]), np.float32(lk["scale"]),
-                        np.float32(lk["top"]), out.view(-1).numpy())
+            kernels.pwl(flat_numpy(x), self.lut_f.numpy(), 0, np.float32(lk["shift"]), np.float32(lk["scale"]),
+                        np.float32(lk["top"]), flat_numpy(out))
             return out
         if cfg.mode == "exact":
             alpha = self.prelu_slope if self.prelu_slope is not None else cfg.alpha
@@ -890,9 +890,9 @@ class ActivationUnit(torch.nn.Module):
                 lk, out = self._lookup, torch.empty_like(x)
                 args = (np.float32(lk["shift"]), np.float32(lk["scale"]), np.float32(lk["top"]))
                 if cfg.derivative == "slope":
-                    kernels.pwl_slope(x.view(-1).numpy(), self.lut_f.numpy(), *args, out.view(-1).numpy())
+                    kernels.pwl_slope(flat_numpy(x), self.lut_f.numpy(), *args, flat_numpy(out))
                 else:
-                    kernels.pwl(x.view(-1).numpy(), self.lut_d.numpy(), 0, *args, out.view(-1).numpy())
+                    kernels.pwl(flat_numpy(x), self.lut_d.numpy(), 0, *args, flat_numpy(out))
                 return out
             u = _cell_coordinate(x, self._lookup)
             if cfg.derivative == "slope":  # the same arithmetic as the autograd path, so both agree bit for bit
@@ -1020,8 +1020,8 @@ class ActivationUnit(torch.nn.Module):
         cfg = self.config
         a, b = cfg.input_range
         out = torch.empty_like(x)
-        kernels.taylor(x.view(-1).numpy(), coeffs.numpy(), np.float32(a), np.float32(b), np.float32(cfg.center),
-                       cfg.center != 0.0, mask, out.view(-1).numpy())
+        kernels.taylor(flat_numpy(x), coeffs.numpy(), np.float32(a), np.float32(b), np.float32(cfg.center),
+                       cfg.center != 0.0, mask, flat_numpy(out))
         return out
 
     def _derivative_coefficients(self) -> torch.Tensor:
@@ -1113,12 +1113,12 @@ class ActivationUnit(torch.nn.Module):
             if grad.dtype is not torch.float32 or grad.device.type != "cpu":
                 grad = grad.to(device="cpu", dtype=torch.float32)
             if grad.is_contiguous():
-                g, gstride = grad.detach().view(-1).numpy(), g_row.size
+                g, gstride = flat_numpy(grad.detach()), g_row.size
             elif grad.dim() == 2 and grad.stride(1) == 1:   # a column slice: its rows keep their stride
                 gstride = grad.stride(0)
                 g = grad.detach().as_strided(((rows - 1) * gstride + g_row.size,), (1,)).numpy()
             else:
-                g, gstride = grad.detach().contiguous().view(-1).numpy(), g_row.size
+                g, gstride = flat_numpy(grad.detach().contiguous()), g_row.size
         lo, hi = clip if clip is not None else (-math.inf, math.inf)
         from neurosim import _activation_numba  # after _numba_kernels() chose numba's threading layer
         # without noise the pass is a few arithmetic operations an element: parallel only for larger sizes

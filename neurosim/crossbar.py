@@ -32,7 +32,7 @@ from neurosim.device import (
 )
 from neurosim.random_streams import PhiloxStream, _numba_kernels, noisy_adc_sum
 from neurosim.random_streams import _factor as _epilogue_factor
-from neurosim.random_streams import _noisy_adc_sum_kernel
+from neurosim.random_streams import _noisy_adc_sum_kernel, flat_numpy
 from neurosim.sampling import stochastic_round_sparse, stochastic_round_sparse_many
 
 
@@ -518,10 +518,16 @@ class Crossbar:
         tiled = xn.dim() == 3
         B, C = xn.shape[1 if tiled else 0], mat.shape[1]
         head_m, tail_m = self._tile_views(mat, full)
+        rows, ragged = self.in_features, self.in_features - full * R
+        if not tiled and xn.is_contiguous():   # one strided view each instead of slice, reshape, transpose
+            at = xn.storage_offset()
+            head_x = xn.as_strided((full, B, R), (R, rows, 1), at)
+            tail_x = xn.as_strided((B, ragged), (rows, 1), at + full * R) if ragged else None
+        else:
+            head_x = xn[:full] if tiled else xn[:, : full * R].reshape(B, full, R).transpose(0, 1)
+            tail_x = (xn[full, :, :ragged] if tiled else xn[:, full * R:]) if ragged else None
         if full == nr:
-            return torch.bmm(xn if tiled else xn.reshape(B, nr, R).transpose(0, 1), head_m)
-        head_x = xn[:full] if tiled else xn[:, : full * R].reshape(B, full, R).transpose(0, 1)
-        tail_x = xn[full, :, : self.in_features - full * R] if tiled else xn[:, full * R:]
+            return torch.bmm(head_x, head_m)
         if torch.is_grad_enabled() and (xn.requires_grad or mat.requires_grad):  # out= has no autograd
             tail = torch.mm(tail_x, tail_m)[None]
             return torch.cat([torch.bmm(head_x, head_m), tail]) if full else tail
@@ -711,7 +717,7 @@ class Crossbar:
         sq, mode, sq32, sq16 = self._squares_buffer(shape, gsq, flat=True)
         unipolar = c.input_range == "unipolar"
         dac_step = 1.0 / (2 ** c.dac_bits - 1 if unipolar else 2 ** (c.dac_bits - 1) - 1) if c.dac_bits else 1.0
-        kernel.forward(xc.view(-1).numpy(), xn.view(-1).numpy(), sq32, sq16, mode, c.input_max != 1.0,
+        kernel.forward(flat_numpy(xc), flat_numpy(xn), sq32, sq16, mode, c.input_max != 1.0,
                        # settings as the float32 scalars torch computes with (numba would take a float as float64)
                        np.float32(c.input_max), np.float32(0.0 if unipolar else -1.0), np.float32(dac_step),
                        c.dac_bits is not None, np.float32(1.0 / step), B, self.tile_rows)
@@ -796,7 +802,7 @@ class Crossbar:
             sq, mode, sq32, sq16 = self._squares_buffer((nc, B, C), gsq, flat=False)
             factor = torch.empty((B, 1), dtype=torch.float32)
             dac_step = 1.0 / (2 ** (dac_bits - 1) - 1) if dac_bits is not None else 1.0
-            kernel.transposed(d.contiguous().numpy(), dt.numpy(), sq32, sq16, mode, factor.view(-1).numpy(),
+            kernel.transposed(d.contiguous().numpy(), dt.numpy(), sq32, sq16, mode, flat_numpy(factor),
                               c.noise_management, np.float32(c.input_max), np.float32(dac_step), dac_bits is not None,
                               np.float32(1.0 / step), np.float32(step), np.float32(c.w_max))
             return dt, sq, factor, 1.0
@@ -1074,7 +1080,7 @@ class Crossbar:
         if self._bookkeeping_kernel(idx, counts):
             from neurosim import _update_numba  # after _numba_kernels() chose numba's threading layer
             return _update_numba.bookkeeping(
-                self.believed.view(-1).numpy(), idx.numpy(), counts.numpy(), self.dw_up, self.dw_down,
+                flat_numpy(self.believed), idx.numpy(), counts.numpy(), self.dw_up, self.dw_down,
                 self.config.w_max, self.out_features, self.tile_cols, self.n_col_tiles, self.tile_rows,
                 self.n_row_tiles)
         return self._bookkeeping_torch(idx, counts)

@@ -367,6 +367,15 @@ class PhiloxStream:
         return t
 
 
+def flat_numpy(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's memory as a 1-d numpy array: ``t.view(-1).numpy()`` with one torch operation
+    instead of two (a kernel call takes several a read); refuses (ValueError) a tensor that would need a copy."""
+    a = t.numpy()
+    if not a.flags.c_contiguous:
+        raise ValueError("flat_numpy: the tensor is not contiguous")
+    return a.reshape(-1)
+
+
 def _run(fn, n: int, *args) -> None:
     """Run a kernel entry: in parallel (numba's threads = torch's) for large n when no other thread is in a
     parallel kernel, else serially on this thread. Either way the same numbers."""
@@ -451,8 +460,8 @@ def _factor(scale: float | torch.Tensor | None, B: int, device: torch.device) ->
                             f"{device}, got {scale.dtype} {tuple(scale.shape)} on {scale.device}")
         if device.type != "cpu":
             return None
-        return (scale if scale.is_contiguous() and not scale.requires_grad else scale.detach().contiguous()
-                ).view(-1).numpy()
+        return flat_numpy(scale if scale.is_contiguous() and not scale.requires_grad else
+                          scale.detach().contiguous())
     known = _SCALES.get(scale)
     if known is None:
         if len(_SCALES) > 64:

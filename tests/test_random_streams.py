@@ -269,3 +269,18 @@ def test_epilogue_threads_and_refusals(threads):
         noisy_adc_sum(part, var, 0.5, 127.0, 97, stream())
     with pytest.raises(ValueError, match="levels"):
         noisy_adc_sum(part, var, 0.5, 0.0, 90, stream())
+
+
+def test_flat_numpy_is_a_view_of_the_tensor_and_refuses_a_copy():
+    """The kernels write through ``flat_numpy``: it must share the tensor's memory, never a silent copy."""
+    from neurosim.random_streams import flat_numpy
+
+    t = torch.zeros(3, 4)
+    a = flat_numpy(t)
+    a[5] = 7.0
+    assert a.shape == (12,) and t[1, 1] == 7.0
+    assert flat_numpy(t[1:]).shape == (8,) and flat_numpy(t[1:])[0] == 0.0
+    with pytest.raises(ValueError, match="not contiguous"):
+        flat_numpy(t.t())
+    with pytest.raises(ValueError, match="not contiguous"):
+        flat_numpy(t[:, :2])

@@ -409,7 +409,7 @@ class Crossbar:
         from neurosim import _cache_numba
         from neurosim.random_streams import _run
 
-        self._tile_memo = None   # its views would count as another holder of the buffers
+        self._tile_memo = ()   # its views would count as another holder of the buffers
         arrays = self._arrays()
         if not all(a.g.is_contiguous() and a.t_programmed.is_contiguous() for a in arrays):
             return False
@@ -538,23 +538,22 @@ class Crossbar:
         torch.mm(tail_x, tail_m, out=out[full])
         return out
 
-    _tile_memo: tuple | None = None   # (matrix, its per-tile views): see _tile_views
+    _tile_memo: tuple = ()   # (matrix, its per-tile views) of each read-cache tensor read: see _tile_views
 
     def _tile_views(self, mat: torch.Tensor, full: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``mat`` (padded rows, C) as (full, R, C) for the full row tiles (all nr of them when none is
-        ragged) and its ragged tile's real rows (None without one). Remembered for the read cache's tensors,
-        which every read multiplies (a rebuild forgets them before it asks whether it may reuse its buffers)."""
-        memo = self._tile_memo
-        if memo is not None and memo[0] is mat:
-            return memo[1], memo[2]
+        ragged) and its ragged tile's real rows (None without one). Remembered for the read cache's tensors
+        (ŵ, ΣG², its bfloat16 copy), which every read multiplies; a rebuild forgets them before it asks
+        whether it may reuse its buffers."""
+        for entry in self._tile_memo:
+            if entry[0] is mat:
+                return entry[1], entry[2]
         R, C = self.tile_rows, mat.shape[1]
-        if full == self.n_row_tiles:
-            views = (mat[: full * R].reshape(full, R, C), None)
-        else:
-            views = (mat[: full * R].reshape(full, R, C), mat[full * R: self.in_features])
-        if not (torch.is_grad_enabled() and mat.requires_grad) and any(
-                mat is t for t in (*(self._cache or ()), self._cache_low) if t is not None):
-            self._tile_memo = (mat, *views)
+        views = (mat[: full * R].reshape(full, R, C), None if full == self.n_row_tiles else
+                 mat[full * R: self.in_features])
+        cache = (*(self._cache or ()), self._cache_low)
+        if not (torch.is_grad_enabled() and mat.requires_grad) and any(mat is t for t in cache if t is not None):
+            self._tile_memo = (*(e for e in self._tile_memo if any(e[0] is t for t in cache)), (mat, *views))
         return views
 
     def _clean_partials(self, xn: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:

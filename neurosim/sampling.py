@@ -88,7 +88,7 @@ def _round_per_cell(x: torch.Tensor, stream: PhiloxStream, factor: float, limits
     if n == 0 or factor == 0:
         return torch.zeros(0, dtype=torch.long), x.new_zeros(0)
     from neurosim import _update_numba  # after random_streams chose numba's threading layer
-    arr = x.detach().reshape(-1).contiguous().numpy()
+    arr = random_streams.flat_numpy(x if x.is_contiguous() and not x.requires_grad else x.detach().contiguous())
     result = []
     random_streams._run(lambda *args, parallel: result.append(_update_numba.round_sparse(*args, parallel)), n,
                         arr, abs(factor), factor < 0, limits, first, stream.key & 0xFFFFFFFF, stream.key >> 32)

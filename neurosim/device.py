@@ -833,7 +833,8 @@ def _program_pairs(writes: list[tuple[DeviceArray, DeviceArray, torch.Tensor, to
     """``program_pairs``; ``halves``: each pair's new conductances as (first's, second's), split once for all
     pairs (a crossbar's read-cache patch wants them so). A write may carry a fifth item, a crossbar's request
     to patch its read cache in the same pass: [(ŵ, ΣG², bfloat16 bits, k·w_max), done]; the CPU kernel
-    patches and sets done = True, the torch pass leaves it to the crossbar."""
+    patches and sets done = True, the torch pass leaves it to the crossbar (a pair so patched gets its 2n
+    values unsplit: nobody reads them)."""
     out: list = [None] * len(writes)
     joined, others = [], []
     targets = {}
@@ -945,4 +946,5 @@ def _pulse_pairs_kernel(joined: list, halves: bool, out: list, targets: dict | N
         first.version += 1
         second.version += 1
         n = idx.numel()
-        out[i] = (new[:n], new[n:]) if halves else new
+        # A pair whose read cache this pass patched needs its values no more: no split (two operations)
+        out[i] = (new[:n], new[n:]) if halves and cache is None else new

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from neurosim.config import ConfigError, check, setting
+from neurosim.backend import no_grad
 from neurosim.random_streams import PhiloxStream, _numba_kernels, _run, flat_numpy
 
 FUNCTIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "selu", "softplus", "gelu", "silu",
@@ -973,7 +974,7 @@ class ActivationUnit(torch.nn.Module):
         if (self.has_derivative_circuit and grad.shape == x.shape and x.is_contiguous()
                 and self._fusable(x, cfg.derivative_noise, "d_noise", steps)):
             self._check_shape(x)
-            with torch.no_grad():
+            with no_grad():
                 # the ideal derivative's last steps (sigmoid: (1 - s)·s; tanh: 1 - t²) move into the pass
                 y = torch.sigmoid(x) if pre == 1 else torch.tanh(x) if pre == 2 else self.ideal_derivative(x)
                 return self._fused(y.contiguous(), self.derivative_gain if cfg.derivative_gain_dtod else None,

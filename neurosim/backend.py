@@ -6,6 +6,7 @@ numbers (bit for bit on CPU), and a run moves between CPU and CUDA by one settin
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -18,6 +19,16 @@ import torch
 from neurosim.config import ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+_NO_CHANGE = contextlib.nullcontext()
+
+
+def no_grad():
+    """``torch.no_grad()``, or nothing to do where gradients are already off: a BP step's stages each say
+    they run without autograd, and entering and leaving torch's context nine times a step cost more than
+    some of the stages' arithmetic. Inside it a stage may still turn gradients on (``torch.enable_grad``)."""
+    return torch.no_grad() if torch.is_grad_enabled() else _NO_CHANGE
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:

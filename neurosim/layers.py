@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from neurosim.activation import ActivationConfig, ActivationUnit
-from neurosim.backend import make_generator
+from neurosim.backend import make_generator, no_grad
 from neurosim.crossbar import Crossbar, CrossbarConfig
 from neurosim.device import DeviceSpec
 
@@ -173,7 +173,7 @@ class AnalogLayer(nn.Module):
         these two instead of autograd: the arithmetic and the random draws are the same (so are the
         gradients, bit for bit), and a training step is spared the graph's bookkeeping, which on a CPU costs
         as much as the arithmetic of a small layer."""
-        with torch.no_grad():
+        with no_grad():
             xin = self.matrix_input(x)
             z = self.shape_output(self.crossbar.read(xin), tuple(x.shape))
             return self.activation(z), (xin, z, tuple(x.shape))
@@ -184,7 +184,7 @@ class AnalogLayer(nn.Module):
         controller's outer product lands in ``weight.grad``; trainable coefficients of the neuron circuit get
         theirs in ``p.grad``. Returns the error at the layer's input when ``input_grad``."""
         xin, z, x_shape = saved
-        with torch.no_grad():
+        with no_grad():
             grad_z, by_id = derivative_backward(self.activation, z, grad_out)
             for p in self.activation.trainable_parameters():
                 g = by_id.get(id(p))

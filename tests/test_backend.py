@@ -58,3 +58,18 @@ def test_tuned_allocator_keeps_large_temporaries_in_the_heap():
     assert applied
     assert not tuned_24 and not tuned_16     # tuned: from the heap, reused without faulting pages
     assert tuned_40                          # above glibc's largest threshold (32 MB) a block is mapped anyway
+
+
+def test_no_grad_turns_gradients_off_and_leaves_an_inner_enable_grad_alone():
+    from neurosim.backend import no_grad
+
+    x = torch.ones(2, requires_grad=True)
+    with no_grad():
+        assert not torch.is_grad_enabled() and not (x * 2).requires_grad
+        with no_grad():                       # already off: nothing to enter, still off after
+            assert not torch.is_grad_enabled()
+        assert not torch.is_grad_enabled()
+        with torch.enable_grad():
+            assert (x * 2).requires_grad
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled()

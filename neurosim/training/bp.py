@@ -27,6 +27,12 @@ def bp_gradients(network: AnalogNetwork, x: torch.Tensor, y: torch.Tensor, cost:
     wants = [i for i, s in enumerate(stages) if isinstance(s, AnalogLayer)
              and (id(s) in chosen or any(p.requires_grad for p in s.activation.trainable_parameters()))]
     lowest = min(wants, default=len(stages))
+    with torch.no_grad():   # the stages' own no_grad() then costs nothing; digital ones enable_grad themselves
+        return _stages(stages, chosen, lowest, x, y, cost)
+
+
+def _stages(stages: list, chosen: set[int], lowest: int, x: torch.Tensor, y: torch.Tensor, cost: str) -> float:
+    """``bp_gradients``' forward, cost and backward through the stages (under no_grad)."""
     saved: list = []
     h = x
     for i, stage in enumerate(stages):

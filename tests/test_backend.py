@@ -1,4 +1,4 @@
-"""The process-level allocator setting that the neurosim command and the benchmarks apply."""
+"""The process-level allocator setting that the neurosim command and the benchmarks apply, and the cheap no_grad."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 # Where glibc places a large block: from mmap (fresh, zeroed pages that fault on first touch, returned to the
 # kernel on free) or from the heap (kept for reuse). mallinfo2's hblkhd is the bytes in mmapped blocks.

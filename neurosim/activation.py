@@ -864,7 +864,7 @@ class ActivationUnit(torch.nn.Module):
                 return _taylor_sets(x, self._coefficient_sets, a, b, cfg.center)
             kernels = self._kernels(x)
             if kernels is not None:
-                return self._taylor_kernel(kernels, x, self.coefficients.detach(), False)
+                return self._taylor_kernel(kernels, x, False)
             coeffs = self.coefficients.to(x.dtype)
             return _Taylor.apply(x, coeffs, a, b, cfg.center)
         return _PWL.apply(x, self._packed(self.lut_f, x), self._packed(self.lut_d, x), self._lookup,
@@ -881,7 +881,7 @@ class ActivationUnit(torch.nn.Module):
                 a, b = cfg.input_range
                 kernels = self._kernels(x)
                 if kernels is not None:
-                    return self._taylor_kernel(kernels, x, self._derivative_coefficients(), True)
+                    return self._taylor_kernel(kernels, x, True)
                 xc = torch.clamp(x, a, b)
                 d = _horner(_poly_derivative(self.coefficients.detach().to(x.dtype)),
                             xc - cfg.center if cfg.center else xc)
@@ -1015,24 +1015,28 @@ class ActivationUnit(torch.nn.Module):
         return f"{self.describe()}, neurons={self.num_neurons}"
 
     # -- internals ------------------------------------------------------------------------------------------
-    def _taylor_kernel(self, kernels, x: torch.Tensor, coeffs: torch.Tensor, mask: bool) -> torch.Tensor:
-        """The Taylor polynomial (``mask``: its derivative, 0 outside the clipping range) as one CPU pass, bit
-        for bit the torch operations of ``_Taylor``/``ideal_derivative`` (tested)."""
-        cfg = self.config
-        a, b = cfg.input_range
+    def _taylor_kernel(self, kernels, x: torch.Tensor, derivative: bool) -> torch.Tensor:
+        """The Taylor polynomial (``derivative``: its derivative, 0 outside the clipping range) as one CPU pass,
+        bit for bit the torch operations of ``_Taylor``/``ideal_derivative`` (tested)."""
+        coeffs, dcoeffs, a, b, center, shift = self._taylor_operands()
         out = torch.empty_like(x)
-        kernels.taylor(flat_numpy(x), coeffs.numpy(), np.float32(a), np.float32(b), np.float32(cfg.center),
-                       cfg.center != 0.0, mask, flat_numpy(out))
+        kernels.taylor(flat_numpy(x), dcoeffs if derivative else coeffs, a, b, center, shift, derivative,
+                       flat_numpy(out))
         return out
 
-    def _derivative_coefficients(self) -> torch.Tensor:
-        """k·c_k of the float32 coefficients (``_poly_derivative``), kept while the coefficients are unchanged."""
-        c = self.coefficients
-        key = (c._version, c.data_ptr())
-        cached = getattr(self, "_dcoeff_cache", None)
-        if cached is None or cached[0] != key:
-            cached = self._dcoeff_cache = (key, _poly_derivative(c.detach().to(torch.float32)).contiguous())
-        return cached[1]
+    def _taylor_operands(self) -> tuple:
+        """The kernel's operands: the float32 coefficients and k·c_k (``_poly_derivative``) as numpy arrays, the
+        clipping range and the center as float32; kept while the coefficients (their version) and the config
+        are the same: a BP step evaluates each polynomial and its derivative with the same ones."""
+        c, cfg = self.coefficients, self.config
+        memo = getattr(self, "_taylor_memo", None)
+        if memo is None or memo[0] != (c._version, c.data_ptr()) or memo[1] is not cfg:
+            f32 = c.detach().to(torch.float32).contiguous()   # (the coefficients themselves when float32)
+            a, b = cfg.input_range
+            memo = self._taylor_memo = ((c._version, c.data_ptr()), cfg, (
+                f32.numpy(), _poly_derivative(f32).contiguous().numpy(), np.float32(a), np.float32(b),
+                np.float32(cfg.center), cfg.center != 0.0))
+        return memo[2]
 
     def _packed(self, table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The table packed for x's device and dtype, cached (keyed by the buffer, so Module.to() refreshes)."""

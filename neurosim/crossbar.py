@@ -714,13 +714,31 @@ class Crossbar:
         tiled = gsq is not None and gsq.dtype == torch.bfloat16   # bfloat16 squares come per row tile
         shape = (self.n_row_tiles, B, self.tile_rows) if tiled else tuple(xn.shape)
         sq, mode, sq32, sq16 = self._squares_buffer(shape, gsq, flat=True)
-        unipolar = c.input_range == "unipolar"
-        dac_step = 1.0 / (2 ** c.dac_bits - 1 if unipolar else 2 ** (c.dac_bits - 1) - 1) if c.dac_bits else 1.0
-        kernel.forward(flat_numpy(xc), flat_numpy(xn), sq32, sq16, mode, c.input_max != 1.0,
-                       # settings as the float32 scalars torch computes with (numba would take a float as float64)
-                       np.float32(c.input_max), np.float32(0.0 if unipolar else -1.0), np.float32(dac_step),
-                       c.dac_bits is not None, np.float32(1.0 / step), B, self.tile_rows)
+        kernel.forward(flat_numpy(xc), flat_numpy(xn), sq32, sq16, mode, *self._prologue_settings()[0], B,
+                       self.tile_rows)
         return xn, sq
+
+    _settings_memo: tuple | None = None   # (config, settings), see _prologue_settings
+
+    def _prologue_settings(self) -> tuple[tuple, tuple]:
+        """The read prologues' settings from the config, as the float32 scalars torch computes with (numba
+        would take a float as float64): (forward's, transposed's), kept while the config is the same object
+        (every read passes them; a config is replaced, never changed, e.g. by ``noise_free``)."""
+        c = self.config
+        memo = self._settings_memo
+        if memo is None or memo[0] is not c:
+            f32 = np.float32
+            unipolar = c.input_range == "unipolar"
+            dac_step = 1.0 / (2 ** c.dac_bits - 1 if unipolar else 2 ** (c.dac_bits - 1) - 1) if c.dac_bits else 1.0
+            forward = (c.input_max != 1.0, f32(c.input_max), f32(0.0 if unipolar else -1.0), f32(dac_step),
+                       c.dac_bits is not None, f32(1.0 / self.adc_step(c.adc_bits)))
+            bits = c.backward_dac_bits or c.dac_bits
+            step = self.adc_step(c.backward_adc_bits or c.adc_bits)
+            back_step = 1.0 / (2 ** (bits - 1) - 1) if bits is not None else 1.0
+            transposed = (c.noise_management, f32(c.input_max), f32(back_step), bits is not None, f32(1.0 / step),
+                          f32(step), f32(c.w_max))
+            memo = self._settings_memo = (c, (forward, transposed))
+        return memo[1]
 
     def _read_kernel(self, x: torch.Tensor):
         """The fused read prologues (neurosim._read_numba) where they apply: float32 reads of float32 inputs
@@ -800,10 +818,8 @@ class Crossbar:
             dt = torch.empty((nc, B, C), dtype=torch.float32)
             sq, mode, sq32, sq16 = self._squares_buffer((nc, B, C), gsq, flat=False)
             factor = torch.empty((B, 1), dtype=torch.float32)
-            dac_step = 1.0 / (2 ** (dac_bits - 1) - 1) if dac_bits is not None else 1.0
             kernel.transposed(d.contiguous().numpy(), dt.numpy(), sq32, sq16, mode, flat_numpy(factor),
-                              c.noise_management, np.float32(c.input_max), np.float32(dac_step), dac_bits is not None,
-                              np.float32(1.0 / step), np.float32(step), np.float32(c.w_max))
+                              *self._prologue_settings()[1])
             return dt, sq, factor, 1.0
         scale = d.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30) if c.noise_management else \
             torch.full((d.shape[0], 1), c.input_max, device=d.device, dtype=d.dtype)

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neurosim.config import ConfigError, check, setting
 from neurosim.backend import no_grad
+from neurosim.config import ConfigError, check, setting
 from neurosim.random_streams import PhiloxStream, _numba_kernels, _run, flat_numpy
 
 FUNCTIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "selu", "softplus", "gelu", "silu",

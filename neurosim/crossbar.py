@@ -30,9 +30,8 @@ from neurosim.device import (
     pair_arrays,
     pair_conductances,
 )
-from neurosim.random_streams import PhiloxStream, _numba_kernels, noisy_adc_sum
+from neurosim.random_streams import PhiloxStream, _noisy_adc_sum_kernel, _numba_kernels, flat_numpy, noisy_adc_sum
 from neurosim.random_streams import _factor as _epilogue_factor
-from neurosim.random_streams import _noisy_adc_sum_kernel, flat_numpy
 from neurosim.sampling import stochastic_round_sparse, stochastic_round_sparse_many
 
 

@@ -413,7 +413,7 @@ def noisy_adc_sum(part: torch.Tensor, var: torch.Tensor, sigma: float, levels: f
         what = f"{var.dtype} {tuple(var.shape)}" if isinstance(var, torch.Tensor) else type(var).__name__
         raise TypeError(f"noisy_adc_sum: var must be float32 or bfloat16 of part's shape {tuple(part.shape)}, "
                         f"got {what}")
-    T, B, C = part.shape
+    _, B, C = part.shape
     if not 0 <= keep <= C:
         raise ValueError(f"noisy_adc_sum: keep = {keep} outside 0..{C} (the columns of part)")
     if not (math.isfinite(sigma) and sigma >= 0):

@@ -17,9 +17,9 @@ from neurosim.data import DataConfig, Dataset, load
 from neurosim.engine import HardwareTable
 from neurosim.layers import AnalogConv2d, AnalogLinear, AnalogNetwork
 from neurosim.training import TrainerConfig, make_trainer, noise_free
+from neurosim.training import cost as cost_module
 from neurosim.training.bp import bp_gradients
 from neurosim.training.config import DGCConfig
-from neurosim.training import cost as cost_module
 from neurosim.training.cost import cost_per_sample
 from neurosim.training.dgc import dgc_exact, dgc_linearized, dgc_sequential
 from tests.conftest import make_spec

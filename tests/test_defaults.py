@@ -71,7 +71,7 @@ def test_an_epoch_that_programs_nothing_warns_and_says_so_in_its_row(digits):
     quiet = NetworkConfig(hidden=(16,), crossbar=CrossbarConfig(rounding="deterministic"))
     net = build_network(quiet, spec, data.image_shape, data.classes, seed=0)
     cfg = build(TrainerConfig, {"epochs": 1, "learning_rate": 1e-3, "clock": False})
-    with pytest.warns(NoProgrammingWarning, match="epoch 1: the weight updates fired 0 pulses"):
+    with pytest.warns(NoProgrammingWarning, match="epoch 1: the weight updates fired 0 pulses.*use 'stochastic'"):
         rows = make_trainer(net, data, cfg).fit()
     assert rows[0]["pulse_rate"] == 0.0 and math.isnan(rows[0]["sim_time_s"])
     # The same updates with stochastic rounding fire pulses in proportion: no warning.
@@ -82,6 +82,11 @@ def test_an_epoch_that_programs_nothing_warns_and_says_so_in_its_row(digits):
     # the rate the engine counted, device pulses per weight and step
     steps, weights = math.ceil(320 / 32), 65 * 16 + 17 * 10
     assert rows[0]["pulse_rate"] == pytest.approx(rows[0]["delta_pulses"] / (steps * weights), rel=1e-12)
+    # Stochastic rounding at a tiny learning rate fires too few pulses: the advice is not to switch to it.
+    net = build_network(NetworkConfig(hidden=(16,)), spec, data.image_shape, data.classes, seed=0)
+    with pytest.warns(NoProgrammingWarning, match="With stochastic rounding") as caught:
+        make_trainer(net, data, build(TrainerConfig, {"epochs": 1, "learning_rate": 1e-6, "clock": False})).fit()
+    assert all("use 'stochastic'" not in str(w.message) for w in caught)
 
 
 def test_pulse_timing_and_energy_come_from_the_card(digits):

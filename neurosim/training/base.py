@@ -283,12 +283,17 @@ class Trainer(abc.ABC):
             return math.nan
         rate = pulses / updates
         if rate < MIN_PULSE_RATE:
+            deterministic = any(layer.crossbar.config.rounding != "stochastic"
+                                for layer in self.network.analog_layers)
+            why = ("An update smaller than half a pulse's weight step (w_max·(1/P_ltp + 1/P_ltd) for a pair) "
+                   "rounds to no pulse with crossbar.rounding = 'deterministic'; use 'stochastic' rounding, a "
+                   "larger learning_rate or a smaller crossbar.w_max") if deterministic else (
+                   "With stochastic rounding a weight fires with the probability of its update over one pulse's "
+                   "weight step, so the updates are far below a step: use a larger learning_rate or a smaller "
+                   "crossbar.w_max")
             warnings.warn(NoProgrammingWarning(
                 f"epoch {self.epoch}: the weight updates fired {pulses} pulses, {rate:.1e} per weight and step "
-                f"(below {MIN_PULSE_RATE:g}): the chip is barely trained. An update smaller than half a pulse's "
-                "weight step (w_max·(1/P_ltp + 1/P_ltd) for a pair) rounds to no pulse with crossbar.rounding = "
-                "'deterministic'; "
-                "use 'stochastic' rounding, a larger learning_rate or a smaller crossbar.w_max"), stacklevel=3)
+                f"(below {MIN_PULSE_RATE:g}): the chip is barely trained. {why}"), stacklevel=3)
         return rate
 
     def fit(self) -> list[dict[str, Any]]:

@@ -518,7 +518,7 @@ class Crossbar:
         B, C = xn.shape[1 if tiled else 0], mat.shape[1]
         head_m, tail_m = self._tile_views(mat, full)
         rows, ragged = self.in_features, self.in_features - full * R
-        if not tiled and xn.is_contiguous():   # one strided view each instead of slice, reshape, transpose
+        if not tiled and xn.shape[1] == rows and xn.is_contiguous():   # one strided view each, not three ops
             at = xn.storage_offset()
             head_x = xn.as_strided((full, B, R), (R, rows, 1), at)
             tail_x = xn.as_strided((B, ragged), (rows, 1), at + full * R) if ragged else None

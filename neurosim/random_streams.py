@@ -187,7 +187,7 @@ def _numba_kernels():
     return _kernel_module or None
 
 
-_numba_threads_set: dict[int, int] = {}   # thread → the count this module last gave numba there
+_numba_threads_set = threading.local()   # .n: the count this module last gave numba on this thread
 
 
 def _numba_threads() -> int:
@@ -196,11 +196,10 @@ def _numba_threads() -> int:
     remembered (neurosim is the only one that sets it)."""
     import numba
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    me = threading.get_ident()
-    if _numba_threads_set.get(me) != n:
+    if getattr(_numba_threads_set, "n", None) != n:   # (thread-local: a new thread starts unset)
         if numba.get_num_threads() != n:
             numba.set_num_threads(n)
-        _numba_threads_set[me] = n
+        _numba_threads_set.n = n
     return n
 
 

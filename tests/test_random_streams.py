@@ -284,3 +284,27 @@ def test_flat_numpy_is_a_view_of_the_tensor_and_refuses_a_copy():
         flat_numpy(t.t())
     with pytest.raises(ValueError, match="not contiguous"):
         flat_numpy(t[:, :2])
+
+
+def test_numba_threads_follow_torch_on_every_thread():
+    """numba's thread count is per thread: a new thread (whose numba count is its default) gets torch's
+    count too, though the calling thread has it remembered already."""
+    import threading
+
+    import numba
+
+    from neurosim.random_streams import _numba_kernels, _numba_threads
+
+    if _numba_kernels() is None or numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs numba with at least 2 threads")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _numba_threads() == 1 and numba.get_num_threads() == 1
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append((_numba_threads(), numba.get_num_threads())))
+        worker.start()
+        worker.join()
+        assert seen == [(1, 1)]
+    finally:
+        torch.set_num_threads(threads)

@@ -38,11 +38,12 @@ def mean_cost_and_gradient(out: torch.Tensor, y: torch.Tensor, kind: str) -> tup
     kernel = _cost_kernel(out, y)
     if kernel is not None:
         grad = torch.empty_like(out)
+        o, labels, g = out.numpy(), y.numpy(), grad.numpy()
         if kind == "cross_entropy":
-            loss = kernel.cross_entropy(out.numpy(), y.numpy(), grad.numpy())
+            loss = kernel.cross_entropy(o, labels, g)
         else:
-            t = out.numpy().dtype.type
-            loss = kernel.half_squared_error(out.numpy(), y.numpy(), grad.numpy(), t(1.0), t(1.0) / t(len(out)))
+            t = o.dtype.type
+            loss = kernel.half_squared_error(o, labels, g, t(1.0), t(1.0) / t(len(o)))
         if math.isfinite(loss):
             return loss, grad
     loss, grad = _mean_cost_and_gradient_torch(out, y, kind)

@@ -47,18 +47,34 @@ NO_SQUARES, SQUARES_F32, SQUARES_BF16 = 0, 1, 2
 
 
 @njit(cache=True)
-def forward(x, xn, sq, sq16, mode, divide, input_max, lower, dac_step, rounded, adc_inv, B, R):
-    """xn = DAC(x) / ADC step and its squares, x and xn (B·n) flat: x / input_max (when ``divide``), clipped
-    to [lower, 1], rounded to the DAC grid (when ``rounded``), times 1/ADC step; then xn² into sq (float32,
-    (B·n) flat) or its bfloat16 bits into sq16, as ``mode`` says. The bfloat16 squares are written per row
-    tile of R rows, (tiles, B, R) flat (the rows of a ragged last tile past n left as they are): the layout
-    the tiles' product takes without a copy (torch's bfloat16 bmm copies a strided operand)."""
-    n = x.size
-    for k in range(n):
-        v = x[k]
-        if divide:
-            v = v / input_max
-        xn[k] = _convert(v, lower, _ONE, dac_step, rounded, adc_inv)
+def forward(x, xn, sq, sq16, mode, divide, input_max, lower, dac_step, rounded, adc_inv, B, R, extra, has_extra):
+    """xn = DAC(x) / ADC step and its squares, x and xn flat: x / input_max (when ``divide``), clipped to
+    [lower, 1], rounded to the DAC grid (when ``rounded``), times 1/ADC step; then xn² into sq (float32, xn's
+    layout) or its bfloat16 bits into sq16, as ``mode`` says. ``has_extra``: x is (B, n − 1) and each row of
+    xn (B, n) ends with the converted ``extra`` (a layer's bias row at full scale, which the torch path
+    concatenates first). The bfloat16 squares are written per row tile of R rows, (tiles, B, R) flat (the rows
+    of a ragged last tile past n left as they are): the layout the tiles' product takes without a copy (torch's
+    bfloat16 bmm copies a strided operand)."""
+    n = xn.size
+    if has_extra:
+        cols = n // B if B else 0
+        e = extra / input_max if divide else extra
+        e = _convert(e, lower, _ONE, dac_step, rounded, adc_inv)
+        for b in range(B):
+            src = x[b * (cols - 1):(b + 1) * (cols - 1)]   # slices: the inner loop vectorizes
+            dst = xn[b * cols:(b + 1) * cols - 1]
+            for k in range(cols - 1):
+                v = src[k]
+                if divide:
+                    v = v / input_max
+                dst[k] = _convert(v, lower, _ONE, dac_step, rounded, adc_inv)
+            xn[(b + 1) * cols - 1] = e
+    else:
+        for k in range(n):
+            v = x[k]
+            if divide:
+                v = v / input_max
+            xn[k] = _convert(v, lower, _ONE, dac_step, rounded, adc_inv)
     if mode == SQUARES_BF16:
         cols = n // B if B else 0
         for b in range(B):

@@ -682,39 +682,48 @@ class Crossbar:
         c = self.config
         return step * (c.input_max * c.w_max if scale is None else scale)
 
-    def read(self, x: torch.Tensor, w: torch.Tensor | None = None, own: bool = False) -> torch.Tensor:
+    def read(self, x: torch.Tensor, w: torch.Tensor | None = None, own: bool = False,
+             extra: float | None = None) -> torch.Tensor:
         """Forward read y ≈ x·W of a batch (B, in) → (B, out), through DAC, tiles, read noise and ADCs.
 
         The partial sums are computed in ADC steps (the DAC outputs divided by the step: B·in numbers instead
         of tiles·B·out), so the converters only clip and round. ``own``: x is the caller's temporary (see
-        ``dac``). On the CPU the DAC, the division by the step and the squares of the variance product are one
-        fused pass (``_read_kernel``), equal bit for bit to the torch operations it replaces."""
+        ``dac``). ``extra``: x holds the first in − 1 rows' inputs and the last row reads this value for every
+        sample (a layer's bias row): the same read as of x with that column appended, without building it. On
+        the CPU the DAC, the division by the step and the squares of the variance product are one fused pass
+        (``_read_kernel``), equal bit for bit to the torch operations it replaces."""
         c = self.config
         gsq = self._variance_operand(x.shape[0])
-        xn, sq = self._read_operands(x, gsq, own)
+        xn, sq = self._read_operands(x, gsq, own, extra)
         var = None if gsq is None else self._tile_products(sq, gsq)
         return self._noisy_convert(self._clean_partials(xn, w), var, self.adc_step(c.adc_bits), c.adc_bits)
 
-    def _read_operands(self, x: torch.Tensor, gsq: torch.Tensor | None, own: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _read_operands(self, x: torch.Tensor, gsq: torch.Tensor | None, own: bool = False,
+                       extra: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The forward read's product operands: x̂ in ADC steps (B, in) and x̂² in gsq's dtype (None without
-        gsq), by the fused kernel where it applies, else by the torch operations (its oracle)."""
+        gsq), by the fused kernel where it applies, else by the torch operations (its oracle). ``extra``: see
+        ``read``."""
         c = self.config
         step = self.adc_step(c.adc_bits)
         kernel = self._read_kernel(x)
-        if kernel is None:
+        if kernel is None or (extra is not None and x.shape[1] != self.in_features - 1):
+            if extra is not None:   # (a wrong width fails in the products, as it would without ``extra``)
+                x, own = torch.cat([x, torch.full((x.shape[0], 1), extra, dtype=x.dtype, device=x.device)], 1), True
             xn = self.dac(x, own)
             if step != 1.0:
                 xn = xn * (1.0 / step) if torch.is_grad_enabled() and xn.requires_grad else xn.mul_(1.0 / step)
             return xn, None if gsq is None else self._squares(xn, gsq.dtype)
         xc = x.contiguous()
-        xn = xc if own or xc is not x else torch.empty_like(xc)   # the caller's temporary, or our copy
-        B = xn.shape[0]
+        B = xc.shape[0]
+        if extra is not None:
+            xn = torch.empty((B, self.in_features), dtype=xc.dtype)
+        else:
+            xn = xc if own or xc is not x else torch.empty_like(xc)   # the caller's temporary, or our copy
         tiled = gsq is not None and gsq.dtype == torch.bfloat16   # bfloat16 squares come per row tile
         shape = (self.n_row_tiles, B, self.tile_rows) if tiled else tuple(xn.shape)
         sq, mode, sq32, sq16 = self._squares_buffer(shape, gsq, flat=True)
         kernel.forward(flat_numpy(xc), flat_numpy(xn), sq32, sq16, mode, *self._prologue_settings()[0], B,
-                       self.tile_rows)
+                       self.tile_rows, np.float32(0.0 if extra is None else extra), extra is not None)
         return xn, sq
 
     _settings_memo: tuple | None = None   # (config, settings), see _prologue_settings

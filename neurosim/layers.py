@@ -37,18 +37,21 @@ class _HardwareRead(torch.autograd.Function):
     """Forward: the crossbar read. Backward: the chip's error path and the controller's outer product."""
 
     @staticmethod
-    def forward(ctx, xin, weight, layer):
+    def forward(ctx, xrows, weight, layer):
         ctx.layer = layer
-        ctx.save_for_backward(xin)
+        ctx.save_for_backward(xrows)
         with torch.no_grad():
-            return layer.crossbar.read(xin)
+            return layer.read_rows(xrows)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (xin,) = ctx.saved_tensors
+        (xrows,) = ctx.saved_tensors
         layer = ctx.layer
-        grad_x = layer.error_rows(grad_out) if ctx.needs_input_grad[0] else None
-        grad_w = xin.T @ grad_out if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = layer.error_rows(grad_out)
+            grad_x = grad_x[:, : grad_x.shape[1] - int(layer.has_bias)]
+        grad_w = layer.weight_gradient(xrows, grad_out) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 
 
@@ -117,6 +120,27 @@ class AnalogLayer(nn.Module):
         """The (N, rows) matrix the crossbar reads: one row per sample (and output position), bias included."""
         return self._with_bias(self.rows_of(x))
 
+    def read_rows(self, xrows: torch.Tensor, own: bool = False) -> torch.Tensor:
+        """The crossbar read of ``rows_of`` inputs (N, rows without the bias row): the bias row's full-scale
+        input goes in with the read (``Crossbar.read``'s ``extra``), not by a concatenated copy of the inputs."""
+        return self.crossbar.read(xrows, own=own, extra=self.crossbar.config.input_max if self.has_bias else None)
+
+    def weight_gradient(self, xrows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The controller's outer product (rows, cols) from the read's inputs ``xrows`` (N, rows without the
+        bias row) and the errors at the columns ``rows`` (N, cols): xrowsᵀ·rows, and for the bias row, whose
+        input is input_max for every sample, input_max·Σ rows (one reduction instead of a concatenated copy of
+        the inputs as a product operand)."""
+        if not self.has_bias:
+            return torch.mm(xrows.t(), rows)   # what xrows.T @ rows computes, without matmul's dispatch
+        n = xrows.shape[1]
+        g = torch.empty((n + 1, rows.shape[1]), dtype=torch.result_type(xrows, rows), device=rows.device)
+        torch.mm(xrows.t(), rows, out=g[:n])
+        bias = torch.sum(rows, 0, out=g[n])
+        input_max = self.crossbar.config.input_max
+        if input_max != 1.0:
+            bias.mul_(input_max)
+        return g
+
     def _with_bias(self, rows: torch.Tensor) -> torch.Tensor:
         if not self.has_bias:
             return rows
@@ -136,14 +160,13 @@ class AnalogLayer(nn.Module):
     def preactivation(self, x: torch.Tensor, mode: str = "inference", weights: torch.Tensor | None = None):
         if mode not in MODES:
             raise ValueError(f"{self.name}: mode must be one of {', '.join(MODES)}, got {mode!r}")
-        xin = self.matrix_input(x)
         if mode == "bp":
-            z = _HardwareRead.apply(xin, self.weight, self)
+            z = _HardwareRead.apply(self.rows_of(x), self.weight, self)
         elif mode == "linearized":
-            z = self.crossbar.read(xin, w=weights)
+            z = self.crossbar.read(self.matrix_input(x), w=weights)
         else:
-            with torch.no_grad():   # with a bias column xin is a fresh copy of x, nobody else's: the DAC may take it
-                z = self.crossbar.read(xin, own=self.has_bias)
+            with torch.no_grad():
+                z = self.read_rows(self.rows_of(x))
         return self.shape_output(z, tuple(x.shape))
 
     def activate(self, z: torch.Tensor, mode: str = "inference") -> torch.Tensor:
@@ -174,16 +197,16 @@ class AnalogLayer(nn.Module):
         gradients, bit for bit), and a training step is spared the graph's bookkeeping, which on a CPU costs
         as much as the arithmetic of a small layer."""
         with no_grad():
-            xin = self.matrix_input(x)
-            z = self.shape_output(self.crossbar.read(xin), tuple(x.shape))
-            return self.activation(z), (xin, z, tuple(x.shape))
+            xrows = self.rows_of(x)
+            z = self.shape_output(self.read_rows(xrows), tuple(x.shape))
+            return self.activation(z), (xrows, z, tuple(x.shape))
 
     def backward_bp(self, saved: tuple, grad_out: torch.Tensor, weight_grad: bool, input_grad: bool
                     ) -> torch.Tensor | None:
         """Errors back through the derivative circuit and the chip's backward path. ``weight_grad``: the
         controller's outer product lands in ``weight.grad``; trainable coefficients of the neuron circuit get
         theirs in ``p.grad``. Returns the error at the layer's input when ``input_grad``."""
-        xin, z, x_shape = saved
+        xrows, z, x_shape = saved
         with no_grad():
             grad_z, by_id = derivative_backward(self.activation, z, grad_out)
             for p in self.activation.trainable_parameters():
@@ -193,7 +216,7 @@ class AnalogLayer(nn.Module):
             rows = self.output_rows(grad_z)
             grad_x = self.error_rows(rows) if input_grad else None
             if weight_grad:
-                g = torch.mm(xin.t(), rows)   # what xin.T @ rows computes, without matmul's dispatch
+                g = self.weight_gradient(xrows, rows)
                 self.weight.grad = g if self.weight.grad is None else self.weight.grad + g
             if grad_x is None:
                 return None

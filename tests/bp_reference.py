@@ -353,7 +353,7 @@ def backward_bp(self, saved: tuple, grad_out: torch.Tensor, weight_grad: bool, i
     """Errors back through the derivative circuit and the chip's backward path. ``weight_grad``: the
     controller's outer product lands in ``weight.grad``; trainable coefficients of the neuron circuit get
     theirs in ``p.grad``. Returns the error at the layer's input when ``input_grad``."""
-    xin, z, x_shape = saved
+    xrows, z, x_shape = saved   # (the read's inputs without the bias column, since the read takes that itself)
     with torch.no_grad():
         grad_z, by_id = derivative_backward(self.activation, z, grad_out)
         for p in self.activation.trainable_parameters():
@@ -363,7 +363,7 @@ def backward_bp(self, saved: tuple, grad_out: torch.Tensor, weight_grad: bool, i
         rows = self.output_rows(grad_z)
         grad_x = self.error_rows(rows) if input_grad else None
         if weight_grad:
-            g = xin.T @ rows
+            g = self.weight_gradient(xrows, rows)   # shared since the bias row's input stopped being a copied column
             self.weight.grad = g if self.weight.grad is None else self.weight.grad + g
         if grad_x is None:
             return None

@@ -217,3 +217,27 @@ def test_reads_without_numba_take_the_torch_path(spec_factory, monkeypatch):
     assert float(((fused[0] - plain[0]).abs() / code_f).max()) <= 1 + 1e-4
     assert float(((fused[1] - plain[1]).abs() / code_t).max()) <= 1 + 1e-4
     assert torch.equal(cb.read_stream.get_state(), end)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("conv", range(len(CONVERTERS)))
+def test_an_extra_row_read_equals_the_read_of_the_appended_column(spec_factory, monkeypatch, precision, conv):
+    """``read(x, extra=v)`` (the bias row's input taken by the prologue) equals the read of x with a column of
+    v appended, bit for bit, by the kernel and by the torch path, including the bfloat16 squares' tile layout
+    (70 rows in tiles of 32: the extra row lands in the ragged last tile)."""
+    cfg = CONVERTERS[conv]
+    cb = bar(spec_factory, 70, 45, precision, tile_rows=32, tile_cols=16, **cfg)
+    v = cfg.get("input_max", 1.0)
+    x = awkward((9, 69), 11, v)
+    appended = torch.cat([x, torch.full((9, 1), v)], 1)
+    start = cb.read_stream.get_state()
+    results = []
+    for kernel in (True, False):
+        if not kernel:
+            torch_path(monkeypatch)
+        for args in ((appended.clone(), None), (x.clone(), v)):
+            cb.read_stream.set_state(start)
+            results.append(cb.read(args[0], extra=args[1]))
+    assert all(same(r, results[0]) for r in results[1:])
+    with pytest.raises(RuntimeError):   # a width that is not rows − 1 fails as a wrong width does without it
+        cb.read(x[:, :60], extra=v)

@@ -565,3 +565,24 @@ def test_cost_kernel_leaves_outputs_that_are_not_finite_to_torch():
         ref, ref_grad = cost_module._mean_cost_and_gradient_torch(out, y, "cross_entropy")
         assert not math.isfinite(loss) and (loss == ref.item() or math.isnan(ref.item()))
         assert torch.equal(grad.isnan(), ref_grad.isnan())
+
+
+@pytest.mark.parametrize("input_max", [1.0, 2.5])
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_gradient_is_the_outer_product_with_the_bias_rows_input(input_max, bias):
+    """The controller's outer product without a copied bias column: the weight rows are xᵀ·δ as one product
+    computes it (bit for bit), the bias row is input_max·Σδ exactly as written, and the whole is within
+    float32 rounding of the float64 product with the bias column appended."""
+    spec = make_spec()
+    layer = AnalogLinear(7, 4, name="fc", spec=spec, bias=bias, crossbar=CrossbarConfig(input_max=input_max))
+    g = torch.Generator().manual_seed(3)
+    x, d = torch.randn(33, 7, generator=g), torch.randn(33, 4, generator=g)
+    w = layer.weight_gradient(x, d)
+    assert w.shape == (8 if bias else 7, 4) and w.dtype == torch.float32
+    assert torch.equal(w[:7], x.t() @ d)
+    if bias:
+        assert torch.equal(w[7], d.sum(0) * input_max if input_max != 1.0 else d.sum(0))
+    xin = torch.cat([x, torch.full((33, 1), input_max)], 1) if bias else x
+    exact = xin.double().t() @ d.double()
+    bound = 33 * torch.finfo(torch.float32).eps * (xin.abs().double().t() @ d.abs().double())
+    assert bool(((w.double() - exact).abs() <= bound).all())

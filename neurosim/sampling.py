@@ -14,11 +14,13 @@ of m: few cells lie above it, and N·τ stays a small multiple of the expected p
 how many numbers are drawn.
 
 On the CPU with a ``PhiloxStream`` none of that is needed: a uniform number per cell costs 0.17 ns there, less
-than the few dozen torch operations of the search. So every cell draws its own, uniform i of the call for flat
-cell i (exactly ceil(N/4) blocks a call), in one fused pass of a numba kernel (neurosim._update_numba) that
-writes the non-zero results sparsely; ``stochastic_round_dense`` is the same rounding as torch operations, the
-kernel's test oracle (and the path when the kernel is not available). Other generators and other devices
-(CUDA) keep the candidate search above: the same distribution, other numbers.
+than the few dozen torch operations of the search. So every cell has its own 24-bit uniform, flat cell i the
+u_i of ``rounding_uniforms`` (its high byte from a first call of the stream, its low 16 bits from a second:
+exactly ceil(N/16) + ceil(N/8) blocks a request), in one fused pass of a numba kernel (neurosim._update_numba)
+that writes the non-zero results sparsely and evaluates the low bits only where the high byte lets the cell
+fire; ``stochastic_round_dense`` is the same rounding as torch operations, the kernel's test oracle (and the
+path when the kernel is not available). Other generators and other devices (CUDA) keep the candidate search
+above: the same distribution, other numbers.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def _round_per_cell(x: torch.Tensor, stream: PhiloxStream, factor: float, limits
     if stream.kernel != "numba":
         return stochastic_round_dense(x, stream, factor, limits)
     n = x.numel()
-    first = stream._take(n)
+    first = stream._take(4 * sum(rounding_blocks(n)))
     if n == 0 or factor == 0:
         return torch.zeros(0, dtype=torch.long), x.new_zeros(0)
     from neurosim import _update_numba  # after random_streams chose numba's threading layer
@@ -96,18 +98,41 @@ def _round_per_cell(x: torch.Tensor, stream: PhiloxStream, factor: float, limits
     return torch.from_numpy(idx), torch.from_numpy(counts)
 
 
+def rounding_blocks(n: int) -> tuple[int, int]:
+    """Blocks of a PhiloxStream the rounding of n cells takes: (high bytes' call, low halves' call)."""
+    return (n + 15) // 16, (n + 7) // 8
+
+
+_BYTE_SHIFTS = (0, 8, 16, 24)
+_HALF_SHIFTS = (0, 16)
+
+
+def rounding_uniforms(stream: PhiloxStream, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The uniforms of a stochastic rounding of n cells, as the stream's next two calls give them: u_i =
+    (h_i·2^16 + l_i)·2^-24, h_i byte i % 4 (low byte first) of word i // 4 of 4·ceil(n/16) words, l_i half
+    i % 2 (low half first) of word i // 2 of the next 4·ceil(n/8) words. Uniform on the 2^24 grid, as the
+    stream's own uniforms; the split lets the CPU kernel draw the low bits only for cells that may fire."""
+    high, low = rounding_blocks(n)
+    hi, lo = stream.words(4 * high), stream.words(4 * low)
+    shifts = torch.tensor(_BYTE_SHIFTS, device=hi.device)
+    h = ((hi[:, None] >> shifts) & 0xFF).reshape(-1)[:n]
+    shifts = torch.tensor(_HALF_SHIFTS, device=lo.device)
+    l16 = ((lo[:, None] >> shifts) & 0xFFFF).reshape(-1)[:n]
+    return ((h * 65536 + l16).to(torch.float32) * 2.0**-24).to(dtype)   # integers < 2^24: exact
+
+
 def stochastic_round_dense(x: torch.Tensor, stream: PhiloxStream, factor: float = 1.0,
                            limits: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The rounding of a PhiloxStream request as torch operations (any device; the kernel's oracle): flat cell
-    i takes uniform i of one call of x.numel() numbers (``stream.uniform``, converted to x's dtype), m =
-    |x|·|factor| and n = floor(m + u) in x's dtype; cells with n >= 1 (so never a NaN request) are returned,
-    ascending, with the sign of factor·x and clamped to ``limits``. A half-precision x rounds in float32 (a
-    uniform near 1 would round up to 1 in bfloat16 and fire a zero cell), its counts converted back."""
+    i takes u_i of ``rounding_uniforms`` (in x's dtype), m = |x|·|factor| and n = floor(m + u) in x's dtype;
+    cells with n >= 1 (so never a NaN request) are returned, ascending, with the sign of factor·x and clamped
+    to ``limits``. A half-precision x rounds in float32 (a uniform near 1 would round up to 1 in bfloat16 and
+    fire a zero cell), its counts converted back."""
     if x.dtype not in (torch.float32, torch.float64):
         idx, counts = stochastic_round_dense(x.float(), stream, factor, limits)
         return idx, counts.to(x.dtype)
     flat = x.detach().reshape(-1)
-    u = stream.uniform(flat.numel(), dtype=x.dtype)
+    u = rounding_uniforms(stream, flat.numel(), x.dtype).to(flat.device)
     n = flat.abs().mul_(abs(factor)).add_(u).floor_()
     idx = (n >= 1).nonzero().squeeze(1)
     counts = n.index_select(0, idx)

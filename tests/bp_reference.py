@@ -19,6 +19,7 @@ from neurosim.crossbar import Crossbar
 from neurosim.device import DeviceArray
 from neurosim.layers import AnalogLayer, AnalogLinear
 from neurosim.random_streams import PhiloxStream
+from neurosim.sampling import rounding_uniforms
 from neurosim.training.base import Trainer
 
 
@@ -36,9 +37,10 @@ def stochastic_round_sparse(x: torch.Tensor, generator: torch.Generator | None =
     flat = x.reshape(-1)
     size = abs(factor)
     if isinstance(generator, PhiloxStream) and generator.device.type == "cpu":
-        # (the draw mechanism of the fused rounding kernel, after 2b688fd: uniform i of one call for flat cell i,
-        # floor(|x|·size + u) in x's dtype, the non-zero results ascending with the sign of factor·x)
-        counts = flat.abs().mul(size).add(generator.uniform(n, dtype=x.dtype)).floor()
+        # (the draw mechanism of the fused rounding kernel, after 2b688fd: uniform u_i of the stream for flat cell
+        # i -- since the split into high bytes and low halves, sampling.rounding_uniforms --, floor(|x|·size + u)
+        # in x's dtype, the non-zero results ascending with the sign of factor·x)
+        counts = flat.abs().mul(size).add(rounding_uniforms(generator, n, x.dtype)).floor()
         idx = (counts >= 1).nonzero().squeeze(1)
         signed = counts.index_select(0, idx).copysign(flat.index_select(0, idx))
         return idx, (signed.neg() if factor < 0 else signed)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neurosim.random_streams import PhiloxStream
-from neurosim.sampling import stochastic_round_dense, stochastic_round_sparse
+from neurosim.sampling import rounding_blocks, rounding_uniforms, stochastic_round_dense, stochastic_round_sparse
 
 KINDS = ["torch", "philox"]   # the candidate search; the fused per-cell kernel
 
@@ -160,7 +160,7 @@ def test_kernel_equals_the_torch_oracle_bit_for_bit(dtype, shape, factor, limits
         assert a[0].dtype == torch.long and a[1].dtype == dtype
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         assert fast.counter == slow.counter
-    assert fast.counter == 2 * ((x.numel() + 3) // 4)          # exactly ceil(N/4) blocks a call
+    assert fast.counter == 2 * sum(rounding_blocks(x.numel()))  # exactly ceil(N/16) + ceil(N/8) blocks a call
     if limits is not None:
         assert bool((a[1] >= limits[0]).all() and (a[1] <= limits[1]).all())
     assert bool((a[0][1:] > a[0][:-1]).all())                   # ascending
@@ -169,7 +169,7 @@ def test_kernel_equals_the_torch_oracle_bit_for_bit(dtype, shape, factor, limits
 def test_kernel_oracle_is_the_rule_it_states():
     # The oracle itself, element by element in plain Python from the same uniforms.
     x = _request(1001, torch.float32, 4)
-    u = PhiloxStream(8, "cpu", "o").uniform(1001)
+    u = rounding_uniforms(PhiloxStream(8, "cpu", "o"), 1001)
     idx, counts = stochastic_round_dense(x, PhiloxStream(8, "cpu", "o"), -3.0, (-5, 6))
     want = {}
     for i, (xi, ui) in enumerate(zip(x.tolist(), u.tolist(), strict=True)):
@@ -177,6 +177,28 @@ def test_kernel_oracle_is_the_rule_it_states():
         if v >= 1.0:
             want[i] = min(6.0, max(-5.0, math.copysign(math.floor(v), -xi)))
     assert dict(zip(idx.tolist(), counts.tolist(), strict=True)) == want and len(want) > 20
+
+
+def test_rounding_uniforms_are_the_words_they_state_and_uniform():
+    """u_i = (byte i % 4 of word i // 4 of the first call · 2^16 + half i % 2 of word i // 2 of the second)
+    · 2^-24, read in plain Python from the stream's words; the stream ends where both calls end; and the
+    numbers are uniform on [0, 1): mean and variance within 5 standard errors of 1/2 and 1/12 (n = 200,003)."""
+    n = 200_003
+    u = rounding_uniforms(PhiloxStream(9, "cpu", "u"), n)
+    stream = PhiloxStream(9, "cpu", "u")
+    high, low = rounding_blocks(n)
+    hi, lo = stream.words(4 * high).tolist(), stream.words(4 * low).tolist()
+    for i in [*range(40), *range(n - 40, n), 12_345, 77_777]:
+        want = (((hi[i // 4] >> (8 * (i % 4))) & 0xFF) * 65536 + ((lo[i // 2] >> (16 * (i % 2))) & 0xFFFF)) / 2**24
+        assert u[i].item() == want
+    first = PhiloxStream(9, "cpu", "u")
+    rounding_uniforms(first, n)
+    assert first.counter == stream.counter == high + low
+    assert u.dtype == torch.float32 and bool((u >= 0).all() and (u < 1).all())
+    assert bool(torch.equal(u * 2**24, (u * 2**24).round()))          # the 2^24 grid
+    ud = u.double()
+    assert abs(ud.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / n)
+    assert abs(ud.var().item() - 1 / 12) < 5 * math.sqrt(1 / 180 / n)   # Var of (u − 1/2)² is 1/180
 
 
 def test_kernel_same_numbers_at_one_and_two_threads():

@@ -391,13 +391,17 @@ def size_figures(data, size: str, repeats: int) -> None:
     shuffle = torch.Generator().manual_seed(0)
     times: dict[str, list[float]] = {"bp": [], "bp_train": [], "digital": [], "digital_train": [],
                                      "digital_accuracy": [], "floor": []}
-    for r in range(repeats + 1):                   # the first round is the warm-up
+    r = 0
+    while r <= repeats:                            # the first round is the warm-up
+        start = time.perf_counter()
         times["bp"].append(clock(lambda: trainer.run_epochs(1)))
         times["bp_train"].append(trainer.history[-1]["wall_time_s"])
         digital_epoch(model, opt, data, batch, shuffle, times)
         times["floor"].append(clock(lambda: [floor() for _ in range(steps)]))
         if r == 0:
             times = {k: [] for k in times}
+            repeats = rounds_for(time.perf_counter() - start, repeats)
+        r += 1
     med = {k: statistics.median(v) for k, v in times.items()}
 
     def paired(a: str, b: str) -> float:
@@ -417,6 +421,20 @@ def size_figures(data, size: str, repeats: int) -> None:
     sys.stdout.flush()
 
 
+ROUND_BUDGET_S = 8.0   # seconds of rounds a figure may take: more rounds where they are short
+MAX_ROUNDS = 25
+
+
+def rounds_for(warmup_s: float, least: int) -> int:
+    """Rounds of a paired figure: as many as fit in ROUND_BUDGET_S at the warm-up round's pace, at least
+    ``least`` and at most MAX_ROUNDS (with --quick, ``least`` itself). One round's ratio varies by ±20 % on a
+    shared machine (2.1-3.5 within one run); the median of n rounds by about 1/√n of that: measured, 9 rounds
+    gave medians 2.60-2.84 in three back-to-back runs."""
+    if least <= 1:
+        return least
+    return max(least, min(MAX_ROUNDS, int(ROUND_BUDGET_S / max(warmup_s, 1e-3))))
+
+
 def neuron_figures(data, repeats: int) -> None:
     """A BP epoch with Taylor and with PWL neuron circuits over the same epoch with exact ones (interleaved)."""
     spec = device_spec()
@@ -426,12 +444,16 @@ def neuron_figures(data, repeats: int) -> None:
         net_cfg = NetworkConfig(hidden=(256, 128), activation=act, crossbar=CrossbarConfig(**BP_CROSSBAR))
         trainers[mode] = bp_contender(net_cfg, spec, data, 64)
     times: dict[str, list[float]] = {k: [] for k in trainers}
-    for r in range(repeats + 1):
+    r = 0
+    while r <= repeats:
+        start = time.perf_counter()
         for mode, trainer in (list(trainers.items()) if r % 2 else list(trainers.items())[::-1]):
             trainer.run_epochs(1)
             times[mode].append(trainer.history[-1]["wall_time_s"])
         if r == 0:
             times = {k: [] for k in times}
+            repeats = rounds_for(time.perf_counter() - start, repeats)
+        r += 1
     print(f"# neuron circuits: 784-256-128-10, batch 64, training part of the epoch, {repeats} rounds (order "
           "alternating), the median of the rounds' ratios")
     for mode in ("taylor", "pwl"):
@@ -460,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_size(size)
         data = load(DataConfig(name="synthetic", size=28, samples=5000, test_fraction=0.2), seed=0)
         for size in sizes:
-            size_figures(data, size, repeats=1 if args.quick else 9)   # epochs of 0.1-0.8 s: 9 rounds
+            size_figures(data, size, repeats=1 if args.quick else 9)   # at least 9 rounds (rounds_for)
         if args.neurons:
             neuron_figures(data, repeats=1 if args.quick else 5)
         return finish()

@@ -421,18 +421,20 @@ def size_figures(data, size: str, repeats: int) -> None:
     sys.stdout.flush()
 
 
-ROUND_BUDGET_S = 8.0   # seconds of rounds a figure may take: more rounds where they are short
+ROUND_BUDGET_S = 8.0     # seconds of rounds a size's figures may take: more rounds where they are short
+NEURON_BUDGET_S = 30.0   # the neuron figures' (their rounds' ratios spread more: 0.76-1.27 in one run)
 MAX_ROUNDS = 25
 
 
-def rounds_for(warmup_s: float, least: int) -> int:
-    """Rounds of a paired figure: as many as fit in ROUND_BUDGET_S at the warm-up round's pace, at least
+def rounds_for(warmup_s: float, least: int, budget_s: float = ROUND_BUDGET_S) -> int:
+    """Rounds of a paired figure: as many as fit in ``budget_s`` at the warm-up round's pace, at least
     ``least`` and at most MAX_ROUNDS (with --quick, ``least`` itself). One round's ratio varies by ±20 % on a
-    shared machine (2.1-3.5 within one run); the median of n rounds by about 1/√n of that: measured, 9 rounds
-    gave medians 2.60-2.84 in three back-to-back runs."""
+    shared machine (bp_vs_digital 2.1-3.5 within one run, a neuron ratio 0.76-1.27), and the median of n
+    rounds by about 1/√n of that: measured, 9 rounds of bp_vs_digital gave medians 2.60-2.84 in three
+    back-to-back runs, 5-9 rounds of bp_taylor_vs_exact 0.97-1.14, 25 rounds 1.02."""
     if least <= 1:
         return least
-    return max(least, min(MAX_ROUNDS, int(ROUND_BUDGET_S / max(warmup_s, 1e-3))))
+    return max(least, min(MAX_ROUNDS, int(budget_s / max(warmup_s, 1e-3))))
 
 
 def neuron_figures(data, repeats: int) -> None:
@@ -452,7 +454,7 @@ def neuron_figures(data, repeats: int) -> None:
             times[mode].append(trainer.history[-1]["wall_time_s"])
         if r == 0:
             times = {k: [] for k in times}
-            repeats = rounds_for(time.perf_counter() - start, repeats)
+            repeats = rounds_for(time.perf_counter() - start, repeats, NEURON_BUDGET_S)
         r += 1
     print(f"# neuron circuits: 784-256-128-10, batch 64, training part of the epoch, {repeats} rounds (order "
           "alternating), the median of the rounds' ratios")

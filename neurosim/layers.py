@@ -120,10 +120,10 @@ class AnalogLayer(nn.Module):
         """The (N, rows) matrix the crossbar reads: one row per sample (and output position), bias included."""
         return self._with_bias(self.rows_of(x))
 
-    def read_rows(self, xrows: torch.Tensor, own: bool = False) -> torch.Tensor:
+    def read_rows(self, xrows: torch.Tensor) -> torch.Tensor:
         """The crossbar read of ``rows_of`` inputs (N, rows without the bias row): the bias row's full-scale
         input goes in with the read (``Crossbar.read``'s ``extra``), not by a concatenated copy of the inputs."""
-        return self.crossbar.read(xrows, own=own, extra=self.crossbar.config.input_max if self.has_bias else None)
+        return self.crossbar.read(xrows, extra=self.crossbar.config.input_max if self.has_bias else None)
 
     def weight_gradient(self, xrows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The controller's outer product (rows, cols) from the read's inputs ``xrows`` (N, rows without the

@@ -56,27 +56,20 @@ def forward(x, xn, sq, sq16, mode, divide, input_max, lower, dac_step, rounded, 
     of a ragged last tile past n left as they are): the layout the tiles' product takes without a copy (torch's
     bfloat16 bmm copies a strided operand)."""
     n = xn.size
-    if has_extra:
-        cols = n // B if B else 0
-        e = extra / input_max if divide else extra
-        e = _convert(e, lower, _ONE, dac_step, rounded, adc_inv)
-        for b in range(B):
-            src = x[b * (cols - 1):(b + 1) * (cols - 1)]   # slices: the inner loop vectorizes
-            dst = xn[b * cols:(b + 1) * cols - 1]
-            for k in range(cols - 1):
-                v = src[k]
-                if divide:
-                    v = v / input_max
-                dst[k] = _convert(v, lower, _ONE, dac_step, rounded, adc_inv)
-            xn[(b + 1) * cols - 1] = e
-    else:
-        for k in range(n):
-            v = x[k]
+    cols = n // B if B else 0
+    given = cols - 1 if has_extra else cols
+    e = _convert(extra / input_max if divide else extra, lower, _ONE, dac_step, rounded, adc_inv)
+    for b in range(B):
+        src = x[b * given:(b + 1) * given]   # slices: the inner loop vectorizes
+        dst = xn[b * cols:b * cols + given]
+        for k in range(given):
+            v = src[k]
             if divide:
                 v = v / input_max
-            xn[k] = _convert(v, lower, _ONE, dac_step, rounded, adc_inv)
+            dst[k] = _convert(v, lower, _ONE, dac_step, rounded, adc_inv)
+        if has_extra:
+            xn[b * cols + given] = e
     if mode == SQUARES_BF16:
-        cols = n // B if B else 0
         for b in range(B):
             for t in range((cols + R - 1) // R):
                 m = min(R, cols - t * R)

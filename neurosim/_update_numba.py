@@ -48,6 +48,13 @@ def _emit(v, xi, i, flip, low, high, clamp, idx, val, at):
 
 
 @njit(inline="always")
+def _uniform(h, low):
+    """(h·2^16 + low)·2^-24 as float32 (exact: an integer below 2^24); low = 0xFFFF gives the largest uniform
+    a cell with high byte h can have."""
+    return np.float32(np.int32(h) * 65536 + np.int32(low)) * _U24
+
+
+@njit(inline="always")
 def _low_half(i, ctr2, k0, k1):
     """l_i: half i % 2 of word (i // 2) % 4 of block ctr2 + i // 8 of the low halves' call."""
     w = _block(ctr2 + uint64(i >> 3), k0, k1)
@@ -74,7 +81,7 @@ def _round_piece(x, lo, hi, size, flip, low, high, clamp, ctr, ctr2, k0, k1, wor
         b = g * GROUP
         hit = 0
         for j in range(GROUP):
-            v = np.abs(xs[b + j]) * size + np.float32(np.int32(h[b + j]) * 65536 + 65535) * _U24
+            v = np.abs(xs[b + j]) * size + _uniform(h[b + j], 0xFFFF)
             m[j] = v
             hit += np.int32(v >= 1.0)
         if hit:
@@ -83,7 +90,7 @@ def _round_piece(x, lo, hi, size, flip, low, high, clamp, ctr, ctr2, k0, k1, wor
                     count += _exact(xs, b + j, lo, h, size, flip, low, high, clamp, ctr2, k0, k1, idx, val,
                                     lo + count)
     for j in range(k - k % GROUP, k):
-        if np.abs(xs[j]) * size + np.float32(np.int32(h[j]) * 65536 + 65535) * _U24 >= 1.0:
+        if np.abs(xs[j]) * size + _uniform(h[j], 0xFFFF) >= 1.0:
             count += _exact(xs, j, lo, h, size, flip, low, high, clamp, ctr2, k0, k1, idx, val, lo + count)
     return count
 
@@ -93,8 +100,7 @@ def _exact(xs, j, lo, h, size, flip, low, high, clamp, ctr2, k0, k1, idx, val, a
     """A candidate (its high byte lets m + u reach 1): its full uniform, and its result at ``at`` if it
     fires; returns 1 if it did, else 0. (A float32 uniform in a float64 sum is converted exactly.)"""
     i = lo + j
-    u = np.float32(np.int32(h[j]) * 65536 + np.int32(_low_half(i, ctr2, k0, k1))) * _U24
-    v = np.abs(xs[j]) * size + u
+    v = np.abs(xs[j]) * size + _uniform(h[j], _low_half(i, ctr2, k0, k1))
     if v >= 1.0:
         _emit(v, xs[j], i, flip, low, high, clamp, idx, val, at)
         return 1
@@ -151,15 +157,15 @@ def _round_parallel(x, size, flip, low, high, clamp, ctr, ctr2, k0, k1):
 
 
 def round_sparse(x: np.ndarray, size: float, flip: bool, limits: tuple[float, float] | None, counter: int,
-                 k0: int, k1: int, parallel: bool) -> tuple[np.ndarray, np.ndarray]:
+                 counter2: int, k0: int, k1: int, parallel: bool) -> tuple[np.ndarray, np.ndarray]:
     """(flat indices ascending, signed counts in x's dtype) of floor(|x|·size + u) for a 1-d contiguous
-    float32/float64 ``x`` whose high bytes are the call starting at block ``counter`` and whose low halves
-    the call right after it (``sampling.rounding_blocks``: ceil(n/16) blocks, then ceil(n/8))."""
+    float32/float64 ``x`` whose high bytes are the call starting at block ``counter`` and whose low halves the
+    call starting at block ``counter2`` (``sampling.rounding_blocks``: ceil(n/16) blocks, then ceil(n/8))."""
     t = x.dtype.type
     low, high = (0.0, 0.0) if limits is None else limits
     f = _round_parallel if parallel else _round_serial
     return f(x, t(size), bool(flip), t(low), t(high), limits is not None, np.uint64(counter),
-             np.uint64((counter + (x.size + 15) // 16) % 2**64), np.uint32(k0), np.uint32(k1))
+             np.uint64(counter2), np.uint32(k0), np.uint32(k1))
 
 
 # --- a crossbar's bookkeeping after a sparse write (Crossbar._written) ------------------------------------------

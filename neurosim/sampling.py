@@ -86,14 +86,16 @@ def _round_per_cell(x: torch.Tensor, stream: PhiloxStream, factor: float, limits
     if stream.kernel != "numba":
         return stochastic_round_dense(x, stream, factor, limits)
     n = x.numel()
-    first = stream._take(4 * sum(rounding_blocks(n)))
+    high, low = rounding_blocks(n)
+    first = stream._take(4 * (high + low))
     if n == 0 or factor == 0:
         return torch.zeros(0, dtype=torch.long), x.new_zeros(0)
     from neurosim import _update_numba  # after random_streams chose numba's threading layer
     arr = random_streams.flat_numpy(x if x.is_contiguous() and not x.requires_grad else x.detach().contiguous())
     result = []
     random_streams._run(lambda *args, parallel: result.append(_update_numba.round_sparse(*args, parallel)), n,
-                        arr, abs(factor), factor < 0, limits, first, stream.key & 0xFFFFFFFF, stream.key >> 32)
+                        arr, abs(factor), factor < 0, limits, first, (first + high) % 2**64, stream.key & 0xFFFFFFFF,
+                        stream.key >> 32)
     idx, counts = result[0]
     return torch.from_numpy(idx), torch.from_numpy(counts)
 

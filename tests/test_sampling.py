@@ -205,8 +205,9 @@ def test_kernel_same_numbers_at_one_and_two_threads():
     from neurosim import _update_numba
     x = _request(100_003, torch.float32, 5).numpy()
     key = PhiloxStream(1, "cpu", "t").key
-    serial = _update_numba.round_sparse(x, 0.8, True, (-4.0, 4.0), 0, key & 0xFFFFFFFF, key >> 32, False)
-    parallel = _update_numba.round_sparse(x, 0.8, True, (-4.0, 4.0), 0, key & 0xFFFFFFFF, key >> 32, True)
+    second = rounding_blocks(x.size)[0]   # the low halves' call starts after the high bytes'
+    serial = _update_numba.round_sparse(x, 0.8, True, (-4.0, 4.0), 0, second, key & 0xFFFFFFFF, key >> 32, False)
+    parallel = _update_numba.round_sparse(x, 0.8, True, (-4.0, 4.0), 0, second, key & 0xFFFFFFFF, key >> 32, True)
     assert np.array_equal(serial[0], parallel[0]) and np.array_equal(serial[1], parallel[1])
     saved = torch.get_num_threads()
     try:

@@ -1,13 +1,16 @@
 """Torch operations and Python time per hardware-BP training step, by phase (issue #14's measure).
 
 Op counts come from torch.profiler (every aten op, nested ones included, as ``key_averages`` counts them) and
-are deterministic: they do not depend on the machine's load, unlike wall-clock times. The phases are
+are deterministic: they do not depend on the machine's load, unlike wall-clock times. So are the Python-level
+calls (``--calls``: every call of a Python function or of a builtin from Python, as ``sys.setprofile`` sees
+them), the measure of a step's glue: a Python function's call (a frame) costs about 0.2-0.6 µs here, by the
+machine's phase, a builtin's (``is_contiguous``, ``isinstance``) a fraction of that. The phases are
 ``forward`` (``AnalogLayer.forward_bp``), ``cost`` (the cost and its gradient), ``backward``
 (``AnalogLayer.backward_bp``), ``update`` (``Trainer.update_layers``: momentum and ``program_deltas``) and
 ``other`` (the rest of the step: the engine's events, the clock, neuron-circuit updates).
 
     python benchmarks/bp_ops.py [--sizes 784-256-128-10_b64,...] [--steps 20] [--top 25] [--threads 2]
-                                [--cprofile] [--detail] [--time]
+                                [--cprofile] [--detail] [--time] [--calls]
 """
 
 from __future__ import annotations
@@ -157,6 +160,53 @@ def count_ops(trainer, steps: int, top: int, detail: bool = False) -> None:
         print(f"#   {name:40s} {n / steps:7.1f}")
 
 
+def count_calls(trainer, steps: int, top: int) -> None:
+    """Python-level calls per step and phase (``sys.setprofile``'s 'call' and 'c_call' events), and the most
+    frequent functions of each phase."""
+    phase = ["other"]
+    calls = {p: collections.Counter() for p in (*PHASES, "other")}
+
+    @contextlib.contextmanager
+    def inside(name):
+        outer, phase[0] = phase[0], name
+        try:
+            yield
+        finally:
+            phase[0] = outer
+
+    def hook(frame, event, arg):
+        if event == "call":
+            code = frame.f_code
+            calls[phase[0]][f"{code.co_name} ({Path(code.co_filename).name}:{code.co_firstlineno})"] += 1
+        elif event == "c_call":
+            calls[phase[0]][f"[c] {getattr(arg, '__qualname__', arg)}"] += 1
+
+    with _phases_wrapped(inside):
+        run_steps(trainer, 2)
+        sys.setprofile(hook)
+        try:
+            run_steps(trainer, steps)
+        finally:
+            sys.setprofile(None)
+    wrappers = {p: 0 for p in calls}   # the phase wrappers' own calls (wrapped, inside, contextmanager's)
+    for p, counter in calls.items():
+        for name in list(counter):
+            if "bp_ops.py" in name or "contextlib.py" in name:
+                wrappers[p] += counter.pop(name)
+    def functions(counter):   # calls of Python functions (a frame each, the dearer kind), builtins apart
+        return sum(n for name, n in counter.items() if not name.startswith("[c]"))
+
+    print(f"python_calls_per_step = {sum(sum(c.values()) for c in calls.values()) / steps:.1f}")
+    print(f"python_function_calls_per_step = {sum(functions(c) for c in calls.values()) / steps:.1f}")
+    for p, counter in calls.items():
+        print(f"python_calls_per_step_{p} = {sum(counter.values()) / steps:.1f}  "
+              f"(functions {functions(counter) / steps:.1f})")
+    for p, counter in calls.items():
+        print(f"# {p}: most frequent calls per step")
+        for name, n in counter.most_common(top):
+            print(f"#   {n / steps:7.1f}  {name}")
+
+
 def python_profile(trainer, steps: int, top: int) -> None:
     pr = cProfile.Profile()
     pr.enable()
@@ -180,6 +230,7 @@ def main() -> None:
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--detail", action="store_true", help="the ops called from Python, per phase")
     parser.add_argument("--time", action="store_true", help="least and median ms per step and phase instead")
+    parser.add_argument("--calls", action="store_true", help="Python-level calls per step and phase instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from bench_crossbar import device_spec
@@ -194,6 +245,9 @@ def main() -> None:
         print(f"# {size}, {args.steps} steps")
         if args.time:
             time_steps(trainer, args.steps)
+            continue
+        if args.calls:
+            count_calls(trainer, args.steps, args.top)
             continue
         count_ops(trainer, args.steps, args.top, args.detail)
         if args.cprofile:

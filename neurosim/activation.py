@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from neurosim.backend import no_grad
 from neurosim.config import ConfigError, check, setting
-from neurosim.random_streams import PhiloxStream, _numba_kernels, _run, flat_numpy
+from neurosim.random_streams import NUMBA, PhiloxStream, _numba_kernels, _run, flat_numpy
 
 FUNCTIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "selu", "softplus", "gelu", "silu",
              "identity")
@@ -843,8 +843,7 @@ class ActivationUnit(torch.nn.Module):
                 or self._dtype != torch.float32 or not x.is_contiguous() or _numba_kernels() is None
                 or self._coefficient_sets is not None):
             return None
-        from neurosim import _activation_numba  # after _numba_kernels() chose numba's threading layer
-        return _activation_numba
+        return NUMBA.activation
 
     def ideal(self, x: torch.Tensor) -> torch.Tensor:
         """The realization (exact, Taylor or PWL) without circuit non-idealities; differentiable."""
@@ -1125,9 +1124,8 @@ class ActivationUnit(torch.nn.Module):
             else:
                 g, gstride = flat_numpy(grad.detach().contiguous()), g_row.size
         lo, hi = clip if clip is not None else (-math.inf, math.inf)
-        from neurosim import _activation_numba  # after _numba_kernels() chose numba's threading layer
         # without noise the pass is a few arithmetic operations an element: parallel only for larger sizes
-        _run(_activation_numba.circuit, n if noise else n // 8, y2.numpy(), out2.numpy(), g_row, o_row, pre,
+        _run(NUMBA.activation.circuit, n if noise else n // 8, y2.numpy(), out2.numpy(), g_row, o_row, pre,
              noise or 1.0, bool(noise), lo, hi, g, gstride, grad is not None, first, key & 0xFFFFFFFF, key >> 32)
         return out
 

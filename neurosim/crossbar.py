@@ -30,7 +30,15 @@ from neurosim.device import (
     pair_arrays,
     pair_conductances,
 )
-from neurosim.random_streams import PhiloxStream, _noisy_adc_sum_kernel, _numba_kernels, flat_numpy, noisy_adc_sum
+from neurosim.random_streams import (
+    NUMBA,
+    PhiloxStream,
+    _noisy_adc_sum_kernel,
+    _numba_kernels,
+    _run,
+    flat_numpy,
+    noisy_adc_sum,
+)
 from neurosim.random_streams import _factor as _epilogue_factor
 from neurosim.sampling import stochastic_round_sparse, stochastic_round_sparse_many
 
@@ -299,10 +307,10 @@ class Crossbar:
         memo = self._key_memo
         if memo is not None and memo[0] == raw:
             return memo[1]
-        keys = tuple(a.read_key() for a in self._arrays())
+        keys = (plus.read_key(),) if minus is None else (plus.read_key(), minus.read_key())
         anchor = self._drift_anchor
         if anchor is not None and self._drift_change(anchor) <= self.config.drift_tolerance:
-            keys = tuple((k[0], anchor if k[1] is not None else None) for k in keys)
+            keys = tuple([(k[0], anchor if k[1] is not None else None) for k in keys])
         key = (self.noise, *keys)
         self._key_memo = (raw, key)
         return key
@@ -312,8 +320,8 @@ class Crossbar:
         a factor differs from 1 only at an age ≥ t0, so the age grew by at most the factor 1 + Δt/t0. A cell
         written since is at most Δt old: the same bound holds for its factor, patched in as 1."""
         worst = 0.0
-        for a in self._arrays():
-            if a.drifting and a.time_s > since:
+        for a in (self.plus, self.minus):
+            if a is not None and a.time_s > since and a.drifting:
                 worst = max(worst, a.max_drift_nu() * math.log1p((a.time_s - since) / a.spec.drift_t0))
         return worst
 
@@ -354,7 +362,7 @@ class Crossbar:
                     list(pair_conductances(self.plus, self.minus, sl))
                 self._read_values(g, tuple(b[sl] if b is not None else None for b in bufs))
                 self._cache, self._cache_low, self._cache_np = tuple(bufs), None, None
-            self._drift_anchor = self.plus.time_s if any(a.drifting for a in self._arrays()) else None
+            self._drift_anchor = self.plus.time_s if any([a.drifting for a in self._arrays()]) else None
             self._cache_key, self._solvers = self._state_key(), None
         if self.read_dtype != self.dtype:
             return tuple(t.to(self.read_dtype) if t is not None else None for t in self._cache)
@@ -405,12 +413,9 @@ class Crossbar:
         once a read used it), into the previous buffers when nobody else holds them (padded rows zeroed at allocation
         only). Equal to the torch rebuild bit for bit without drift, within a few ulps with drift (ln and exp
         rounded otherwise; docs/crossbar.md). False (nothing done) where an array is not contiguous."""
-        from neurosim import _cache_numba
-        from neurosim.random_streams import _run
-
         self._tile_memo = ()   # its views would count as another holder of the buffers
         arrays = self._arrays()
-        if not all(a.g.is_contiguous() and a.t_programmed.is_contiguous() for a in arrays):
+        if not all([a.g.is_contiguous() and a.t_programmed.is_contiguous() for a in arrays]):
             return False
         noisy = self._noisy_reads()
         # the bfloat16 copy is kept up to date where reads use it: always under 'bfloat16'; under MIXED once a
@@ -433,15 +438,15 @@ class Crossbar:
         ql = (self._cache_low if reuse_low else fresh(torch.bfloat16)) if low else None
         self._cache, self._cache_low = (w, q), ql
         views = self._cache_views()
-        state = [a.numpy_views() for a in arrays]
-        g = tuple(v[0] for v in state)
-        t = tuple(v[1] if a.drifting else None for a, v in zip(arrays, state, strict=True))
-        nu = tuple(v[2] if a.drifting else None for a, v in zip(arrays, state, strict=True))
+        state = [(a.numpy_views(), a.drifting) for a in arrays]
+        g = tuple([v[0] for v, _ in state])
+        t = tuple([v[1] if drifting else None for v, drifting in state])
+        nu = tuple([v[2] if drifting else None for v, drifting in state])
         if len(arrays) == 1:
             g, t, nu = (g[0], None), (t[0], None), (nu[0], None)
         now = (arrays[0].time_s, arrays[-1].time_s)
         n = rows * self.padded_shape[1]
-        _run(_cache_numba.rebuild, n, n, g, t, now, nu, self.spec.drift_t0, self.g_mid,
+        _run(NUMBA.cache.rebuild, n, n, g, t, now, nu, self.spec.drift_t0, self.g_mid,
              self.k * self.config.w_max, views)
         return True
 
@@ -459,13 +464,11 @@ class Crossbar:
         those cells, as ``program_pair`` returns them (or already split in two). One numba pass where
         ``_cache_kernel`` allows (bit for bit the torch operations below, tested)."""
         if self._cache_kernel() and cells.dtype == torch.long and cells.is_contiguous():
-            from neurosim import _cache_numba
-
             if new is None:
                 g = [a.g.reshape(-1).numpy() for a in self._arrays()]
             else:
                 g = [t.contiguous().numpy() for t in (new if isinstance(new, tuple) else new.split(cells.numel()))]
-            _cache_numba.patch(cells.numpy(), g[0], g[1] if len(g) == 2 else None, new is None, self.g_mid,
+            NUMBA.cache.patch(cells.numpy(), g[0], g[1] if len(g) == 2 else None, new is None, self.g_mid,
                                self.k * self.config.w_max, self._cache_views())
             self._cache_key, self._solvers = self._state_key(), None
             return
@@ -550,9 +553,10 @@ class Crossbar:
         R, C = self.tile_rows, mat.shape[1]
         views = (mat[: full * R].reshape(full, R, C), None if full == self.n_row_tiles else
                  mat[full * R: self.in_features])
-        cache = (*(self._cache or ()), self._cache_low)
-        if not (torch.is_grad_enabled() and mat.requires_grad) and any(mat is t for t in cache if t is not None):
-            self._tile_memo = (*(e for e in self._tile_memo if any(e[0] is t for t in cache)), (mat, *views))
+        cache = [t for t in (*(self._cache or ()), self._cache_low) if t is not None]
+        if not (torch.is_grad_enabled() and mat.requires_grad) and any([mat is t for t in cache]):
+            kept = [e for e in self._tile_memo if any([e[0] is t for t in cache])]
+            self._tile_memo = (*kept, (mat, *views))
         return views
 
     def _clean_partials(self, xn: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -756,23 +760,22 @@ class Crossbar:
                 or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu"
                 or (torch.is_grad_enabled() and x.requires_grad) or _numba_kernels() is None):
             return None
-        from neurosim import _read_numba  # after _numba_kernels() chose numba's threading layer
-        return _read_numba
+        return NUMBA.read
 
     @staticmethod
     def _squares_buffer(shape: tuple[int, ...], gsq: torch.Tensor | None, flat: bool):
         """The squares' tensor of a prologue, in gsq's dtype (None without read noise), and the kernel's view
         of it: (tensor, mode, float32 array, bfloat16 bits array), the unused array empty; ``flat``: the
         arrays 1-d (the forward kernel's), else of the tensor's shape."""
-        from neurosim import _read_numba
+        kernels = NUMBA.read
         empty32, empty16 = _EMPTY[1 if flat else len(shape)]
         if gsq is None:
-            return None, _read_numba.NO_SQUARES, empty32, empty16
+            return None, kernels.NO_SQUARES, empty32, empty16
         sq = torch.empty(shape, dtype=gsq.dtype)
         seen = sq.view(-1) if flat else sq
         if gsq.dtype == torch.bfloat16:
-            return sq, _read_numba.SQUARES_BF16, empty32, seen.view(torch.int16).numpy().view(np.uint16)
-        return sq, _read_numba.SQUARES_F32, seen.numpy(), empty16
+            return sq, kernels.SQUARES_BF16, empty32, seen.view(torch.int16).numpy().view(np.uint16)
+        return sq, kernels.SQUARES_F32, seen.numpy(), empty16
 
     def read_transposed(self, d: torch.Tensor) -> torch.Tensor:
         """Transposed read d·Wᵀ of a batch (B, out) → (B, in): columns driven, rows sensed (BP's backward path).
@@ -1087,7 +1090,7 @@ class Crossbar:
         # A drifting array is patched too while the cache's drift is within drift_tolerance: the cells just
         # written are at age 0, where the drift factor is exactly 1.
         patch = (self._cache_key == self._state_key() and 16 * cells.numel() < self.plus.g.numel()
-                 and (self.config.drift_tolerance > 0 or not any(a.drifting for a in self._arrays())))
+                 and (self.config.drift_tolerance > 0 or not any([a.drifting for a in self._arrays()])))
         return cells, patch
 
     def _written(self, idx: torch.Tensor, counts: torch.Tensor, cells: torch.Tensor, new: torch.Tensor | None,
@@ -1101,8 +1104,7 @@ class Crossbar:
         elif patch:
             self._refresh_cells(cells, new)
         if self._bookkeeping_kernel(idx, counts):
-            from neurosim import _update_numba  # after _numba_kernels() chose numba's threading layer
-            return _update_numba.bookkeeping(
+            return NUMBA.update.bookkeeping(
                 flat_numpy(self.believed), idx.numpy(), counts.numpy(), self.dw_up, self.dw_down,
                 self.config.w_max, self.out_features, self.tile_cols, self.n_col_tiles, self.tile_rows,
                 self.n_row_tiles)

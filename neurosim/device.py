@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from neurosim.config import ConfigError, build, load_toml, setting
+from neurosim.random_streams import NUMBA
 
 # Fields that carry a number of the card; each one set away from its default must cite a source.
 _NUMERIC_FIELDS = (
@@ -505,7 +506,7 @@ class DeviceArray:
         tensors' data pointers (the views keep that memory alive, so no other tensor can take a remembered
         pointer): a training step's write and the read cache's rebuild pass them to numba, and making them
         anew took a dozen operations a step."""
-        nu = self._neg_nu()
+        nu = self._neg_nu_value if self.__dict__.get("_neg_nu_of", self) is self.drift_nu else self._neg_nu()
         ptrs = (self.g.data_ptr(), self.t_programmed.data_ptr(), nu.data_ptr())
         memo = self._numpy_memo
         if memo is None or memo[0] != ptrs:
@@ -725,7 +726,8 @@ class DeviceArray:
 
     def read_key(self) -> tuple:
         """Changes whenever conductance() may: a write, or the clock moving while drifting."""
-        return (self.version, self.time_s if self.drifting else None)
+        spec = self.spec   # (``drifting`` inline: every read and write of a crossbar asks after a change)
+        return (self.version, self.time_s if spec.drift_nu > 0 and self.time_s > spec.drift_t0 else None)
 
     def conductance(self, rows: int | slice | None = None) -> torch.Tensor:
         """Noise-free conductance now, drift included: G·((t − t_prog)/t0)^-nu once t − t_prog exceeds t0.
@@ -919,15 +921,13 @@ def _pulse_pairs_kernel(joined: list, halves: bool, out: list, targets: dict | N
     """``_program_pairs``' joined pass as one numba call per pair: the same draws (one stream call for the
     pass, the pairs' cells in the torch path's order), the same stores and version bumps; and the read-cache
     patches requested in ``targets`` (write index → [cache operands, done]) of float32 pairs."""
-    from neurosim import _pulse_numba  # after random_streams chose numba's threading layer
-
     lead = joined[0][1]
     stream = lead.pulse_stream
     spec = lead.spec
     noise = spec.c2c > 0
-    total = sum(2 * j[3].numel() for j in joined)
+    total = sum([2 * j[3].numel() for j in joined])
     ctr = stream._take(total) if noise else 0
-    k0, k1 = stream.key & 0xFFFFFFFF, stream.key >> 32
+    k0, k1 = stream._key & 0xFFFFFFFF, stream._key >> 32
     scale = spec.c2c * (spec.g_max - spec.g_min) if noise else None
     stamp = spec.drift_nu > 0
     at = 0
@@ -935,7 +935,7 @@ def _pulse_pairs_kernel(joined: list, halves: bool, out: list, targets: dict | N
         target = None if targets is None else targets.get(i)
         cache = target[0] if target is not None and first.dtype == torch.float32 else None
         (g1, t1, nu1), (g2, t2, nu2) = first.numpy_views(), second.numpy_views()
-        new = torch.from_numpy(_pulse_numba.pulse_pair(
+        new = torch.from_numpy(NUMBA.pulse.pulse_pair(
             first._pair_numpy(), first._table[0].shape[0], idx.numpy(), counts.numpy(), g1, g2, t1, t2,
             (first.time_s, second.time_s), stamp, (nu1 if first.drifting else None,
                                                    nu2 if second.drifting else None), spec.drift_t0,

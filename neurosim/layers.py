@@ -199,7 +199,7 @@ class AnalogLayer(nn.Module):
         with no_grad():
             xrows = self.rows_of(x)
             z = self.shape_output(self.read_rows(xrows), tuple(x.shape))
-            return self.activation(z), (xrows, z, tuple(x.shape))
+            return self._modules["activation"](z), (xrows, z, tuple(x.shape))
 
     def backward_bp(self, saved: tuple, grad_out: torch.Tensor, weight_grad: bool, input_grad: bool
                     ) -> torch.Tensor | None:
@@ -207,17 +207,21 @@ class AnalogLayer(nn.Module):
         controller's outer product lands in ``weight.grad``; trainable coefficients of the neuron circuit get
         theirs in ``p.grad``. Returns the error at the layer's input when ``input_grad``."""
         xrows, z, x_shape = saved
+        # (submodules and parameters from their dicts: nn.Module's __getattr__ is a Python call each time, a
+        # dozen a training step here)
+        unit, weight = self._modules["activation"], self._parameters["weight"]
         with no_grad():
-            grad_z, by_id = derivative_backward(self.activation, z, grad_out)
-            for p in self.activation.trainable_parameters():
-                g = by_id.get(id(p))
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad + g
+            grad_z, by_id = derivative_backward(unit, z, grad_out)
+            if by_id:
+                for p in unit.trainable_parameters():
+                    g = by_id.get(id(p))
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad + g
             rows = self.output_rows(grad_z)
             grad_x = self.error_rows(rows) if input_grad else None
             if weight_grad:
                 g = self.weight_gradient(xrows, rows)
-                self.weight.grad = g if self.weight.grad is None else self.weight.grad + g
+                weight.grad = g if weight.grad is None else weight.grad + g
             if grad_x is None:
                 return None
             return self.input_from_rows(grad_x[:, : grad_x.shape[1] - int(self.has_bias)], x_shape)
@@ -225,9 +229,10 @@ class AnalogLayer(nn.Module):
     # -- programming -----------------------------------------------------------------------------------------
     def sync_believed(self) -> None:
         """After programming, the digital copy is what the controller believes it wrote."""
-        if self.weight.data_ptr() != self.crossbar.believed.data_ptr():  # no longer shared (e.g. after .to())
+        weight = self._parameters["weight"]
+        if weight.data_ptr() != self.crossbar.believed.data_ptr():  # no longer shared (e.g. after .to())
             with torch.no_grad():
-                self.weight.copy_(self.crossbar.believed)
+                weight.copy_(self.crossbar.believed)
 
     def footprint(self) -> dict:
         return {"name": self.name, **self.crossbar.footprint(), "reads_per_sample": self.reads_per_sample}
@@ -351,7 +356,13 @@ class AnalogNetwork(nn.Module):
 
     @property
     def analog_layers(self) -> list[AnalogLayer]:
-        return [s for s in self.stages if isinstance(s, AnalogLayer)]
+        """The analog layers in order (a new list each time; remembered for the stages, which a training step
+        asks for several times)."""
+        stages = list(self._modules["stages"]._modules.values())
+        memo = self.__dict__.get("_analog_memo")
+        if memo is None or memo[0] != stages:   # (modules compare by identity)
+            memo = self.__dict__["_analog_memo"] = (stages, [s for s in stages if isinstance(s, AnalogLayer)])
+        return list(memo[1])
 
     def forward(self, x: torch.Tensor, mode: str = "inference", weights: dict[str, torch.Tensor] | None = None,
                 start: int = 0, stop: int | None = None) -> torch.Tensor:

@@ -162,6 +162,18 @@ _kernel_module = None
 _kernel_lock = threading.Lock()
 
 
+class _KernelModules:
+    """The numba kernel modules, imported by ``_numba_kernels`` once it has chosen numba's threading layer.
+    Hot call sites (every read, write and circuit of a training step) take them as attributes after their
+    own ``_numba_kernels()`` check: an import statement inside a function cost three Python calls a kernel
+    call, about seventy a BP step."""
+
+    philox = read = update = pulse = cache = activation = cost = None
+
+
+NUMBA = _KernelModules()
+
+
 def _numba_kernels():
     """The numba kernels, imported (and their threading layer chosen) on first use; None without numba."""
     global _kernel_module
@@ -182,12 +194,23 @@ def _numba_kernels():
         if "NUMBA_THREADING_LAYER" not in os.environ:
             numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
             numba.config.THREADING_LAYER = "default"
-        from neurosim import _philox_numba
+        from neurosim import (
+            _activation_numba,
+            _cache_numba,
+            _cost_numba,
+            _philox_numba,
+            _pulse_numba,
+            _read_numba,
+            _update_numba,
+        )
+        NUMBA.philox, NUMBA.read, NUMBA.update, NUMBA.pulse = _philox_numba, _read_numba, _update_numba, _pulse_numba
+        NUMBA.cache, NUMBA.activation, NUMBA.cost = _cache_numba, _activation_numba, _cost_numba
         _kernel_module = _philox_numba
     return _kernel_module or None
 
 
-_numba_threads_set = threading.local()   # .n: the count this module last gave numba on this thread
+_numba_threads_set = threading.local()   # .n: the count this module last gave numba on this thread, .torch:
+                                         # torch's count it was derived from
 
 
 def _numba_threads() -> int:
@@ -200,6 +223,7 @@ def _numba_threads() -> int:
         if numba.get_num_threads() != n:
             numba.set_num_threads(n)
         _numba_threads_set.n = n
+    _numba_threads_set.torch = torch.get_num_threads()
     return n
 
 
@@ -261,8 +285,8 @@ class PhiloxStream:
     @property
     def kernel(self) -> str:
         """The implementation a draw uses now: 'numba' or 'torch'."""
-        if self._kernel == "auto":
-            return "numba" if self._device.type == "cpu" and _numba_kernels() is not None else "torch"
+        if self._kernel == "auto":   # (the module global first: asked at every draw of a training step)
+            return "numba" if self._device.type == "cpu" and (_kernel_module or _numba_kernels()) else "torch"
         return self._kernel
 
     def get_state(self) -> torch.Tensor:
@@ -308,10 +332,10 @@ class PhiloxStream:
             k0, k1 = self._key & _MASK, self._key >> 32
             if kind == "words":
                 arr = np.empty(n, np.uint32)
-                _run(_numba_kernels().fill, n, arr, kind, first, k0, k1)
+                _run(NUMBA.philox.fill, n, arr, kind, first, k0, k1)
                 return torch.from_numpy(arr.astype(np.int64))
             buf = out if out is not None else torch.empty(n, dtype=torch.float32)
-            _run(_numba_kernels().fill, n, buf.detach().numpy(), kind, first, k0, k1)
+            _run(NUMBA.philox.fill, n, buf.detach().numpy(), kind, first, k0, k1)
             return buf
         nblocks = (n + 3) // 4
         w = philox_words_torch(self._key, first, nblocks, self._device)
@@ -375,17 +399,18 @@ def flat_numpy(t: torch.Tensor) -> np.ndarray:
     return a.reshape(-1)
 
 
-def _run(fn, n: int, *args) -> None:
+def _run(fn, n: int, *args):
     """Run a kernel entry: in parallel (numba's threads = torch's) for large n when no other thread is in a
-    parallel kernel, else serially on this thread. Either way the same numbers."""
-    if n >= _SERIAL_BELOW and torch.get_num_threads() > 1 and _kernel_lock.acquire(blocking=False):
+    parallel kernel, else serially on this thread. Either way the same numbers; returns what ``fn`` returns."""
+    threads = torch.get_num_threads() if n >= _SERIAL_BELOW else 1
+    if threads > 1 and _kernel_lock.acquire(blocking=False):
         try:
-            _numba_threads()
-            fn(*args, parallel=True)
+            if _numba_threads_set.__dict__.get("torch") != threads:   # (set for this count already: no call)
+                _numba_threads()
+            return fn(*args, parallel=True)
         finally:
             _kernel_lock.release()
-    else:
-        fn(*args, parallel=False)
+    return fn(*args, parallel=False)
 
 
 # --- the crossbar read's epilogue --------------------------------------------------------------------------
@@ -443,7 +468,7 @@ def _noisy_adc_sum_kernel(part: torch.Tensor, var: torch.Tensor, sigma: float, l
         if var.requires_grad or not var.is_contiguous():
             var = var.detach().contiguous()
         var_np = var.view(torch.int16).numpy().view(np.uint16) if var.dtype == torch.bfloat16 else var.numpy()
-        _run(_numba_kernels().epilogue, B * keep * T, out, part.numpy(), var_np, float(sigma),
+        _run(NUMBA.philox.epilogue, B * keep * T, out, part.numpy(), var_np, float(sigma),
              None if levels is None else float(levels), keep, first, stream._key & _MASK, stream._key >> 32,
              _ONE if factor is None else factor)
     return torch.from_numpy(out)

@@ -74,7 +74,7 @@ def stochastic_round_sparse_many(xs: list[torch.Tensor], generators: list[torch.
 
 def _per_cell(x: torch.Tensor, generator: torch.Generator | PhiloxStream | None) -> bool:
     """Whether a request rounds with one uniform per cell: from a PhiloxStream on the CPU."""
-    return isinstance(generator, PhiloxStream) and generator.device.type == "cpu" and x.device.type == "cpu"
+    return isinstance(generator, PhiloxStream) and generator._device.type == "cpu" and x.device.type == "cpu"
 
 
 def _round_per_cell(x: torch.Tensor, stream: PhiloxStream, factor: float, limits: tuple[float, float] | None
@@ -90,13 +90,10 @@ def _round_per_cell(x: torch.Tensor, stream: PhiloxStream, factor: float, limits
     first = stream._take(4 * (high + low))
     if n == 0 or factor == 0:
         return torch.zeros(0, dtype=torch.long), x.new_zeros(0)
-    from neurosim import _update_numba  # after random_streams chose numba's threading layer
     arr = random_streams.flat_numpy(x if x.is_contiguous() and not x.requires_grad else x.detach().contiguous())
-    result = []
-    random_streams._run(lambda *args, parallel: result.append(_update_numba.round_sparse(*args, parallel)), n,
-                        arr, abs(factor), factor < 0, limits, first, (first + high) % 2**64, stream.key & 0xFFFFFFFF,
-                        stream.key >> 32)
-    idx, counts = result[0]
+    key = stream._key
+    idx, counts = random_streams._run(random_streams.NUMBA.update.round_sparse, n, arr, abs(factor), factor < 0,
+                                      limits, first, (first + high) % 2**64, key & 0xFFFFFFFF, key >> 32)
     return torch.from_numpy(idx), torch.from_numpy(counts)
 
 

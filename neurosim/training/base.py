@@ -169,12 +169,12 @@ class Trainer(abc.ABC):
         yield eng.forward(batch)
         if bp_layers:
             # Errors travel down to the lowest BP layer; its own input error is needed by no one.
-            lowest = min(layers.index(layer) for layer in bp_layers)
+            lowest = min([layers.index(layer) for layer in bp_layers])
             names = [layer.name for layer in layers[lowest + 1:]]
             if names:
                 yield eng.backward(batch, names, transposed=cfg.bp.backward == "transposed_read")
-            ops = sum(batch * layer.reads_per_sample * layer.crossbar.in_features * layer.crossbar.out_features
-                      for layer in bp_layers)
+            ops = sum([batch * layer.reads_per_sample * layer.crossbar.in_features * layer.crossbar.out_features
+                       for layer in bp_layers])
             yield eng.digital("outer_product", ops)
         for layer in dgc_layers:
             plan = self._plans[layer.name]
@@ -197,8 +197,8 @@ class Trainer(abc.ABC):
             grads = [self._momentum(layer.name, grad, m) for layer, grad in zip(layers, grads, strict=True)]
         dws = [g.detach() if g.requires_grad else g for g in grads]
         stats = program_deltas([layer.crossbar for layer in layers], dws, scale=-self.config.learning_rate)
-        self._programmed[0] += sum(s["pulses"] for s in stats)
-        self._programmed[1] += sum(layer.crossbar.in_features * layer.crossbar.out_features for layer in layers)
+        self._programmed[0] += sum([s["pulses"] for s in stats])
+        self._programmed[1] += sum([layer.crossbar.in_features * layer.crossbar.out_features for layer in layers])
         for layer, s in zip(layers, stats, strict=True):
             self.layer_pulses[layer.name] += s["pulses"]
         for layer in layers:

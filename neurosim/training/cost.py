@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from neurosim.layers import AnalogNetwork
-from neurosim.random_streams import _numba_kernels
+from neurosim.random_streams import NUMBA, _numba_kernels
 
 
 def cost_per_sample(out: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
@@ -57,8 +57,7 @@ def _cost_kernel(out: torch.Tensor, y: torch.Tensor):
             or not out.is_contiguous() or len(out) == 0 or y.dtype != torch.long or y.device.type != "cpu"
             or not y.is_contiguous() or (out.requires_grad and torch.is_grad_enabled()) or _numba_kernels() is None):
         return None
-    from neurosim import _cost_numba  # after _numba_kernels() chose numba's threading layer
-    return _cost_numba
+    return NUMBA.cost
 
 
 def _mean_cost_and_gradient_torch(out: torch.Tensor, y: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -559,10 +559,13 @@ class Crossbar:
             self._tile_memo = (*kept, (mat, *views))
         return views
 
-    def _clean_partials(self, xn: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """``partial_sums`` without read noise: a fresh tensor (nr, B, padded cols)."""
+    def _clean_partials(self, xn: torch.Tensor, w: torch.Tensor | None = None, w_hat: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """``partial_sums`` without read noise: a fresh tensor (nr, B, padded cols). ``w_hat``: the read
+        cache's ŵ when the caller has it (a read asks for the cache once)."""
         c = self.config
-        w_hat, _ = self._read_tensors()
+        if w_hat is None:
+            w_hat = self._read_tensors()[0]
         if w is not None:
             w_hat = self._pad(w / c.w_max) if w.shape != w_hat.shape else w / c.w_max
         if c.wire_resistance != "none" and w is None:
@@ -589,11 +592,12 @@ class Crossbar:
             return self._precision == "bfloat16"
         return batch is None or batch * self.in_features * self.padded_shape[1] >= BFLOAT16_MIN_PRODUCT
 
-    def _variance_operand(self, batch: int | None = None) -> torch.Tensor | None:
+    def _variance_operand(self, batch: int | None = None, gsq: torch.Tensor | None = None) -> torch.Tensor | None:
         """ΣG² for the read noise's variance product of a read of ``batch`` samples, in the precision
         ``noise_variance_precision`` chose for it (None without read noise). bfloat16 only for float32 reads:
-        DGC's float64 measurements keep theirs."""
-        gsq = self._read_tensors()[1]
+        DGC's float64 measurements keep theirs. ``gsq``: the read cache's ΣG² when the caller has it."""
+        if gsq is None:
+            gsq = self._read_tensors()[1]
         if gsq is None or gsq.dtype != torch.float32 or not self._low_precision(batch):
             return gsq
         if self._cache_low is None:
@@ -697,18 +701,22 @@ class Crossbar:
         the CPU the DAC, the division by the step and the squares of the variance product are one fused pass
         (``_read_kernel``), equal bit for bit to the torch operations it replaces."""
         c = self.config
-        gsq = self._variance_operand(x.shape[0])
-        xn, sq = self._read_operands(x, gsq, own, extra)
+        w_hat, gsq = self._read_tensors()
+        gsq = self._variance_operand(x.shape[0], gsq)
+        step = self.adc_step(c.adc_bits)
+        xn, sq = self._read_operands(x, gsq, own, extra, step)
         var = None if gsq is None else self._tile_products(sq, gsq)
-        return self._noisy_convert(self._clean_partials(xn, w), var, self.adc_step(c.adc_bits), c.adc_bits)
+        return self._noisy_convert(self._clean_partials(xn, w, w_hat), var, step, c.adc_bits)
 
     def _read_operands(self, x: torch.Tensor, gsq: torch.Tensor | None, own: bool = False,
-                       extra: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       extra: float | None = None, step: float | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The forward read's product operands: x̂ in ADC steps (B, in) and x̂² in gsq's dtype (None without
         gsq), by the fused kernel where it applies, else by the torch operations (its oracle). ``extra``: see
-        ``read``."""
+        ``read``; ``step``: the ADC step, when the caller has it."""
         c = self.config
-        step = self.adc_step(c.adc_bits)
+        if step is None:
+            step = self.adc_step(c.adc_bits)
         kernel = self._read_kernel(x)
         if kernel is None or (extra is not None and x.shape[1] != self.in_features - 1):
             if extra is not None:   # (a wrong width fails in the products, as it would without ``extra``)
@@ -786,8 +794,8 @@ class Crossbar:
         As in ``read``, the partial sums are computed in ADC steps. On the CPU the scale, the DAC, the
         division by the step, the tile layout and the squares are one fused pass (bit for bit the same)."""
         c = self.config
-        w_hat, _ = self._read_tensors()
-        gsq = self._variance_operand(d.shape[0])
+        w_hat, gsq = self._read_tensors()
+        gsq = self._variance_operand(d.shape[0], gsq)
         adc_bits = c.backward_adc_bits or c.adc_bits
         nc, C = self.n_col_tiles, self.tile_cols
         dt, sq, scale, step_scaled = self._transposed_operands(d, gsq)

@@ -218,12 +218,18 @@ def _numba_threads() -> int:
     per thread; asking numba for it costs a microsecond a kernel, so the count last set on a thread is
     remembered (neurosim is the only one that sets it)."""
     import numba
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    wanted = torch.get_num_threads()
+    n = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
     if getattr(_numba_threads_set, "n", None) != n:   # (thread-local: a new thread starts unset)
         if numba.get_num_threads() != n:
             numba.set_num_threads(n)
         _numba_threads_set.n = n
-    _numba_threads_set.torch = torch.get_num_threads()
+        # numba's OpenMP layer resolves to the OpenMP runtime torch loaded, and launching it (numba's first
+        # thread call) sets that runtime's count to all of numba's threads: torch would then run every product
+        # on all cores whatever runtime.threads said. The caller's count is put back.
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+    _numba_threads_set.torch = wanted
     return n
 
 

@@ -308,3 +308,50 @@ def test_numba_threads_follow_torch_on_every_thread():
         assert seen == [(1, 1)]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_run_returns_the_kernels_result_with_numba_at_torchs_thread_count():
+    """``_run`` hands back what the kernel returns, launches large requests in parallel at torch's thread
+    count and small ones serially, and follows torch's count when it changes between launches (it
+    remembers the count it set, so it must notice a change)."""
+    import numba
+
+    from neurosim import random_streams as streams
+
+    if streams._numba_kernels() is None or numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs numba with at least 2 threads")
+
+    def kernel(value, parallel):
+        return value, parallel, numba.get_num_threads()
+
+    big, small = streams._SERIAL_BELOW, streams._SERIAL_BELOW - 1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert streams._run(kernel, big, "a") == ("a", True, 2)
+        assert streams._run(kernel, small, "b")[:2] == ("b", False)
+        torch.set_num_threads(1)
+        assert streams._run(kernel, big, "c")[:2] == ("c", False)
+        assert streams._numba_threads() == 1 and numba.get_num_threads() == 1   # numba now at 1
+        torch.set_num_threads(2)
+        assert streams._run(kernel, big, "d") == ("d", True, 2)                 # and back at 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_launching_numbas_threads_leaves_torchs_count_as_set():
+    """numba's OpenMP layer shares the OpenMP runtime torch loaded, and its launch (the first thread call of
+    a process) set that runtime's count to all of numba's threads, so torch's products ran on every core
+    whatever ``runtime.threads`` said; ``_numba_threads`` puts torch's count back. A fresh process, since
+    the launch happens once."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs numba with at least 2 threads (else there is no count to jump to)")
+    script = ("import torch; torch.set_num_threads(1)\n"
+              "from neurosim import random_streams as s\n"
+              "assert s._numba_kernels() is not None\n"
+              "import numba\n"
+              "print(s._numba_threads(), torch.get_num_threads(), numba.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["1", "1", "1"]

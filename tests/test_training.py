@@ -586,3 +586,21 @@ def test_weight_gradient_is_the_outer_product_with_the_bias_rows_input(input_max
     exact = xin.double().t() @ d.double()
     bound = 33 * torch.finfo(torch.float32).eps * (xin.abs().double().t() @ d.abs().double())
     assert bool(((w.double() - exact).abs() <= bound).all())
+
+
+def test_analog_layers_follow_changes_of_the_stages():
+    """``analog_layers`` is remembered for the stages (a training step asks for it several times): appending,
+    replacing or removing a stage shows at once, and the caller's list is its own."""
+    spec = make_spec()
+    fc1, fc2, fc3 = (AnalogLinear(4, 4, name=f"fc{i}", spec=spec) for i in (1, 2, 3))
+    net = AnalogNetwork([nn.Flatten(), fc1])
+    assert net.analog_layers == [fc1]
+    mine = net.analog_layers
+    mine.append(fc3)
+    assert net.analog_layers == [fc1]
+    net.stages.append(fc2)
+    assert net.analog_layers == [fc1, fc2]
+    net.stages[1] = fc3
+    assert net.analog_layers == [fc3, fc2]
+    del net.stages[2]
+    assert net.analog_layers == [fc3]

@@ -188,9 +188,11 @@ def _numba_kernels():
         # here (2 vCPUs, torch at 2 threads): a parallel launch costs ~10 us with 'omp' and ~100 us with
         # 'workqueue' (whose threads sleep on a condition variable), and a torch product followed by a
         # parallel kernel takes the sum of the two with 'omp' but 1.4-2x it with 'workqueue'. 'omp' loads
-        # the system's libgomp beside torch's bundled one; both pools coexist (measured: no slowdown of
-        # either). GNU OpenMP is not fork-safe: neurosim's worker processes are spawned. Launches from two
-        # Python threads are serialized by _kernel_lock either way (workqueue would abort).
+        # the system's libgomp, but its calls bind to the runtime torch loaded first (LD_DEBUG=bindings:
+        # omp_set_num_threads, GOMP_parallel -> torch/lib/libgomp.so.1): one pool for both, which is why
+        # _numba_threads guards torch's thread count. GNU OpenMP is not fork-safe: neurosim's worker
+        # processes are spawned. Launches from two Python threads are serialized by _kernel_lock either way
+        # (workqueue would abort).
         if "NUMBA_THREADING_LAYER" not in os.environ:
             numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
             numba.config.THREADING_LAYER = "default"

@@ -506,7 +506,7 @@ class DeviceArray:
         tensors' data pointers (the views keep that memory alive, so no other tensor can take a remembered
         pointer): a training step's write and the read cache's rebuild pass them to numba, and making them
         anew took a dozen operations a step."""
-        nu = self._neg_nu_value if self.__dict__.get("_neg_nu_of", self) is self.drift_nu else self._neg_nu()
+        nu = self._neg_nu()
         ptrs = (self.g.data_ptr(), self.t_programmed.data_ptr(), nu.data_ptr())
         memo = self._numpy_memo
         if memo is None or memo[0] != ptrs:
@@ -726,8 +726,7 @@ class DeviceArray:
 
     def read_key(self) -> tuple:
         """Changes whenever conductance() may: a write, or the clock moving while drifting."""
-        spec = self.spec   # (``drifting`` inline: every read and write of a crossbar asks after a change)
-        return (self.version, self.time_s if spec.drift_nu > 0 and self.time_s > spec.drift_t0 else None)
+        return (self.version, self.time_s if self.drifting else None)
 
     def conductance(self, rows: int | slice | None = None) -> torch.Tensor:
         """Noise-free conductance now, drift included: G·((t − t_prog)/t0)^-nu once t − t_prog exceeds t0.

@@ -162,37 +162,39 @@ def count_ops(trainer, steps: int, top: int, detail: bool = False) -> None:
 
 def count_calls(trainer, steps: int, top: int) -> None:
     """Python-level calls per step and phase (``sys.setprofile``'s 'call' and 'c_call' events), and the most
-    frequent functions of each phase."""
+    frequent functions of each phase. Calls made by this script itself (the step loop, the phase wrappers)
+    are not counted: the phase marker is a class of this file, so all of its calls are this file's."""
     phase = ["other"]
     calls = {p: collections.Counter() for p in (*PHASES, "other")}
+    here = __file__
 
-    @contextlib.contextmanager
-    def inside(name):
-        outer, phase[0] = phase[0], name
-        try:
-            yield
-        finally:
-            phase[0] = outer
+    class Inside:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            self.outer, phase[0] = phase[0], self.name
+
+        def __exit__(self, *exc):
+            phase[0] = self.outer
 
     def hook(frame, event, arg):
+        code = frame.f_code
+        if code.co_filename == here:
+            return
         if event == "call":
-            code = frame.f_code
             calls[phase[0]][f"{code.co_name} ({Path(code.co_filename).name}:{code.co_firstlineno})"] += 1
         elif event == "c_call":
             calls[phase[0]][f"[c] {getattr(arg, '__qualname__', arg)}"] += 1
 
-    with _phases_wrapped(inside):
+    with _phases_wrapped(Inside):
         run_steps(trainer, 2)
         sys.setprofile(hook)
         try:
             run_steps(trainer, steps)
         finally:
             sys.setprofile(None)
-    wrappers = {p: 0 for p in calls}   # the phase wrappers' own calls (wrapped, inside, contextmanager's)
-    for p, counter in calls.items():
-        for name in list(counter):
-            if "bp_ops.py" in name or "contextlib.py" in name:
-                wrappers[p] += counter.pop(name)
+
     def functions(counter):   # calls of Python functions (a frame each, the dearer kind), builtins apart
         return sum(n for name, n in counter.items() if not name.startswith("[c]"))
 

@@ -47,10 +47,7 @@ class _HardwareRead(torch.autograd.Function):
     def backward(ctx, grad_out):
         (xrows,) = ctx.saved_tensors
         layer = ctx.layer
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = layer.error_rows(grad_out)
-            grad_x = grad_x[:, : grad_x.shape[1] - int(layer.has_bias)]
+        grad_x = layer.input_errors(grad_out) if ctx.needs_input_grad[0] else None
         grad_w = layer.weight_gradient(xrows, grad_out) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 
@@ -191,6 +188,11 @@ class AnalogLayer(nn.Module):
         raise ValueError(f"{self.name}: backward path {self.backward_path!r} is not a chip's error path "
                          "('true_gradient' is computed by neurosim.training.bp.true_gradients)")
 
+    def input_errors(self, grad_rows: torch.Tensor) -> torch.Tensor:
+        """``error_rows`` without the bias row's error (its input is a constant: nothing below needs it)."""
+        grad_x = self.error_rows(grad_rows)
+        return grad_x[:, : grad_x.shape[1] - int(self.has_bias)]
+
     def forward_bp(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """The forward of mode "bp" without autograd, returning what ``backward_bp`` needs. Hardware BP runs
         these two instead of autograd: the arithmetic and the random draws are the same (so are the
@@ -218,13 +220,11 @@ class AnalogLayer(nn.Module):
                     if g is not None:
                         p.grad = g if p.grad is None else p.grad + g
             rows = self.output_rows(grad_z)
-            grad_x = self.error_rows(rows) if input_grad else None
+            grad_x = self.input_errors(rows) if input_grad else None
             if weight_grad:
                 g = self.weight_gradient(xrows, rows)
                 weight.grad = g if weight.grad is None else weight.grad + g
-            if grad_x is None:
-                return None
-            return self.input_from_rows(grad_x[:, : grad_x.shape[1] - int(self.has_bias)], x_shape)
+            return None if grad_x is None else self.input_from_rows(grad_x, x_shape)
 
     # -- programming -----------------------------------------------------------------------------------------
     def sync_believed(self) -> None:

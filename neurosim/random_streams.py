@@ -211,27 +211,25 @@ def _numba_kernels():
     return _kernel_module or None
 
 
-_numba_threads_set = threading.local()   # .n: the count this module last gave numba on this thread, .torch:
-                                         # torch's count it was derived from
+_numba_threads_set = threading.local()   # .torch: torch's count numba's was last set from, on this thread
 
 
 def _numba_threads() -> int:
     """numba's thread count for this call: torch's, so ``runtime.threads`` governs both. numba's setting is
     per thread; asking numba for it costs a microsecond a kernel, so the count last set on a thread is
-    remembered (neurosim is the only one that sets it)."""
+    remembered, as torch's count it was set from (neurosim is the only one that sets it)."""
     import numba
     wanted = torch.get_num_threads()
     n = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
-    if getattr(_numba_threads_set, "n", None) != n:   # (thread-local: a new thread starts unset)
+    if _numba_threads_set.__dict__.get("torch") != wanted:   # (thread-local: a new thread starts unset)
         if numba.get_num_threads() != n:
             numba.set_num_threads(n)
-        _numba_threads_set.n = n
         # numba's OpenMP layer resolves to the OpenMP runtime torch loaded, and launching it (numba's first
         # thread call) sets that runtime's count to all of numba's threads: torch would then run every product
         # on all cores whatever runtime.threads said. The caller's count is put back.
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
-    _numba_threads_set.torch = wanted
+        _numba_threads_set.torch = wanted
     return n
 
 

@@ -72,8 +72,9 @@ class CrossbarConfig:
                                    choices=("none", "nodal", "approximate"))
     r_wire: float = setting(1.0, "resistance of one wire segment between neighbouring cells (ohm)", ge=0.0)
     drift_tolerance: float = setting(1e-3, "largest relative error of a cell's drift factor the read cache may "
-                                     "carry: drift is recomputed for every cell once ν_max·ln(1 + Δt/t0) since the "
-                                     "last recomputation exceeds it, and a write of a few cells patches the cache "
+                                     "carry: drift is recomputed for every cell once ν_max·ln(1 + |Δt|/t0) from the "
+                                     "clock its factors were computed for exceeds it (while the clock steps, for "
+                                     "the middle of the next window), and a write of a few cells patches the cache "
                                      "meanwhile (0: exact, every move of the clock recomputes every cell)",
                                      ge=0.0, le=0.01)
     rounding: str = setting("stochastic", "pulse count of an update: 'stochastic' (floor + Bernoulli of the "
@@ -227,7 +228,8 @@ class Crossbar:
         # Arithmetic of forward reads; DGC measures in float64 so that small cost differences survive.
         self.read_dtype = dtype
         self._cache_key = None
-        self._drift_anchor: float | None = None   # the clock at the read cache's last drift recomputation
+        self._drift_anchor: float | None = None   # the clock the read cache's drift factors were computed for
+        self._drift_rebuilt: float | None = None  # the clock at that recomputation (≤ the anchor)
         self._cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._cache_low: torch.Tensor | None = None   # ΣG² in bfloat16 for the variance product, when used
         self._precision = noise_variance_precision(self.config, self.device)
@@ -292,17 +294,17 @@ class Crossbar:
     _slot_buffer: torch.Tensor | None = None   # _written's per-row pulse maxima
 
     def _state_key(self) -> tuple:
-        """What the read cache depends on. A drifting array's clock counts as the time of the cache's last
-        drift recomputation while no cell's drift factor can have moved by more than ``drift_tolerance``
-        since: between training steps the clock moves by microseconds to milliseconds, and recomputing every
-        cell's drift after every step's write (a drifting array could not be patched) cost a quarter of a
-        BP step.
+        """What the read cache depends on. A drifting array's clock counts as the clock the cache's drift factors
+        were computed for (``_drift_shift``) while no cell's factor can differ by more than ``drift_tolerance``
+        from its value now (``_drift_change``): between training steps the clock moves by microseconds to
+        milliseconds, and recomputing every cell's drift after every step's write (a drifting array could not
+        be patched) cost a quarter of a BP step.
 
         The key is a function of the noise switch, the anchor and each array's version and clock (the cards and
         the drift exponents are fixed): it is remembered for those, since every read and every write asks
         for it (fifteen times a BP step) and computing it took longer than a small tensor operation."""
         plus, minus = self.plus, self.minus
-        raw = (self.noise, self._drift_anchor, plus.version, plus.time_s,
+        raw = (self.noise, self._drift_anchor, self._drift_rebuilt, plus.version, plus.time_s,
                None if minus is None else minus.version, None if minus is None else minus.time_s)
         memo = self._key_memo
         if memo is not None and memo[0] == raw:
@@ -315,15 +317,48 @@ class Crossbar:
         self._key_memo = (raw, key)
         return key
 
-    def _drift_change(self, since: float) -> float:
-        """Bound on the relative move of any cell's drift factor (age/t0)^−ν since the clock read ``since``:
-        a factor differs from 1 only at an age ≥ t0, so the age grew by at most the factor 1 + Δt/t0. A cell
-        written since is at most Δt old: the same bound holds for its factor, patched in as 1."""
+    def _drift_change(self, anchor: float) -> float:
+        """Bound on the relative error of any cell's drift factor (age/t0)^−ν in the read cache at the arrays'
+        clock, for factors computed for the clock ``anchor`` at the clock ``_drift_rebuilt``: a factor differs
+        from 1 only at an age ≥ t0, so between two clocks Δt apart, either way, a cell's age changes by at most
+        the factor 1 + |Δt|/t0 and its factor by ν_max·ln(1 + |Δt|/t0). A cell written since the recomputation
+        was patched in at factor 1 and is at most now − rebuilt old: off by at most ν_max·ln((now − rebuilt)/t0)
+        once that exceeds t0 (never more than the first bound when the anchor is the recomputation's clock)."""
         worst = 0.0
+        rebuilt = self._drift_rebuilt
         for a in (self.plus, self.minus):
-            if a is not None and a.time_s > since and a.drifting:
-                worst = max(worst, a.max_drift_nu() * math.log1p((a.time_s - since) / a.spec.drift_t0))
+            if a is None or not a.drifting:
+                continue
+            now, t0, nu = a.time_s, a.spec.drift_t0, a.max_drift_nu()
+            if now != anchor:
+                worst = max(worst, nu * math.log1p(abs(now - anchor) / t0))
+            if rebuilt is not None and now - rebuilt > t0:
+                worst = max(worst, nu * math.log((now - rebuilt) / t0))
         return worst
+
+    def _drift_shift(self) -> float:
+        """How many seconds past the clock a recomputation of the read cache computes its drift factors for.
+
+        A factor moves by at most ν_max·ln(1 + |Δt|/t0) either side of the clock it was computed for
+        (``_drift_change``), so factors computed for the middle of the next window of ``drift_tolerance``
+        serve a window twice as long as factors computed at its start, with the same bound on every cell:
+        while the clock advances in small steps (training: the previous window has just been passed), the
+        recomputation takes the middle, and a drifting chip recomputes half as often. After a jump of the
+        clock (inference a day later), on a first read, for another cause than the clock (a write too large
+        to patch), at tolerance 0 or without drift: at the clock, exact.
+        The shift is at most t0 (so a cell written meanwhile, at factor 1, stays within the bound)."""
+        prev, tol = self._drift_anchor, self.config.drift_tolerance
+        if prev is None or tol <= 0:
+            return 0.0
+        arrays = [a for a in self._arrays() if a.drifting]
+        nu = max([a.max_drift_nu() for a in arrays], default=0.0)
+        if nu <= 0:
+            return 0.0
+        t0 = min([a.spec.drift_t0 for a in arrays])
+        width = t0 * math.expm1(tol / nu) if tol / nu < 700 else math.inf   # ν·ln(1 + width/t0) = tol
+        if self._drift_change(prev) <= tol or not self.plus.time_s - prev <= 2 * width:
+            return 0.0   # recomputed for another cause (a large write), or the clock jumped: at the clock
+        return min(width, t0) * (1 - 1e-9)   # (a margin for rounding: the recomputation's clock passes the check)
 
     def _noisy_reads(self) -> bool:
         return bool(self.noise and self.config.read_noise and self.spec.read_noise > 0)
@@ -349,7 +384,8 @@ class Crossbar:
         numba pass into the previous buffers (``_rebuild_fused``); the torch composition here is its oracle."""
         key = self._state_key()
         if key != self._cache_key:
-            if not (self._cache_kernel() and self._rebuild_fused()):
+            shift = self._drift_shift()
+            if not (self._cache_kernel() and self._rebuild_fused(shift)):
                 rows = self.in_features
                 kw = {"device": self.device, "dtype": self.dtype}
                 bufs = [torch.empty(self.padded_shape, **kw), torch.empty(self.padded_shape, **kw)
@@ -358,11 +394,13 @@ class Crossbar:
                     if b is not None:
                         b[rows:].zero_()
                 sl = slice(0, rows)
-                g = [self.plus.conductance(sl)] if self.minus is None else \
-                    list(pair_conductances(self.plus, self.minus, sl))
+                g = [self.plus.conductance(sl, shift)] if self.minus is None else \
+                    list(pair_conductances(self.plus, self.minus, sl, shift))
                 self._read_values(g, tuple(b[sl] if b is not None else None for b in bufs))
                 self._cache, self._cache_low, self._cache_np = tuple(bufs), None, None
-            self._drift_anchor = self.plus.time_s if any([a.drifting for a in self._arrays()]) else None
+            drifting = any([a.drifting for a in self._arrays()])
+            self._drift_anchor = self.plus.time_s + shift if drifting else None
+            self._drift_rebuilt = self.plus.time_s if drifting else None
             self._cache_key, self._solvers = self._state_key(), None
         if self.read_dtype != self.dtype:
             return tuple(t.to(self.read_dtype) if t is not None else None for t in self._cache)
@@ -407,12 +445,13 @@ class Crossbar:
         except (AttributeError, RuntimeError):   # no such private API: never reuse
             return False
 
-    def _rebuild_fused(self) -> bool:
+    def _rebuild_fused(self, shift: float = 0.0) -> bool:
         """``_read_tensors``' rebuild as one numba pass (parallel for large arrays): each cell's drifted
         conductances, ŵ, ΣG² and, where the variance product runs in bfloat16, its bfloat16 copy (made here
         once a read used it), into the previous buffers when nobody else holds them (padded rows zeroed at allocation
         only). Equal to the torch rebuild bit for bit without drift, within a few ulps with drift (ln and exp
-        rounded otherwise; docs/crossbar.md). False (nothing done) where an array is not contiguous."""
+        rounded otherwise; docs/crossbar.md). ``shift``: drift computed that many seconds past the arrays'
+        clocks (``_drift_shift``). False (nothing done) where an array is not contiguous."""
         self._tile_memo = ()   # its views would count as another holder of the buffers
         arrays = self._arrays()
         if not all([a.g.is_contiguous() and a.t_programmed.is_contiguous() for a in arrays]):
@@ -444,7 +483,7 @@ class Crossbar:
         nu = tuple([v[2] if drifting else None for v, drifting in state])
         if len(arrays) == 1:
             g, t, nu = (g[0], None), (t[0], None), (nu[0], None)
-        now = (arrays[0].time_s, arrays[-1].time_s)
+        now = (arrays[0].time_s + shift, arrays[-1].time_s + shift)
         n = rows * self.padded_shape[1]
         _run(NUMBA.cache.rebuild, n, n, g, t, now, nu, self.spec.drift_t0, self.g_mid,
              self.k * self.config.w_max, views)

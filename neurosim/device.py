@@ -522,17 +522,18 @@ class DeviceArray:
             memo = self._pair_np = (shared.data_ptr(), shared.numpy())
         return memo[1]
 
-    def _drifted(self, g: torch.Tensor, t: torch.Tensor, neg_nu: torch.Tensor) -> torch.Tensor:
+    def _drifted(self, g: torch.Tensor, t: torch.Tensor, neg_nu: torch.Tensor, ahead: float = 0.0) -> torch.Tensor:
         """G·(max(t_now − t_prog, t0)/t0)^−ν as exp(−ν·ln(age/t0)) in one fresh buffer, in place: a drifting
         chip rebuilds its read tensors at every step, and a power of a tensor to a tensor costs as much as a
         logarithm and an exponential together, plus five temporaries. (Since 2026-12-01; before, ``pow``:
         the same function, rounded differently in the last bits.)"""
-        return self._log_age(t).mul_(neg_nu).exp_().mul_(g)
+        return self._log_age(t, ahead).mul_(neg_nu).exp_().mul_(g)
 
-    def _log_age(self, t: torch.Tensor) -> torch.Tensor:
-        """ln(max(t_now − t_prog, t0)/t0) of programming times ``t``, in a fresh buffer."""
+    def _log_age(self, t: torch.Tensor, ahead: float = 0.0) -> torch.Tensor:
+        """ln(max(t_now − t_prog, t0)/t0) of programming times ``t``, in a fresh buffer (t_now: the clock, plus
+        ``ahead`` seconds)."""
         t0 = self.spec.drift_t0
-        a = torch.rsub(t, self.time_s).clamp_(min=t0)
+        a = torch.rsub(t, self.time_s + ahead).clamp_(min=t0)
         if t0 != 1.0:
             a.div_(t0)
         return a.log_()
@@ -728,10 +729,11 @@ class DeviceArray:
         """Changes whenever conductance() may: a write, or the clock moving while drifting."""
         return (self.version, self.time_s if self.drifting else None)
 
-    def conductance(self, rows: int | slice | None = None) -> torch.Tensor:
+    def conductance(self, rows: int | slice | None = None, ahead: float = 0.0) -> torch.Tensor:
         """Noise-free conductance now, drift included: G·((t − t_prog)/t0)^-nu once t − t_prog exceeds t0.
         ``rows``: only the first rows, or a slice of rows (a crossbar's padded rows carry no current; their
-        drift is not needed)."""
+        drift is not needed). ``ahead``: drift as it will be that many seconds past the clock, the writes
+        unchanged (a crossbar's read cache computes its drift for the middle of its validity window)."""
         if rows is None:
             rows = slice(None)
         elif not isinstance(rows, slice):
@@ -740,7 +742,7 @@ class DeviceArray:
         if not self.drifting:
             return g  # no cell is older than t0 yet
         neg_nu = self._neg_nu()
-        return self._drifted(g, self.t_programmed[rows], neg_nu[rows] if neg_nu.dim() else neg_nu)
+        return self._drifted(g, self.t_programmed[rows], neg_nu[rows] if neg_nu.dim() else neg_nu, ahead)
 
     def read(self) -> torch.Tensor:
         """Conductance as one read sees it: drift plus read noise of relative sigma read_noise."""
@@ -778,23 +780,23 @@ def flat_view(owner: object, t: torch.Tensor) -> torch.Tensor:
     return hit[1]
 
 
-def pair_conductances(first: DeviceArray, second: DeviceArray, rows: int | slice | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``conductance(rows)`` of both devices of a pair, the same bits. The two are written together (pulses,
-    placement, write-and-verify at one clock), so their programming times are usually equal: then the
+def pair_conductances(first: DeviceArray, second: DeviceArray, rows: int | slice | None = None,
+                      ahead: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conductance(rows, ahead)`` of both devices of a pair, the same bits. The two are written together
+    (pulses, placement, write-and-verify at one clock), so their programming times are usually equal: then the
     logarithm of the age, the dearer half of drift, is taken once for both."""
     if not (first.drifting and second.drifting and first.time_s == second.time_s
             and first.spec.drift_t0 == second.spec.drift_t0):
-        return first.conductance(rows), second.conductance(rows)
+        return first.conductance(rows, ahead), second.conductance(rows, ahead)
     if rows is None:
         rows = slice(None)
     elif not isinstance(rows, slice):
         rows = slice(None, rows)
     t1, t2 = first.t_programmed[rows], second.t_programmed[rows]
     if not torch.equal(t1, t2):
-        return first.conductance(rows), second.conductance(rows)
+        return first.conductance(rows, ahead), second.conductance(rows, ahead)
     nu1, nu2 = (nu[rows] if nu.dim() else nu for nu in (first._neg_nu(), second._neg_nu()))
-    log_age = first._log_age(t1)
+    log_age = first._log_age(t1, ahead)
     return torch.mul(log_age, nu1).exp_().mul_(first.g[rows]), log_age.mul_(nu2).exp_().mul_(second.g[rows])
 
 

@@ -602,6 +602,68 @@ def test_the_read_cache_carries_drift_within_its_tolerance_and_is_exact_at_zero(
     assert (w_hat - _exact_w_hat(cb)[0]).abs().max() < 1e-6
 
 
+def _drifting_steps(cb: Crossbar, steps: int, dt: float, seed: int) -> tuple[int, float, list[float]]:
+    """Training-like: the clock moves ``dt`` a step and a few cells are written; the cache's recomputations,
+    the largest error of its ŵ against the exact conductances (relative to the cells' ΣG/(k·w_max)), and the
+    anchors' offsets from the clock right after each recomputation."""
+    g = make_generator(seed, "cpu", "test")
+    n = cb.in_features * cb.out_features
+    anchor, recomputed, worst, offsets = cb._drift_anchor, 0, 0.0, []
+    for _ in range(steps):
+        cb.advance(dt)
+        dw = torch.zeros(cb.in_features, cb.out_features)
+        dw.view(-1)[torch.randperm(n, generator=g)[: n // 40]] = 0.05
+        cb.program_delta(dw)
+        w_hat = cb._read_tensors()[0][: cb.in_features]
+        exact, scale = _exact_w_hat(cb)
+        worst = max(worst, float(((w_hat - exact).abs() / scale.clamp(min=1e-30)).max()))
+        if cb._drift_anchor != anchor:
+            recomputed += 1
+            offsets.append(cb._drift_anchor - cb.plus.time_s)
+        anchor = cb._drift_anchor
+    return recomputed, worst, offsets
+
+
+@pytest.mark.parametrize("nu", [0.05, 3e-4])
+def test_while_the_clock_steps_the_cache_recomputes_drift_for_the_middle_of_its_window(nu, monkeypatch):
+    """A factor moves by at most ν_max·ln(1 + |Δt|/t0) either side of the clock it was computed for: once the
+    clock has just passed a window, the cache computes the factors for the middle of the next one (at most t0
+    ahead), and recomputes about half as often, every cell within the tolerance at every step as before (the
+    second case: a window of several t0, the shift capped at t0, cells written meanwhile drifting inside it)."""
+    from tests.conftest import make_spec
+
+    tol, t0 = 1e-3, 1.0
+    spec = make_spec(states=65, drift_nu=nu, drift_nu_dtod=0.3, drift_t0=t0)
+
+    def chip():
+        cb = Crossbar(spec, 40, 20, CrossbarConfig(drift_tolerance=tol), seed=1)
+        cb.set_weights(rand((40, 20), 5, -0.8, 0.8, dtype=torch.float32))
+        cb.advance(2.0)
+        cb._read_tensors()
+        assert cb._drift_anchor == cb.plus.time_s                     # a first read: at the clock
+        return cb
+
+    cb = chip()
+    nu_max = max(a.max_drift_nu() for a in cb._arrays())
+    width = t0 * math.expm1(tol / nu_max)                               # the clock's move one window allows
+    dt = width / 2.9 if width < t0 else 0.5 * t0
+    shifted, worst, offsets = _drifting_steps(cb, 120, dt, seed=3)
+    monkeypatch.setattr(Crossbar, "_drift_shift", lambda self: 0.0)
+    plain, worst_plain, plain_offsets = _drifting_steps(chip(), 120, dt, seed=3)
+    monkeypatch.undo()
+    assert set(plain_offsets) == {0.0} and len(offsets) == shifted
+    assert all(0.99 * min(width, t0) < o < min(width, t0) for o in offsets)   # the middle of the next window
+    assert worst <= tol * (1 + 1e-4) + 1e-6 and worst_plain <= tol * (1 + 1e-4) + 1e-6
+    if width < t0:                                  # a window of 2.9 steps, then 5.8 (the first at the clock)
+        assert plain >= 39 and shifted <= 0.55 * plain
+    else:                                           # a window of 2·(e^{tol/ν} − 1) steps, then one t0 longer
+        assert 0 < shifted < plain
+    cb.advance(500.0)                                                   # a jump: at the clock, exact
+    w_hat = cb._read_tensors()[0][: cb.in_features]
+    assert cb._drift_anchor == cb.plus.time_s
+    assert (w_hat - _exact_w_hat(cb)[0]).abs().max() < 1e-6
+
+
 def _variance_products(cb: Crossbar, xn: torch.Tensor) -> torch.Tensor:
     """The read's variance product Σ x̂²·G² per tile, as the read computes it (its own precision), in float64."""
     gsq = cb._variance_operand()

@@ -38,8 +38,11 @@ from neurosim.random_streams import (
     _run,
     flat_numpy,
     noisy_adc_sum,
+    noisy_adc_sum_arrays,
 )
 from neurosim.random_streams import _factor as _epilogue_factor
+from neurosim.read_scratch import EMPTY as _EMPTY
+from neurosim.read_scratch import ForwardScratch, TransposedScratch
 from neurosim.sampling import stochastic_round_sparse, stochastic_round_sparse_many
 
 
@@ -132,10 +135,6 @@ def noise_variance_precision(config: CrossbarConfig, device: torch.device | str)
 
 
 # Empty operands for a prologue's unused squares (1-d forward, 3-d transposed): float32 and bfloat16 bits.
-_EMPTY = {1: (np.empty(0, np.float32), np.empty(0, np.uint16)),
-          3: (np.empty((0, 0, 0), np.float32), np.empty((0, 0, 0), np.uint16))}
-
-
 def quantize(x: torch.Tensor, bits: int | None, limit: float, inplace: bool = False,
              unipolar: bool = False) -> torch.Tensor:
     """Clip to ±limit and round to a signed mid-tread grid of 2^(bits−1) − 1 positive levels; ``unipolar``:
@@ -452,7 +451,7 @@ class Crossbar:
         only). Equal to the torch rebuild bit for bit without drift, within a few ulps with drift (ln and exp
         rounded otherwise; docs/crossbar.md). ``shift``: drift computed that many seconds past the arrays'
         clocks (``_drift_shift``). False (nothing done) where an array is not contiguous."""
-        self._tile_memo = ()   # its views would count as another holder of the buffers
+        self._tile_memo = self._transposed_memo = ()   # their views would count as other holders of the buffers
         arrays = self._arrays()
         if not all([a.g.is_contiguous() and a.t_programmed.is_contiguous() for a in arrays]):
             return False
@@ -743,6 +742,9 @@ class Crossbar:
         w_hat, gsq = self._read_tensors()
         gsq = self._variance_operand(x.shape[0], gsq)
         step = self.adc_step(c.adc_bits)
+        if gsq is not None and w is None and self._scratch_applies(x) and \
+                (extra is None or x.shape[1] == self.in_features - 1):
+            return self._scratch_read(x, w_hat, gsq, step, extra)
         xn, sq = self._read_operands(x, gsq, own, extra, step)
         var = None if gsq is None else self._tile_products(sq, gsq)
         return self._noisy_convert(self._clean_partials(xn, w, w_hat), var, step, c.adc_bits)
@@ -776,6 +778,108 @@ class Crossbar:
         kernel.forward(flat_numpy(xc), flat_numpy(xn), sq32, sq16, mode, *self._prologue_settings()[0], B,
                        self.tile_rows, np.float32(0.0 if extra is None else extra), extra is not None)
         return xn, sq
+
+    _scratch: dict | None = None   # the fused CPU reads' temporaries by shape (neurosim.read_scratch)
+    _scratch_busy = False          # a read is using them
+
+    def _scratch_applies(self, x: torch.Tensor) -> bool:
+        """Whether a read of ``x`` runs fused on the CPU with reused temporaries: the prologue kernel applies
+        (``_read_kernel``), the epilogue is the read stream's numba kernel, no wires, at least one sample, and
+        no other read is using the temporaries (another thread: it takes fresh ones)."""
+        return (not self._scratch_busy and x.shape[0] > 0 and self.config.wire_resistance == "none"
+                and self._read_kernel(x) is not None and self.read_stream.kernel == "numba")
+
+    def _scratch_for(self, key: tuple, make):
+        """The temporaries of ``key`` (made by ``make`` the first time, and again for a copied crossbar, whose
+        copied numpy views would no longer alias its copied buffers)."""
+        table = self._scratch
+        if table is None:
+            table = self._scratch = {}
+        scratch = table.get(key)
+        if scratch is None or scratch.owner != id(self):
+            if len(table) >= 8:   # (a few batch sizes at a time: training, evaluation, a last short batch)
+                table.clear()
+            scratch = table[key] = make()
+        return scratch
+
+    def _scratch_read(self, x: torch.Tensor, w_hat: torch.Tensor, gsq: torch.Tensor, step: float,
+                      extra: float | None) -> torch.Tensor:
+        """``read``'s fused CPU path with reused temporaries (neurosim.read_scratch): the prologue, the variance
+        and signal products per row tile, the noisy ADC epilogue into a fresh output; the same operations on
+        the same layouts as with fresh temporaries, so the same bits."""
+        low = gsq.dtype == torch.bfloat16
+        B, R, rows = x.shape[0], self.tile_rows, self.in_features
+        s = self._scratch_for(("read", B, low), lambda: ForwardScratch(
+            id(self), B, rows, R, self.n_row_tiles, self.padded_shape[1], low))
+        self._scratch_busy = True
+        try:
+            NUMBA.read.forward(flat_numpy(x.contiguous()), s.xn, s.sq32, s.sq16, s.mode, *self._prologue_settings()[0],
+                               B, R, np.float32(0.0 if extra is None else extra), extra is not None)
+            full = rows // R
+            head, tail = self._tile_views(gsq, full)
+            if s.var_head is not None:
+                torch.bmm(s.sq_head, head, out=s.var_head)
+            if s.var_tail is not None:
+                torch.mm(s.sq_tail, tail, out=s.var_tail)
+            head, tail = self._tile_views(w_hat, full)
+            if s.part_head is not None:
+                torch.bmm(s.x_head, head, out=s.part_head)
+            if s.part_tail is not None:
+                torch.mm(s.x_tail, tail, out=s.part_tail)
+            return self._scratch_epilogue(s.part, s.var, step, self.config.adc_bits, None, self.out_features)
+        finally:
+            self._scratch_busy = False
+
+    def _scratch_epilogue(self, part: np.ndarray, var: np.ndarray, step: float, bits: int | None,
+                          scale: np.ndarray | None, keep: int) -> torch.Tensor:
+        """``_noisy_convert``'s fused epilogue on the temporaries' numpy views; ``scale``: a per-sample factor
+        (the transposed read's, step included) or None (step·input_max·w_max)."""
+        levels = None if bits is None else float(2 ** (bits - 1) - 1)
+        if scale is None:
+            factor = self._factor(step, None)
+            scale = None if factor == 1.0 else _epilogue_factor(factor, part.shape[1], self.device)
+        return noisy_adc_sum_arrays(part, var, self._noise_scale(), levels, keep, self.read_stream, scale)
+
+    _transposed_memo: tuple = ()   # (matrix, its column-tile view, that view's tiles) of the read cache's tensors
+
+    def _transposed_views(self, mat: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The read cache's ``mat`` (padded rows, cols) as the transposed read multiplies it: its real rows in
+        column tiles (nc, C, rows), a view, and that view's tiles; remembered for the cache's tensors (which a
+        rebuild forgets, as ``_tile_views``)."""
+        for entry in self._transposed_memo:
+            if entry[0] is mat:
+                return entry[1], entry[2]
+        rows = self.in_features
+        view = mat[:rows].reshape(rows, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
+        tiles = list(view.unbind(0))
+        cache = [t for t in (*(self._cache or ()), self._cache_low) if t is not None]
+        if not (torch.is_grad_enabled() and mat.requires_grad) and any([mat is t for t in cache]):
+            kept = [e for e in self._transposed_memo if any([e[0] is t for t in cache])]
+            self._transposed_memo = (*kept, (mat, view, tiles))
+        return view, tiles
+
+    def _scratch_read_transposed(self, d: torch.Tensor, w_hat: torch.Tensor, gsq: torch.Tensor,
+                                 adc_bits: int | None) -> torch.Tensor:
+        """``read_transposed``'s fused CPU path with reused temporaries: the prologue (scale, DAC, column-tile
+        layout, squares), the products (the bfloat16 variance one column tile at a time), the epilogue."""
+        low = gsq.dtype == torch.bfloat16
+        B, rows, nc = d.shape[0], self.in_features, self.n_col_tiles
+        s = self._scratch_for(("transposed", B, low), lambda: TransposedScratch(
+            id(self), B, rows, self.tile_cols, nc, low))
+        self._scratch_busy = True
+        try:
+            NUMBA.read.transposed(d.contiguous().numpy(), s.dt_np, s.sq32, s.sq16, s.mode, s.factor_np,
+                                  *self._prologue_settings()[1])
+            torch.bmm(s.dt, self._transposed_views(w_hat)[0], out=s.part)
+            g2, g2_tiles = self._transposed_views(gsq)
+            if low:
+                for t in range(nc):
+                    torch.mm(s.sq_tiles[t], g2_tiles[t], out=s.var_tiles[t])
+            else:
+                torch.bmm(s.sq, g2, out=s.var)
+            return self._scratch_epilogue(s.part_np, s.var_np, 1.0, adc_bits, s.factor_np, rows)
+        finally:
+            self._scratch_busy = False
 
     _settings_memo: tuple | None = None   # (config, settings), see _prologue_settings
 
@@ -836,6 +940,8 @@ class Crossbar:
         w_hat, gsq = self._read_tensors()
         gsq = self._variance_operand(d.shape[0], gsq)
         adc_bits = c.backward_adc_bits or c.adc_bits
+        if gsq is not None and self._scratch_applies(d):
+            return self._scratch_read_transposed(d, w_hat, gsq, adc_bits)
         nc, C = self.n_col_tiles, self.tile_cols
         dt, sq, scale, step_scaled = self._transposed_operands(d, gsq)
         unit = c.read_voltage * self.k * c.w_max

@@ -466,17 +466,27 @@ def _noisy_adc_sum_kernel(part: torch.Tensor, var: torch.Tensor, sigma: float, l
     (float32 (T, B, C) partial sums, var of their shape, a CPU stream with the numba kernel, ``factor`` as
     ``_factor`` gives it): a read's five checks cost as much as its small kernel."""
     T, B, C = part.shape
+    if not (B and keep):
+        stream._take(T * B * C)
+        return torch.from_numpy(np.empty((B, keep), np.float32))
+    if part.requires_grad or not part.is_contiguous():
+        part = part.detach().contiguous()
+    if var.requires_grad or not var.is_contiguous():
+        var = var.detach().contiguous()
+    var_np = var.view(torch.int16).numpy().view(np.uint16) if var.dtype == torch.bfloat16 else var.numpy()
+    return noisy_adc_sum_arrays(part.numpy(), var_np, sigma, levels, keep, stream, factor)
+
+
+def noisy_adc_sum_arrays(part: np.ndarray, var: np.ndarray, sigma: float, levels: float | None, keep: int,
+                         stream: PhiloxStream, factor: np.ndarray | None) -> torch.Tensor:
+    """``_noisy_adc_sum_kernel`` on the kernel's own views of the operands: ``part`` (T, B, C) float32 and
+    ``var`` of its shape, float32 or bfloat16 bits as uint16, both C-contiguous, B and keep at least 1 (a
+    crossbar's reused read temporaries pass the views they keep)."""
+    T, B, C = part.shape
     first = stream._take(T * B * C)
     out = np.empty((B, keep), np.float32)
-    if B and keep:
-        if part.requires_grad or not part.is_contiguous():
-            part = part.detach().contiguous()
-        if var.requires_grad or not var.is_contiguous():
-            var = var.detach().contiguous()
-        var_np = var.view(torch.int16).numpy().view(np.uint16) if var.dtype == torch.bfloat16 else var.numpy()
-        _run(NUMBA.philox.epilogue, B * keep * T, out, part.numpy(), var_np, float(sigma),
-             None if levels is None else float(levels), keep, first, stream._key & _MASK, stream._key >> 32,
-             _ONE if factor is None else factor)
+    _run(NUMBA.philox.epilogue, B * keep * T, out, part, var, float(sigma), None if levels is None else float(levels),
+         keep, first, stream._key & _MASK, stream._key >> 32, _ONE if factor is None else factor)
     return torch.from_numpy(out)
 
 

@@ -27,7 +27,7 @@ LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
     "data": (1, ("neurosim.data",)),
     "store": (1, ("neurosim.store",)),
     "device": (2, ("neurosim.device", "neurosim.cards", "neurosim.fitting")),
-    "crossbar": (3, ("neurosim.crossbar", "neurosim.wires")),
+    "crossbar": (3, ("neurosim.crossbar", "neurosim.wires", "neurosim.read_scratch")),
     "circuits": (4, ("neurosim.activation",)),
     "network": (5, ("neurosim.layers", "neurosim.architectures")),
     "training": (6, ("neurosim.training",)),

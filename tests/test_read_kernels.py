@@ -241,3 +241,45 @@ def test_an_extra_row_read_equals_the_read_of_the_appended_column(spec_factory, 
     assert all(same(r, results[0]) for r in results[1:])
     with pytest.raises(RuntimeError):   # a width that is not rows − 1 fails as a wrong width does without it
         cb.read(x[:, :60], extra=v)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(785, 256, 256, 256), (129, 10, 256, 256), (512, 70, 128, 32), (7, 5, 3, 2)])
+def test_reused_read_temporaries_give_the_reads_of_fresh_ones(spec_factory, monkeypatch, precision, shape):
+    """The fused reads' reused temporaries (neurosim.read_scratch) against fresh ones, bit for bit, over a run
+    of reads of several batch sizes (each shape's temporaries reused, others made meanwhile), forward with and
+    without the bias row's extra input, and transposed; the outputs already returned are not touched by later
+    reads, a copied crossbar makes its own temporaries, and a read that finds them busy takes fresh ones."""
+    import copy
+
+    rows, cols, tr, tc = shape
+    seq = [(13, None), (13, 1.0), (4, None), (13, None), (4, 1.0), (13, 1.0)]
+
+    def run(cb):
+        outs = []
+        for k, (batch, extra) in enumerate(seq):
+            x = rand((batch, rows - (extra is not None)), 10 + k, 0.0, 1.0)
+            outs.append(cb.read(x, extra=extra))
+            outs.append(cb.read_transposed(rand((batch, cols), 30 + k, -1e-2, 1e-2)))
+        return outs, [o.clone() for o in outs], cb.read_stream.get_state()
+
+    cb = bar(spec_factory, rows, cols, precision, tile_rows=tr, tile_cols=tc, dac_bits=8, adc_bits=8)
+    copied = copy.deepcopy(cb)
+    reused, snapshot, state = run(cb)
+    assert cb._scratch is not None and len(cb._scratch) == 4           # (read, transposed) × 2 batch sizes
+    assert all(torch.equal(a, b) for a, b in zip(reused, snapshot, strict=True))   # not overwritten since
+    monkeypatch.setattr(Crossbar, "_scratch_applies", lambda self, x: False)
+    fresh, _, fresh_state = run(copied)
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(reused, fresh, strict=True)) and torch.equal(state, fresh_state)
+    again = copy.deepcopy(cb)                                           # a copy of used temporaries
+    assert again._scratch is not None
+    cb.read_stream.set_state(state)
+    mine = cb.read(rand((13, rows), 50, 0.0, 1.0))
+    theirs = again.read(rand((13, rows), 50, 0.0, 1.0))
+    assert torch.equal(mine, theirs)
+    assert again._scratch[("read", 13, precision == "bfloat16")].owner == id(again)   # made anew
+    cb.read_stream.set_state(state)
+    cb._scratch_busy = True                                             # (as during another thread's read)
+    busy = cb.read(rand((13, rows), 50, 0.0, 1.0))
+    assert cb._scratch_busy and torch.equal(busy, mine)

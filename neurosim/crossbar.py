@@ -42,7 +42,7 @@ from neurosim.random_streams import (
 )
 from neurosim.random_streams import _factor as _epilogue_factor
 from neurosim.read_scratch import EMPTY as _EMPTY
-from neurosim.read_scratch import ForwardScratch, TransposedScratch
+from neurosim.read_scratch import SCRATCH_LOCK, ForwardScratch, TransposedScratch
 from neurosim.sampling import stochastic_round_sparse, stochastic_round_sparse_many
 
 
@@ -744,7 +744,9 @@ class Crossbar:
         step = self.adc_step(c.adc_bits)
         if gsq is not None and w is None and self._scratch_applies(x) and \
                 (extra is None or x.shape[1] == self.in_features - 1):
-            return self._scratch_read(x, w_hat, gsq, step, extra)
+            y = self._scratch_read(x, w_hat, gsq, step, extra)
+            if y is not None:
+                return y
         xn, sq = self._read_operands(x, gsq, own, extra, step)
         var = None if gsq is None else self._tile_products(sq, gsq)
         return self._noisy_convert(self._clean_partials(xn, w, w_hat), var, step, c.adc_bits)
@@ -780,14 +782,12 @@ class Crossbar:
         return xn, sq
 
     _scratch: dict | None = None   # the fused CPU reads' temporaries by shape (neurosim.read_scratch)
-    _scratch_busy = False          # a read is using them
-
     def _scratch_applies(self, x: torch.Tensor) -> bool:
         """Whether a read of ``x`` runs fused on the CPU with reused temporaries: the prologue kernel applies
-        (``_read_kernel``), the epilogue is the read stream's numba kernel, no wires, at least one sample, and
-        no other read is using the temporaries (another thread: it takes fresh ones)."""
-        return (not self._scratch_busy and x.shape[0] > 0 and self.config.wire_resistance == "none"
-                and self._read_kernel(x) is not None and self.read_stream.kernel == "numba")
+        (``_read_kernel``), the epilogue is the read stream's numba kernel, no wires and at least one sample.
+        (The read itself still declines where another thread's read holds the temporaries' lock.)"""
+        return (self._read_kernel(x) is not None and x.shape[0] > 0 and self.config.wire_resistance == "none"
+                and self.read_stream.kernel == "numba")
 
     def _scratch_for(self, key: tuple, make):
         """The temporaries of ``key`` (made by ``make`` the first time, and again for a copied crossbar, whose
@@ -803,16 +803,18 @@ class Crossbar:
         return scratch
 
     def _scratch_read(self, x: torch.Tensor, w_hat: torch.Tensor, gsq: torch.Tensor, step: float,
-                      extra: float | None) -> torch.Tensor:
+                      extra: float | None) -> torch.Tensor | None:
         """``read``'s fused CPU path with reused temporaries (neurosim.read_scratch): the prologue, the variance
         and signal products per row tile, the noisy ADC epilogue into a fresh output; the same operations on
-        the same layouts as with fresh temporaries, so the same bits."""
-        low = gsq.dtype == torch.bfloat16
-        B, R, rows = x.shape[0], self.tile_rows, self.in_features
-        s = self._scratch_for(("read", B, low), lambda: ForwardScratch(
-            id(self), B, rows, R, self.n_row_tiles, self.padded_shape[1], low))
-        self._scratch_busy = True
+        the same layouts as with fresh temporaries, so the same bits. None (nothing done) while another
+        thread's read holds the temporaries."""
+        if not SCRATCH_LOCK.acquire(blocking=False):
+            return None
         try:
+            low = gsq.dtype == torch.bfloat16
+            B, R, rows = x.shape[0], self.tile_rows, self.in_features
+            s = self._scratch_for(("read", B, low), lambda: ForwardScratch(
+                id(self), B, rows, R, self.n_row_tiles, self.padded_shape[1], low))
             NUMBA.read.forward(flat_numpy(x.contiguous()), s.xn, s.sq32, s.sq16, s.mode, *self._prologue_settings()[0],
                                B, R, np.float32(0.0 if extra is None else extra), extra is not None)
             full = rows // R
@@ -828,7 +830,7 @@ class Crossbar:
                 torch.mm(s.x_tail, tail, out=s.part_tail)
             return self._scratch_epilogue(s.part, s.var, step, self.config.adc_bits, None, self.out_features)
         finally:
-            self._scratch_busy = False
+            SCRATCH_LOCK.release()
 
     def _scratch_epilogue(self, part: np.ndarray, var: np.ndarray, step: float, bits: int | None,
                           scale: np.ndarray | None, keep: int) -> torch.Tensor:
@@ -859,15 +861,17 @@ class Crossbar:
         return view, tiles
 
     def _scratch_read_transposed(self, d: torch.Tensor, w_hat: torch.Tensor, gsq: torch.Tensor,
-                                 adc_bits: int | None) -> torch.Tensor:
+                                 adc_bits: int | None) -> torch.Tensor | None:
         """``read_transposed``'s fused CPU path with reused temporaries: the prologue (scale, DAC, column-tile
-        layout, squares), the products (the bfloat16 variance one column tile at a time), the epilogue."""
-        low = gsq.dtype == torch.bfloat16
-        B, rows, nc = d.shape[0], self.in_features, self.n_col_tiles
-        s = self._scratch_for(("transposed", B, low), lambda: TransposedScratch(
-            id(self), B, rows, self.tile_cols, nc, low))
-        self._scratch_busy = True
+        layout, squares), the products (the bfloat16 variance one column tile at a time), the epilogue. None
+        (nothing done) while another thread's read holds the temporaries."""
+        if not SCRATCH_LOCK.acquire(blocking=False):
+            return None
         try:
+            low = gsq.dtype == torch.bfloat16
+            B, rows, nc = d.shape[0], self.in_features, self.n_col_tiles
+            s = self._scratch_for(("transposed", B, low), lambda: TransposedScratch(
+                id(self), B, rows, self.tile_cols, nc, low))
             NUMBA.read.transposed(d.contiguous().numpy(), s.dt_np, s.sq32, s.sq16, s.mode, s.factor_np,
                                   *self._prologue_settings()[1])
             torch.bmm(s.dt, self._transposed_views(w_hat)[0], out=s.part)
@@ -879,7 +883,7 @@ class Crossbar:
                 torch.bmm(s.sq, g2, out=s.var)
             return self._scratch_epilogue(s.part_np, s.var_np, 1.0, adc_bits, s.factor_np, rows)
         finally:
-            self._scratch_busy = False
+            SCRATCH_LOCK.release()
 
     _settings_memo: tuple | None = None   # (config, settings), see _prologue_settings
 
@@ -941,7 +945,9 @@ class Crossbar:
         gsq = self._variance_operand(d.shape[0], gsq)
         adc_bits = c.backward_adc_bits or c.adc_bits
         if gsq is not None and self._scratch_applies(d):
-            return self._scratch_read_transposed(d, w_hat, gsq, adc_bits)
+            y = self._scratch_read_transposed(d, w_hat, gsq, adc_bits)
+            if y is not None:
+                return y
         nc, C = self.n_col_tiles, self.tile_cols
         dt, sq, scale, step_scaled = self._transposed_operands(d, gsq)
         unit = c.read_voltage * self.k * c.w_max

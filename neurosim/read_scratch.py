@@ -7,8 +7,8 @@ numpy views for numba. Made anew, that is about twenty torch operations a read (
 ``.numpy()`` costs ~1-2 µs each here, more inside a training step whose passes have evicted the
 interpreter's data from the caches); a hardware-BP step makes five reads. Why it is safe to reuse them:
 - Nothing of them leaves the read: the epilogue writes its result into a fresh array, so a caller never holds
-  a temporary, and the next read of the same shape may overwrite them. A crossbar marks a read in progress
-  (``Crossbar._scratch_busy``): a read that starts while one is running (another thread) takes fresh
+  a temporary, and the next read of the same shape may overwrite them. A read holds ``SCRATCH_LOCK`` (taken
+  without waiting) while it uses them: a read that starts while another thread's holds it takes fresh
   temporaries instead.
 - The numpy views alias the torch buffers only in the process and object that made them: a scratch records
   the ``id`` of the crossbar that owns it, so a copied or unpickled crossbar (whose copies of the views would
@@ -19,10 +19,16 @@ interpreter's data from the caches); a hardware-BP step makes five reads. Why it
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
 from neurosim.random_streams import NUMBA
+
+# Held by a read while it uses its crossbar's temporaries (one for all crossbars: atomic, cheap, and a lock
+# on the crossbar itself would make it impossible to copy).
+SCRATCH_LOCK = threading.Lock()
 
 # Empty arrays for a kernel's unused squares argument, by number of dimensions (float32, bfloat16 bits).
 EMPTY = {1: (np.empty(0, np.float32), np.empty(0, np.uint16)),

@@ -9,6 +9,7 @@ import torch
 
 from neurosim.backend import make_generator
 from neurosim.crossbar import Crossbar, CrossbarConfig
+from neurosim.read_scratch import SCRATCH_LOCK
 
 
 def rand(shape, seed, lo=-1.0, hi=1.0):
@@ -280,6 +281,7 @@ def test_reused_read_temporaries_give_the_reads_of_fresh_ones(spec_factory, monk
     assert torch.equal(mine, theirs)
     assert again._scratch[("read", 13, precision == "bfloat16")].owner == id(again)   # made anew
     cb.read_stream.set_state(state)
-    cb._scratch_busy = True                                             # (as during another thread's read)
-    busy = cb.read(rand((13, rows), 50, 0.0, 1.0))
-    assert cb._scratch_busy and torch.equal(busy, mine)
+    used = [(k, s.buffers[0].data_ptr()) for k, s in cb._scratch.items()]
+    with SCRATCH_LOCK:                                                  # (as during another thread's read)
+        busy = cb.read(rand((13, rows), 50, 0.0, 1.0))
+    assert torch.equal(busy, mine) and [(k, s.buffers[0].data_ptr()) for k, s in cb._scratch.items()] == used

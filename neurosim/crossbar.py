@@ -42,7 +42,14 @@ from neurosim.random_streams import (
 )
 from neurosim.random_streams import _factor as _epilogue_factor
 from neurosim.read_scratch import EMPTY as _EMPTY
-from neurosim.read_scratch import SCRATCH_LOCK, ForwardScratch, TransposedScratch
+from neurosim.read_scratch import (
+    MAX_BYTES,
+    SCRATCH_LOCK,
+    ForwardScratch,
+    TransposedScratch,
+    forward_bytes,
+    transposed_bytes,
+)
 from neurosim.sampling import stochastic_round_sparse, stochastic_round_sparse_many
 
 
@@ -789,9 +796,12 @@ class Crossbar:
         return (self._read_kernel(x) is not None and x.shape[0] > 0 and self.config.wire_resistance == "none"
                 and self.read_stream.kernel == "numba")
 
-    def _scratch_for(self, key: tuple, make):
+    def _scratch_for(self, key: tuple, make, nbytes: int):
         """The temporaries of ``key`` (made by ``make`` the first time, and again for a copied crossbar, whose
-        copied numpy views would no longer alias its copied buffers)."""
+        copied numpy views would no longer alias its copied buffers); None where they would take more than
+        ``read_scratch.MAX_BYTES`` (``nbytes``)."""
+        if nbytes > MAX_BYTES:
+            return None
         table = self._scratch
         if table is None:
             table = self._scratch = {}
@@ -813,8 +823,11 @@ class Crossbar:
         try:
             low = gsq.dtype == torch.bfloat16
             B, R, rows = x.shape[0], self.tile_rows, self.in_features
-            s = self._scratch_for(("read", B, low), lambda: ForwardScratch(
-                id(self), B, rows, R, self.n_row_tiles, self.padded_shape[1], low))
+            nr, cols = self.n_row_tiles, self.padded_shape[1]
+            s = self._scratch_for(("read", B, low), lambda: ForwardScratch(id(self), B, rows, R, nr, cols, low),
+                                  forward_bytes(B, rows, R, nr, cols, low))
+            if s is None:
+                return None
             NUMBA.read.forward(flat_numpy(x.contiguous()), s.xn, s.sq32, s.sq16, s.mode, *self._prologue_settings()[0],
                                B, R, np.float32(0.0 if extra is None else extra), extra is not None)
             full = rows // R
@@ -870,8 +883,11 @@ class Crossbar:
         try:
             low = gsq.dtype == torch.bfloat16
             B, rows, nc = d.shape[0], self.in_features, self.n_col_tiles
-            s = self._scratch_for(("transposed", B, low), lambda: TransposedScratch(
-                id(self), B, rows, self.tile_cols, nc, low))
+            C = self.tile_cols
+            s = self._scratch_for(("transposed", B, low), lambda: TransposedScratch(id(self), B, rows, C, nc, low),
+                                  transposed_bytes(B, rows, C, nc, low))
+            if s is None:
+                return None
             NUMBA.read.transposed(d.contiguous().numpy(), s.dt_np, s.sq32, s.sq16, s.mode, s.factor_np,
                                   *self._prologue_settings()[1])
             torch.bmm(s.dt, self._transposed_views(w_hat)[0], out=s.part)

@@ -13,6 +13,8 @@ interpreter's data from the caches); a hardware-BP step makes five reads. Why it
 - The numpy views alias the torch buffers only in the process and object that made them: a scratch records
   the ``id`` of the crossbar that owns it, so a copied or unpickled crossbar (whose copies of the views would
   no longer alias its copies of the buffers) makes its own.
+- Kept only up to ``MAX_BYTES`` a read shape (small and medium layers and batches, where the operations
+  matter); larger reads make fresh temporaries, so a network's peak memory does not grow by them.
 - The same operations on the same operand layouts as the fresh temporaries: the reads' numbers are equal bit
   for bit (tests/test_read_kernels.py).
 """
@@ -29,6 +31,25 @@ from neurosim.random_streams import NUMBA
 # Held by a read while it uses its crossbar's temporaries (one for all crossbars: atomic, cheap, and a lock
 # on the crossbar itself would make it impossible to copy).
 SCRATCH_LOCK = threading.Lock()
+
+# The most a read shape's kept temporaries may take. Above it a read's arithmetic outweighs its twenty-odd
+# operations many times over, and temporaries kept per layer would add up to memory that the next layer's
+# read reuses when they are freed (a wide conv layer's partial sums take tens of megabytes): such reads make
+# fresh ones, as before.
+MAX_BYTES = 4 << 20
+
+
+def forward_bytes(batch: int, rows: int, tile_rows: int, tiles: int, cols: int, low: bool) -> int:
+    """What ``ForwardScratch`` of these dimensions takes (x̂, squares, partial sums, variances)."""
+    w = 2 if low else 4
+    return batch * (4 * rows + w * (tiles * tile_rows if low else rows) + (4 + w) * tiles * cols)
+
+
+def transposed_bytes(batch: int, rows: int, tile_cols: int, tiles: int, low: bool) -> int:
+    """What ``TransposedScratch`` of these dimensions takes."""
+    w = 2 if low else 4
+    return batch * ((4 + w) * tiles * tile_cols + 4 + (4 + w) * tiles * rows)
+
 
 # Empty arrays for a kernel's unused squares argument, by number of dimensions (float32, bfloat16 bits).
 EMPTY = {1: (np.empty(0, np.float32), np.empty(0, np.uint16)),

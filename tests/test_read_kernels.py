@@ -285,3 +285,29 @@ def test_reused_read_temporaries_give_the_reads_of_fresh_ones(spec_factory, monk
     with SCRATCH_LOCK:                                                  # (as during another thread's read)
         busy = cb.read(rand((13, rows), 50, 0.0, 1.0))
     assert torch.equal(busy, mine) and [(k, s.buffers[0].data_ptr()) for k, s in cb._scratch.items()] == used
+
+
+@pytest.mark.parametrize("low", [False, True])
+def test_read_temporaries_are_kept_only_up_to_their_size_limit(spec_factory, monkeypatch, low):
+    """Reads whose temporaries would take more than read_scratch.MAX_BYTES make fresh ones (a wide layer's
+    kept temporaries would add to a network's peak memory): the same outputs, nothing kept for that shape;
+    the sizes the limit is checked against are those of the buffers."""
+    import neurosim.crossbar as crossbar_module
+    from neurosim.random_streams import _numba_kernels
+    from neurosim.read_scratch import ForwardScratch, TransposedScratch, forward_bytes, transposed_bytes
+
+    _numba_kernels()
+    for batch in (4, 13):
+        made = ForwardScratch(0, batch, 785, 256, 4, 256, low), TransposedScratch(0, batch, 785, 256, 1, low)
+        sizes = [sum(t.numel() * t.element_size() for t in s.buffers) for s in made]
+        assert sizes == [forward_bytes(batch, 785, 256, 4, 256, low), transposed_bytes(batch, 785, 256, 1, low)]
+    limit = forward_bytes(8, 785, 256, 4, 256, low)                      # between batch 4's and batch 13's
+    monkeypatch.setattr(crossbar_module, "MAX_BYTES", limit)
+    cb = bar(spec_factory, 785, 256, "bfloat16" if low else "float32", dac_bits=8, adc_bits=8)
+    fresh = bar(spec_factory, 785, 256, "bfloat16" if low else "float32", dac_bits=8, adc_bits=8)
+    x4, x13 = rand((4, 785), 1, 0.0, 1.0), rand((13, 785), 2, 0.0, 1.0)
+    kept = [cb.read(x4), cb.read(x13), cb.read(x4)]
+    assert set(cb._scratch) == {("read", 4, low)}
+    monkeypatch.setattr(Crossbar, "_scratch_applies", lambda self, x: False)
+    assert all(torch.equal(a, b) for a, b in zip(kept, [fresh.read(x4), fresh.read(x13), fresh.read(x4)],
+                                                 strict=True))

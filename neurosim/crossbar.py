@@ -141,7 +141,6 @@ def noise_variance_precision(config: CrossbarConfig, device: torch.device | str)
     return "bfloat16" if torch.device(device).type == "cuda" else MIXED
 
 
-# Empty operands for a prologue's unused squares (1-d forward, 3-d transposed): float32 and bfloat16 bits.
 def quantize(x: torch.Tensor, bits: int | None, limit: float, inplace: bool = False,
              unipolar: bool = False) -> torch.Tensor:
     """Clip to ±limit and round to a signed mid-tread grid of 2^(bits−1) − 1 positive levels; ``unipolar``:
@@ -789,6 +788,7 @@ class Crossbar:
         return xn, sq
 
     _scratch: dict | None = None   # the fused CPU reads' temporaries by shape (neurosim.read_scratch)
+
     def _scratch_applies(self, x: torch.Tensor) -> bool:
         """Whether a read of ``x`` runs fused on the CPU with reused temporaries: the prologue kernel applies
         (``_read_kernel``), the epilogue is the read stream's numba kernel, no wires and at least one sample.

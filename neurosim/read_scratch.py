@@ -51,7 +51,8 @@ def transposed_bytes(batch: int, rows: int, tile_cols: int, tiles: int, low: boo
     return batch * ((4 + w) * tiles * tile_cols + 4 + (4 + w) * tiles * rows)
 
 
-# Empty arrays for a kernel's unused squares argument, by number of dimensions (float32, bfloat16 bits).
+# Empty arrays for a prologue's unused squares argument, by number of dimensions (1: forward, 3: transposed;
+# float32, bfloat16 bits).
 EMPTY = {1: (np.empty(0, np.float32), np.empty(0, np.uint16)),
          3: (np.empty((0, 0, 0), np.float32), np.empty((0, 0, 0), np.uint16))}
 

@@ -141,6 +141,11 @@ def noise_variance_precision(config: CrossbarConfig, device: torch.device | str)
     return "bfloat16" if torch.device(device).type == "cuda" else MIXED
 
 
+def _levels(bits: int | None) -> float | None:
+    """The fused epilogue's clamp ±(2^(b−1) − 1) codes of a b-bit converter (None: an ideal one)."""
+    return None if bits is None else float(2 ** (bits - 1) - 1)
+
+
 def quantize(x: torch.Tensor, bits: int | None, limit: float, inplace: bool = False,
              unipolar: bool = False) -> torch.Tensor:
     """Clip to ±limit and round to a signed mid-tread grid of 2^(bits−1) − 1 positive levels; ``unipolar``:
@@ -597,11 +602,18 @@ class Crossbar:
         R, C = self.tile_rows, mat.shape[1]
         views = (mat[: full * R].reshape(full, R, C), None if full == self.n_row_tiles else
                  mat[full * R: self.in_features])
-        cache = [t for t in (*(self._cache or ()), self._cache_low) if t is not None]
-        if not (torch.is_grad_enabled() and mat.requires_grad) and any([mat is t for t in cache]):
-            kept = [e for e in self._tile_memo if any([e[0] is t for t in cache])]
-            self._tile_memo = (*kept, (mat, *views))
+        self._tile_memo = self._remembered(self._tile_memo, (mat, *views))
         return views
+
+    def _remembered(self, memo: tuple, entry: tuple) -> tuple:
+        """``memo`` (entries: a tensor, then views of it) with ``entry`` added where its tensor is one of the
+        read cache's (outside autograd), the entries of tensors no longer in the cache dropped; else as it was
+        (a view of any other matrix is not worth keeping)."""
+        mat = entry[0]
+        cache = [t for t in (*(self._cache or ()), self._cache_low) if t is not None]
+        if (torch.is_grad_enabled() and mat.requires_grad) or not any([mat is t for t in cache]):
+            return memo
+        return (*[e for e in memo if any([e[0] is t for t in cache])], entry)
 
     def _clean_partials(self, xn: torch.Tensor, w: torch.Tensor | None = None, w_hat: torch.Tensor | None = None
                         ) -> torch.Tensor:
@@ -689,14 +701,19 @@ class Crossbar:
                  and not (torch.is_grad_enabled() and part.requires_grad))
         if not fused:
             return self.convert(self.add_read_noise(part, var, nonnegative=True), step, bits, scale, keep)
-        levels = None if bits is None else float(2 ** (bits - 1) - 1)
-        factor = self._factor(step, scale)   # the scaling in the same pass: one operation less
+        levels = _levels(bits)
         if not (var.dtype in (torch.float32, torch.bfloat16) and var.shape == part.shape):   # (else its errors)
+            factor = self._factor(step, scale)
             return noisy_adc_sum(part, var, self._noise_scale(), levels, keep, self.read_stream,
                                  None if isinstance(factor, float) and factor == 1.0 else factor)
         return _noisy_adc_sum_kernel(part, var, self._noise_scale(), levels, keep, self.read_stream,
-                                     None if isinstance(factor, float) and factor == 1.0 else
-                                     _epilogue_factor(factor, part.shape[1], part.device))
+                                     self._kernel_scale(step, scale, part.shape[1]))
+
+    def _kernel_scale(self, step: float, scale: torch.Tensor | float | None, batch: int) -> np.ndarray | None:
+        """The fused epilogue's factor step·scale (the scaling in the same pass: one operation less) as the
+        kernel takes it, None where it is 1."""
+        factor = self._factor(step, scale)
+        return None if isinstance(factor, float) and factor == 1.0 else _epilogue_factor(factor, batch, self.device)
 
     def adc_step(self, bits: int | None) -> float:
         """One ADC step in normalized units (1.0 for an ideal converter): reads compute their partial sums in
@@ -849,11 +866,9 @@ class Crossbar:
                           scale: np.ndarray | None, keep: int) -> torch.Tensor:
         """``_noisy_convert``'s fused epilogue on the temporaries' numpy views; ``scale``: a per-sample factor
         (the transposed read's, step included) or None (step·input_max·w_max)."""
-        levels = None if bits is None else float(2 ** (bits - 1) - 1)
         if scale is None:
-            factor = self._factor(step, None)
-            scale = None if factor == 1.0 else _epilogue_factor(factor, part.shape[1], self.device)
-        return noisy_adc_sum_arrays(part, var, self._noise_scale(), levels, keep, self.read_stream, scale)
+            scale = self._kernel_scale(step, None, part.shape[1])
+        return noisy_adc_sum_arrays(part, var, self._noise_scale(), _levels(bits), keep, self.read_stream, scale)
 
     _transposed_memo: tuple = ()   # (matrix, its column-tile view, that view's tiles) of the read cache's tensors
 
@@ -867,10 +882,7 @@ class Crossbar:
         rows = self.in_features
         view = mat[:rows].reshape(rows, self.n_col_tiles, self.tile_cols).permute(1, 2, 0)
         tiles = list(view.unbind(0))
-        cache = [t for t in (*(self._cache or ()), self._cache_low) if t is not None]
-        if not (torch.is_grad_enabled() and mat.requires_grad) and any([mat is t for t in cache]):
-            kept = [e for e in self._transposed_memo if any([e[0] is t for t in cache])]
-            self._transposed_memo = (*kept, (mat, view, tiles))
+        self._transposed_memo = self._remembered(self._transposed_memo, (mat, view, tiles))
         return view, tiles
 
     def _scratch_read_transposed(self, d: torch.Tensor, w_hat: torch.Tensor, gsq: torch.Tensor,
@@ -964,24 +976,23 @@ class Crossbar:
             y = self._scratch_read_transposed(d, w_hat, gsq, adc_bits)
             if y is not None:
                 return y
-        nc, C = self.n_col_tiles, self.tile_cols
+        nc = self.n_col_tiles
         dt, sq, scale, step_scaled = self._transposed_operands(d, gsq)
         unit = c.read_voltage * self.k * c.w_max
         rows = self.in_features  # padded rows carry no current: no converter or noise draw is spent on them
         if c.wire_resistance != "none":
             part = self._nodal_partials(dt * c.read_voltage, transposed=True)[:, :, :rows] / unit
         else:
-            w = w_hat[:rows].reshape(rows, nc, C).permute(1, 2, 0)
-            part = torch.bmm(dt, w)                                                 # (nc, B, rows)
+            part = torch.bmm(dt, self._transposed_views(w_hat)[0])                 # (nc, B, rows)
         var = None
         if gsq is not None:
-            g2 = gsq[:rows].reshape(rows, nc, C).permute(1, 2, 0)                  # (nc, C, rows), a view
+            g2, g2_tiles = self._transposed_views(gsq)                              # (nc, C, rows), a view
             if gsq.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and sq.requires_grad):
                 # torch's bfloat16 bmm copies a permuted operand on every call (~100 µs for 785 × 256); its mm
                 # takes a transposed matrix as it is: one product per column tile.
                 var = torch.empty((nc, sq.shape[1], rows), dtype=sq.dtype, device=sq.device)
                 for t in range(nc):
-                    torch.mm(sq[t], g2[t], out=var[t])
+                    torch.mm(sq[t], g2_tiles[t], out=var[t])
             else:
                 var = torch.bmm(sq, g2)
         # Row partial sums of one column tile pass one ADC, then add digitally across column tiles.
